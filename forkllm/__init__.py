@@ -1,0 +1,9 @@
+"""forkllm: an LLM inference engine for parallel inference."""
+
+from forkllm.api import LLM
+from forkllm.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind"]

@@ -1,0 +1,142 @@
+"""The offline Python API, shaped like vLLM's: LLM(...).generate / .chat."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from forkllm.engine.config import EngineConfig
+from forkllm.engine.llm_engine import LLMEngine, PromptInput
+from forkllm.engine.outputs import CompletionOutput, RequestOutput
+from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
+from forkllm.tokenizer import Tokenizer
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """An engine plus batch helpers. `LLM()` loads the embedded SmolLM2-135M-Instruct.
+
+    Keyword arguments are EngineConfig fields: dtype, device, block_size, kv_cache_memory,
+    max_num_seqs, max_num_batched_tokens, max_model_len, load_format, seed, ...
+    """
+
+    def __init__(self, model: Any = None, **engine_kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+
+    def get_tokenizer(self) -> Tokenizer:
+        if self.engine.tokenizer is None:
+            raise ValueError("this model was loaded without a tokenizer")
+        return self.engine.tokenizer
+
+    # ---- generate -----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: PromptInput | Seq[PromptInput],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, token-id list, or {"prompt_token_ids": ...}); outputs in
+        prompt order. `sampling_params` is one SamplingParams for all, or one per prompt."""
+        batch = _as_batch(prompts)
+        params = self._params_for(batch, sampling_params)
+        return self._run(batch, params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Seq[Conversation],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Chat with one conversation (a list of {"role", "content"}) or a batch of them."""
+        if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+            convs: list[Conversation] = [messages]  # type: ignore[list-item]
+        else:
+            convs = list(messages)  # type: ignore[arg-type]
+        tok = self.get_tokenizer()
+        prompts: list[PromptInput] = []
+        for conv in convs:
+            text = tok.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt and not continue_final_message,
+                chat_template=chat_template,
+            )
+            if continue_final_message:
+                last = conv[-1].get("content") or ""
+                text = text[: text.rfind(last) + len(last)] if last else text
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        params = self._params_for(prompts, sampling_params)
+        return self._run(prompts, params, use_tqdm)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _params_for(
+        self, batch: list[PromptInput], sp: SamplingParams | Seq[SamplingParams] | None
+    ) -> list[SamplingParams]:
+        if sp is None:
+            sp = SamplingParams()
+        if isinstance(sp, SamplingParams):
+            plist = [sp] * len(batch)
+        else:
+            plist = list(sp)
+            if len(plist) != len(batch):
+                raise ValueError(
+                    f"got {len(plist)} SamplingParams for {len(batch)} prompts; pass one or one per prompt"
+                )
+        return [p if p.output_kind is RequestOutputKind.FINAL_ONLY
+                else p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in plist]
+
+    def _run(self, batch: list[PromptInput], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(batch, params):
+                ids.append(engine.add_request(prompt, p))
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        pending = set(ids)
+        results: dict[str, RequestOutput] = {}
+        bar = _progress(len(ids)) if use_tqdm else None
+        t0, n_out = time.perf_counter(), 0
+        try:
+            while pending:
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        results[out.request_id] = out
+                        n_out += sum(len(c.token_ids) for c in out.outputs)
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix_str(f"output {n_out / (time.perf_counter() - t0):.1f} tok/s")
+                if pending and not engine.scheduler.has_unfinished():
+                    raise RuntimeError("engine stopped with requests pending")  # never expected
+        except BaseException:
+            engine.abort_request(list(pending))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[i] for i in ids]
+
+
+def _as_batch(prompts: Any) -> list[PromptInput]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts is empty")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, token ids, or a list of those; got {type(prompts).__name__}")
+
+
+def _progress(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)

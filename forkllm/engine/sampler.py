@@ -1,0 +1,190 @@
+"""Batched sampler: penalties, temperature, min-p, top-k, top-p, logprobs, per-sequence seeds.
+
+Determinism: a sequence's sample depends only on its own logits, its seed and its step. Sampling
+is by inverse CDF with one uniform number per row, drawn from a counter-based hash of
+(seed, step): nothing depends on batch composition or on how many numbers other rows consumed.
+Logprobs are those of the raw model distribution (temperature 1, before any processing), as in
+vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from forkllm.engine.outputs import Logprob, PositionLogprobs
+from forkllm.engine.sequence import Sequence
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, step: int) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, step)."""
+    return (_splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 11) * (1.0 / (1 << 53))
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Seed of sample `index` of a request seeded with `seed`."""
+    return _splitmix64((seed & _MASK64) ^ _splitmix64(index + 0x5EED)) if index else seed
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row: (chosen token logprob, top-k dict) when that row asked for logprobs.
+    logprobs: list[tuple[float, PositionLogprobs] | None]
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: list[int], decode_token: object = None) -> None:
+        self.eos_token_ids = eos_token_ids
+        self.decode_token = decode_token  # callable(token_id) -> str, for Logprob.decoded_token
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        n = len(seqs)
+        if n == 0:
+            return SamplerOutput([], [])
+        raw = logits
+        params = [s.params for s in seqs]
+        want_lp = [p.logprobs is not None for p in params]
+        logits = self._apply_penalties_and_bans(logits, seqs)
+
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+            g_idx = [i for i in range(n) if greedy[i]]
+            r_idx = [i for i in range(n) if not greedy[i]]
+            if g_idx:
+                gi = torch.tensor(g_idx, device=logits.device)
+                tokens[gi] = logits[gi].argmax(dim=-1)
+            ri = torch.tensor(r_idx, device=logits.device)
+            tokens[ri] = self._sample_random(logits[ri], [seqs[i] for i in r_idx])
+        token_list = tokens.tolist()
+
+        out_lp: list[tuple[float, PositionLogprobs] | None] = [None] * n
+        if any(want_lp):
+            rows = [i for i in range(n) if want_lp[i]]
+            ks = [params[i].logprobs or 0 for i in rows]
+            lp_rows = compute_logprobs(raw[torch.tensor(rows)], tokens[torch.tensor(rows)], max(ks))
+            for j, i in enumerate(rows):
+                out_lp[i] = self._position(lp_rows, j, token_list[i], ks[j])
+        return SamplerOutput(token_list, out_lp)
+
+    # ---- processing ---------------------------------------------------------------------------
+    def _apply_penalties_and_bans(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        pen = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
+        ban = [
+            i for i, s in enumerate(seqs)
+            if s.num_output_tokens < s.params.min_tokens
+        ]
+        if not pen and not ban:
+            return logits
+        logits = logits.clone()
+        dev = logits.device
+        vocab = logits.shape[1]
+        for i in ban:  # min_tokens: EOS and stop tokens cannot end the text yet
+            p = seqs[i].params
+            stop_ids = [t for t in ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids if t < vocab]
+            if stop_ids:
+                logits[i, stop_ids] = float("-inf")
+        if pen:
+            rows = torch.tensor(pen, device=dev)
+            sub = logits[rows]
+            out_counts = _token_counts([seqs[i].output_token_ids for i in pen], vocab, dev)
+            rep = torch.tensor([seqs[i].params.repetition_penalty for i in pen], device=dev)[:, None]
+            if (rep != 1.0).any():
+                seen = out_counts > 0
+                seen |= _token_counts([seqs[i].token_ids[: seqs[i].num_prompt_tokens] for i in pen], vocab, dev) > 0
+                penalised = torch.where(sub > 0, sub / rep, sub * rep)
+                sub = torch.where(seen, penalised, sub)
+            freq = torch.tensor([seqs[i].params.frequency_penalty for i in pen], device=dev)[:, None]
+            pres = torch.tensor([seqs[i].params.presence_penalty for i in pen], device=dev)[:, None]
+            sub = sub - freq * out_counts - pres * (out_counts > 0).to(sub.dtype)
+            logits[rows] = sub
+        return logits
+
+    def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        dev = logits.device
+        params = [s.params for s in seqs]
+        temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+        probs = torch.softmax(logits / temps, dim=-1)
+        min_p = [p.min_p for p in params]
+        if any(min_p):
+            mp = torch.tensor(min_p, device=dev)[:, None]
+            probs = probs.masked_fill(probs < mp * probs.max(dim=-1, keepdim=True).values, 0.0)
+        u = torch.tensor([uniform(s.seed, s.num_output_tokens) for s in seqs], device=dev, dtype=probs.dtype)
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        if any(top_k) or any(p < 1.0 for p in top_p):
+            vocab = probs.shape[1]
+            k_max = max((k if k else vocab) for k in top_k)
+            if k_max < vocab and all(p >= 1.0 for p in top_p):
+                sorted_p, sorted_idx = probs.topk(k_max, dim=-1)  # only top-k: a partial sort suffices
+            else:
+                sorted_p, sorted_idx = probs.sort(dim=-1, descending=True)
+            rank = torch.arange(sorted_p.shape[1], device=dev)[None, :]
+            ks = torch.tensor([k if k else vocab for k in top_k], device=dev)[:, None]
+            sorted_p = sorted_p.masked_fill(rank >= ks, 0.0)
+            tp = torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
+            mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+            sorted_p = sorted_p.masked_fill(mass_before >= tp * sorted_p.sum(dim=-1, keepdim=True), 0.0)
+            pick = _inverse_cdf(sorted_p, u)
+            return sorted_idx.gather(1, pick[:, None])[:, 0]
+        return _inverse_cdf(probs, u)
+
+    def _position(self, lp: LogprobRows, j: int, chosen: int, k: int) -> tuple[float, PositionLogprobs]:
+        dec = self.decode_token
+        pos: PositionLogprobs = {}
+        for r in range(k):
+            tid = lp.top_ids[j][r]
+            pos[tid] = Logprob(lp.top_values[j][r], r + 1, dec(tid) if callable(dec) else None)
+        if chosen not in pos:
+            pos[chosen] = Logprob(lp.chosen[j], lp.chosen_rank[j], dec(chosen) if callable(dec) else None)
+        return lp.chosen[j], pos
+
+
+@dataclass
+class LogprobRows:
+    chosen: list[float]
+    chosen_rank: list[int]
+    top_ids: list[list[int]]
+    top_values: list[list[float]]
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobRows:
+    """log_softmax of raw logits: the chosen tokens' logprobs and ranks, and the top-k per row."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, token_ids[:, None])[:, 0]
+    rank = (lp > chosen[:, None]).sum(dim=-1) + 1
+    if k > 0:
+        top = lp.topk(k, dim=-1)
+        top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+    else:
+        top_ids = top_vals = [[] for _ in range(lp.shape[0])]
+    return LogprobRows(chosen.tolist(), rank.tolist(), top_ids, top_vals)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    cdf = probs.cumsum(dim=-1)
+    target = (u * cdf[:, -1])[:, None]
+    idx = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return idx.clamp_(max=probs.shape[1] - 1)
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    counts = torch.zeros(len(token_lists), vocab, device=device)
+    for i, toks in enumerate(token_lists):
+        if toks:
+            t = torch.tensor(toks, device=device)
+            counts[i].index_add_(0, t, torch.ones(len(toks), device=device))
+    return counts

@@ -1,0 +1,84 @@
+"""Sequence and Request: the engine's per-generation state.
+
+A Request is what a user submitted (one prompt, one SamplingParams). It owns one or more
+Sequences (its `n` samples). A Sequence is the unit the scheduler batches: token ids, how many of
+them already have KV in the cache (`num_computed_tokens`), its page table, its sampling state.
+Following vLLM v1 there is no prefill/decode flag: a step computes
+`num_tokens - num_computed_tokens` tokens (capped by the budget) and samples when it catches up.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from forkllm.engine.detokenizer import IncrementalDetokenizer
+from forkllm.engine.outputs import PositionLogprobs, RequestMetrics
+from forkllm.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: str
+    request: Request
+    index: int  # which of the request's samples this is
+    token_ids: list[int]  # prompt followed by output
+    num_prompt_tokens: int
+    seed: int
+    detok: IncrementalDetokenizer
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    cumulative_logprob: float = 0.0
+    logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # Text and token counts already sent to a streaming consumer.
+    sent_text_len: int = 0
+    sent_tokens: int = 0
+    finish_sent: bool = False
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
