@@ -55,6 +55,10 @@ class LLM:
         continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Chat with one conversation (a list of {"role", "content"}) or a batch of them."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError(
+                "messages must be a non-empty list of {'role', 'content'} dicts (or a list of those)"
+            )
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             convs: list[Conversation] = [messages]  # type: ignore[list-item]
         else:
@@ -63,7 +67,8 @@ class LLM:
         prompts: list[PromptInput] = []
         for conv in convs:
             text = tok.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt and not continue_final_message,
+                conv,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
                 chat_template=chat_template,
             )
             if continue_final_message:
@@ -87,10 +92,16 @@ class LLM:
                 raise ValueError(
                     f"got {len(plist)} SamplingParams for {len(batch)} prompts; pass one or one per prompt"
                 )
-        return [p if p.output_kind is RequestOutputKind.FINAL_ONLY
-                else p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in plist]
+        return [
+            p
+            if p.output_kind is RequestOutputKind.FINAL_ONLY
+            else p.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+            for p in plist
+        ]
 
-    def _run(self, batch: list[PromptInput], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, batch: list[PromptInput], params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
         engine = self.engine
         ids: list[str] = []
         try:

@@ -9,6 +9,7 @@ transformers.
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ class Tokenizer:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
+    def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load from a folder holding tokenizer.json (+ tokenizer_config.json or our own meta file)."""
         path = Path(path)
         tok_file = path / "tokenizer.json"
@@ -144,13 +145,15 @@ class Tokenizer:
         if compiled is None:
             compiled = _jinja_env().from_string(template)
             self._template_cache[template] = compiled
-        return str(compiled.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            **kwargs,
-        ))
+        return str(
+            compiled.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **kwargs,
+            )
+        )
 
 
 VALID_ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -166,7 +169,9 @@ def _validate_messages(messages: Any) -> None:
             raise ValueError(f"messages[{i}].role {m['role']!r} is invalid; expected one of {VALID_ROLES}")
         content = m.get("content")
         if content is not None and not isinstance(content, str):
-            if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            if isinstance(content, list) and all(
+                isinstance(p, dict) and p.get("type") == "text" for p in content
+            ):
                 m["content"] = "".join(p.get("text", "") for p in content)
             else:
                 raise ValueError(f"messages[{i}].content must be a string (or a list of text parts)")

@@ -88,7 +88,9 @@ class PagedAttention:
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, hq, n, d]
         if span.ctx_len == 0:
             kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True
+            )
         else:
             assert span.block_ids is not None
             hkv, d = cache.shape[1], cache.shape[3]

@@ -29,7 +29,9 @@ class IncrementalDetokenizer:
     def copy(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.prefix_offset, self.read_offset, self.text)
 
-    def step(self, tokenizer: Tokenizer, token_ids: list[int], skip_special: bool, flush: bool = False) -> str:
+    def step(
+        self, tokenizer: Tokenizer, token_ids: list[int], skip_special: bool, flush: bool = False
+    ) -> str:
         """Decode whatever complete text the newest tokens add; return that delta (also appended)."""
         prefix = tokenizer.decode(token_ids[self.prefix_offset : self.read_offset], skip_special)
         full = tokenizer.decode(token_ids[self.prefix_offset :], skip_special)

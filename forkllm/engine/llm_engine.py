@@ -52,8 +52,12 @@ class LLMEngine:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         loaded = load_model(
-            config.model, load_format=config.load_format, dtype=self.dtype, device=self.device,
-            tokenizer=config.tokenizer, seed=config.seed,
+            config.model,
+            load_format=config.load_format,
+            dtype=self.dtype,
+            device=self.device,
+            tokenizer=config.tokenizer,
+            seed=config.seed,
         )
         self.model_config = mcfg = loaded.config
         self.tokenizer: Tokenizer | None = loaded.tokenizer
@@ -87,7 +91,9 @@ class LLMEngine:
     # ---- start-up -----------------------------------------------------------------------------
     def _size_kv_cache(self) -> KVCacheSpec:
         cfg, mcfg = self.config, self.model_config
-        per_block = mcfg.kv_bytes_per_token(torch.tensor([], dtype=self.dtype).element_size()) * cfg.block_size
+        per_block = (
+            mcfg.kv_bytes_per_token(torch.tensor([], dtype=self.dtype).element_size()) * cfg.block_size
+        )
         if cfg.num_kv_blocks is not None:
             return KVCacheSpec(cfg.num_kv_blocks, cfg.block_size, per_block)
         if self.device.type == "cuda" and cfg.kv_cache_memory is None:
@@ -106,7 +112,9 @@ class LLMEngine:
     def _resolve_max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
         if self.model_config.sliding_window:
-            limit = min(limit, self.model_config.sliding_window)  # no sliding-window attention: stay inside it
+            limit = min(
+                limit, self.model_config.sliding_window
+            )  # no sliding-window attention: stay inside it
         want = self.config.max_model_len
         if want is not None:
             if want > limit:
@@ -236,7 +244,9 @@ class LLMEngine:
         for s in sched.scheduled:
             seq = s.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.stats.prompt_tokens_computed += min(s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
+                self.stats.prompt_tokens_computed += min(
+                    s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
+                )
             seq.num_computed_tokens += s.num_new_tokens
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
@@ -264,8 +274,9 @@ class LLMEngine:
             assert req.prompt_logprobs is not None and req.params.prompt_logprobs is not None
             rows = chunk.logits.shape[0]
             targets = seq.token_ids[chunk.start + 1 : chunk.start + 1 + rows]
-            lp = compute_logprobs(chunk.logits, torch.tensor(targets, device=chunk.logits.device),
-                                  req.params.prompt_logprobs)
+            lp = compute_logprobs(
+                chunk.logits, torch.tensor(targets, device=chunk.logits.device), req.params.prompt_logprobs
+            )
             for j, tok in enumerate(targets):
                 req.prompt_logprobs.append(self.sampler._position(lp, j, tok, req.params.prompt_logprobs)[1])
 
@@ -287,7 +298,7 @@ class LLMEngine:
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 reason = "stop"
-            elif token in p.stop_token_ids:
+            elif token in (p.stop_token_ids or ()):
                 reason, stop_reason = "stop", token
             elif p.stop_strings and delta:
                 hit = find_stop_string(seq.detok.text, len(delta), p.stop_strings)
@@ -299,9 +310,9 @@ class LLMEngine:
         if reason is None and (n_out >= max_new or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
-            if stop_reason is None or isinstance(stop_reason, int):
-                if self.tokenizer is not None:  # emit bytes still held back for a partial character
-                    seq.detok.step(self.tokenizer, seq.token_ids, p.skip_special_tokens, flush=True)
+            if self.tokenizer is not None and not isinstance(stop_reason, str):
+                # Emit bytes still held back for a partial character (not after a stop string cut).
+                seq.detok.step(self.tokenizer, seq.token_ids, p.skip_special_tokens, flush=True)
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             self.scheduler.finish(seq)
 
@@ -327,15 +338,17 @@ class LLMEngine:
                 new_lp = None if logprobs is None else logprobs[seq.sent_tokens :]
                 seq.sent_text_len, seq.sent_tokens = len(text), len(out_ids)
                 text, out_ids, logprobs = new_text, new_ids, new_lp
-            outs.append(CompletionOutput(
-                index=seq.index,
-                text=text,
-                token_ids=list(out_ids),
-                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                logprobs=list(logprobs) if logprobs is not None else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            ))
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=list(out_ids),
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                    logprobs=list(logprobs) if logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
         if not outs:
             return None
         return RequestOutput(

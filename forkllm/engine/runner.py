@@ -64,9 +64,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         bs = self.block_size
-        items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
-        decodes = [s for s in items if s.num_new_tokens == 1]
-        chunks = [s for s in items if s.num_new_tokens != 1]
+        # Decodes (one query each) first, then multi-token chunks: the layout PagedAttention expects.
+        decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
+        chunks = [s for s in sched.scheduled if s.num_new_tokens != 1]
 
         input_ids: list[int] = []
         positions: list[int] = []
@@ -83,8 +83,10 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=torch.empty(0))
         if decodes:
             nb = -(-max(ctx_lens) // bs)
-            table = [seq.block_table[:nb] + [NULL_BLOCK] * (nb - len(seq.block_table[:nb]))
-                     for seq in (s.seq for s in decodes)]
+            table = [
+                seq.block_table[:nb] + [NULL_BLOCK] * (nb - len(seq.block_table[:nb]))
+                for seq in (s.seq for s in decodes)
+            ]
             meta.num_decode = len(decodes)
             meta.decode_blocks = nb
             meta.decode_block_ids = torch.tensor(table, dtype=torch.long).view(-1)
@@ -96,14 +98,14 @@ class ModelRunner:
             seq, n = s.seq, s.num_new_tokens
             c = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[c : c + n])
-            pos = torch.arange(c, c + n)
+            chunk_pos = torch.arange(c, c + n)
             positions.extend(range(c, c + n))
             table_t = torch.tensor(seq.block_table[: -(-(c + n) // bs)], dtype=torch.long)
-            slots.extend((table_t[pos // bs] * bs + pos % bs).tolist())
+            slots.extend((table_t[chunk_pos // bs] * bs + chunk_pos % bs).tolist())
             if c == 0:
                 span = PrefillSpan(offset, n, 0, None, None)
             else:
-                mask = torch.arange(c + n)[None, :] <= pos[:, None]
+                mask = torch.arange(c + n)[None, :] <= chunk_pos[:, None]
                 span = PrefillSpan(offset, n, c, table_t, mask)
             meta.prefills.append(span)
             offset += n
@@ -136,7 +138,7 @@ class ModelRunner:
                 if last > first:
                     prompt_rows.append((s, row + first - c, last - first, first))
             row += n
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)])
         prompt_logits = [
             PromptLogitsChunk(s.seq, start, self.model.compute_logits(hidden[r0 : r0 + cnt]))
             for s, r0, cnt, start in prompt_rows

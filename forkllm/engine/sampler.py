@@ -83,10 +83,7 @@ class Sampler:
     # ---- processing ---------------------------------------------------------------------------
     def _apply_penalties_and_bans(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         pen = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
-        ban = [
-            i for i, s in enumerate(seqs)
-            if s.num_output_tokens < s.params.min_tokens
-        ]
+        ban = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
         if not pen and not ban:
             return logits
         logits = logits.clone()
@@ -94,7 +91,11 @@ class Sampler:
         vocab = logits.shape[1]
         for i in ban:  # min_tokens: EOS and stop tokens cannot end the text yet
             p = seqs[i].params
-            stop_ids = [t for t in ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids if t < vocab]
+            stop_ids = [
+                t
+                for t in ([] if p.ignore_eos else self.eos_token_ids) + (p.stop_token_ids or [])
+                if t < vocab
+            ]
             if stop_ids:
                 logits[i, stop_ids] = float("-inf")
         if pen:
@@ -104,7 +105,10 @@ class Sampler:
             rep = torch.tensor([seqs[i].params.repetition_penalty for i in pen], device=dev)[:, None]
             if (rep != 1.0).any():
                 seen = out_counts > 0
-                seen |= _token_counts([seqs[i].token_ids[: seqs[i].num_prompt_tokens] for i in pen], vocab, dev) > 0
+                seen |= (
+                    _token_counts([seqs[i].token_ids[: seqs[i].num_prompt_tokens] for i in pen], vocab, dev)
+                    > 0
+                )
                 penalised = torch.where(sub > 0, sub / rep, sub * rep)
                 sub = torch.where(seen, penalised, sub)
             freq = torch.tensor([seqs[i].params.frequency_penalty for i in pen], device=dev)[:, None]
@@ -122,24 +126,13 @@ class Sampler:
         if any(min_p):
             mp = torch.tensor(min_p, device=dev)[:, None]
             probs = probs.masked_fill(probs < mp * probs.max(dim=-1, keepdim=True).values, 0.0)
-        u = torch.tensor([uniform(s.seed, s.num_output_tokens) for s in seqs], device=dev, dtype=probs.dtype)
+        u = torch.tensor(
+            [uniform(s.seed, s.num_output_tokens) for s in seqs], device=dev, dtype=torch.float64
+        )
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         if any(top_k) or any(p < 1.0 for p in top_p):
-            vocab = probs.shape[1]
-            k_max = max((k if k else vocab) for k in top_k)
-            if k_max < vocab and all(p >= 1.0 for p in top_p):
-                sorted_p, sorted_idx = probs.topk(k_max, dim=-1)  # only top-k: a partial sort suffices
-            else:
-                sorted_p, sorted_idx = probs.sort(dim=-1, descending=True)
-            rank = torch.arange(sorted_p.shape[1], device=dev)[None, :]
-            ks = torch.tensor([k if k else vocab for k in top_k], device=dev)[:, None]
-            sorted_p = sorted_p.masked_fill(rank >= ks, 0.0)
-            tp = torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
-            mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-            sorted_p = sorted_p.masked_fill(mass_before >= tp * sorted_p.sum(dim=-1, keepdim=True), 0.0)
-            pick = _inverse_cdf(sorted_p, u)
-            return sorted_idx.gather(1, pick[:, None])[:, 0]
+            probs = _mask_top_k_top_p(probs, top_k, top_p)
         return _inverse_cdf(probs, u)
 
     def _position(self, lp: LogprobRows, j: int, chosen: int, k: int) -> tuple[float, PositionLogprobs]:
@@ -174,8 +167,35 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> L
     return LogprobRows(chosen.tolist(), rank.tolist(), top_ids, top_vals)
 
 
+def _mask_top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Zero tokens outside each row's top-k / top-p set, keeping vocabulary order.
+
+    Each row's cut is turned into a probability threshold so that sampling stays in vocabulary
+    order: a row's token never depends on which other rows needed sorting.
+    """
+    dev, vocab = probs.device, probs.shape[1]
+    if all(p >= 1.0 for p in top_p):
+        k_max = max(k if k else vocab for k in top_k)
+        sorted_p = probs.topk(k_max, dim=-1).values  # a partial sort suffices for top-k alone
+    else:
+        sorted_p = probs.sort(dim=-1, descending=True).values
+    rank = torch.arange(sorted_p.shape[1], device=dev)[None, :]
+    ks = torch.tensor([min(k, sorted_p.shape[1]) if k else sorted_p.shape[1] for k in top_k], device=dev)[
+        :, None
+    ]
+    keep = rank < ks
+    tp = torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
+    mass_before = (sorted_p * keep).cumsum(dim=-1) - sorted_p
+    keep &= mass_before < tp * (sorted_p * keep).sum(dim=-1, keepdim=True)
+    # The smallest kept probability is the row's threshold (ties at the threshold are all kept).
+    threshold = sorted_p.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+    unrestricted = torch.tensor([not k and p >= 1.0 for k, p in zip(top_k, top_p)], device=dev)[:, None]
+    threshold = threshold.masked_fill(unrestricted, 0.0)
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    cdf = probs.cumsum(dim=-1)
+    cdf = probs.double().cumsum(dim=-1)
     target = (u * cdf[:, -1])[:, None]
     idx = torch.searchsorted(cdf, target, right=True)[:, 0]
     return idx.clamp_(max=probs.shape[1] - 1)

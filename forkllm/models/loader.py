@@ -98,7 +98,9 @@ def load_model(
             net, cache = net_opt, "hit" if hit else "miss"
         else:
             if not path.is_dir():
-                raise ValueError(f"expected a .gguf file or an HF model folder (config.json + *.safetensors): {path}")
+                raise ValueError(
+                    f"expected a .gguf file or an HF model folder (config.json + *.safetensors): {path}"
+                )
             net, cfg = _load_hf_folder(path, dtype)
             tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
             cache = "none"
@@ -144,14 +146,16 @@ def fuse_hf_weights(get: Callable[[str], torch.Tensor | None], cfg: ModelConfig)
     return sd
 
 
-def _instantiate(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype,
-                 freq_factors: torch.Tensor | None) -> LlamaForCausalLM:
+def _instantiate(
+    cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype, freq_factors: torch.Tensor | None
+) -> LlamaForCausalLM:
     with torch.device("meta"):
         net = LlamaForCausalLM(cfg)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     net.load_state_dict(sd, strict=True, assign=True)
-    net.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                                 cfg.rope_scaling, freq_factors)
+    net.rotary = RotaryEmbedding(
+        cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, freq_factors
+    )
     return net
 
 

