@@ -180,6 +180,18 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> str:
         """Queue a request; returns its id (also the id of its first sequence)."""
+        req = self.make_request(prompt, params, request_id, arrival_time)
+        self.add_prepared(req)
+        return req.request_id
+
+    def make_request(
+        self,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Validate and tokenize without touching engine state (safe from another thread)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -189,28 +201,32 @@ class LLMEngine:
                 f"prompt is {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                 "no room left to generate; shorten the prompt"
             )
-        rid = request_id if request_id is not None else str(next(self._ids))
-        if rid in self.requests:
-            raise ValueError(f"request_id {rid!r} is already in use")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, text, ids, params, RequestMetrics(arrival_time or time.time()))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         for i in range(params.n):
-            seq = Sequence(
-                seq_id=rid if i == 0 else f"{rid}:{i}",
-                request=req,
-                index=i,
-                token_ids=list(ids),
-                num_prompt_tokens=len(ids),
-                seed=derive_seed(base_seed, i),
-                detok=IncrementalDetokenizer.for_prompt(len(ids)),
-                logprobs=[] if params.logprobs is not None else None,
+            req.seqs.append(
+                Sequence(
+                    seq_id=rid if i == 0 else f"{rid}:{i}",
+                    request=req,
+                    index=i,
+                    token_ids=list(ids),
+                    num_prompt_tokens=len(ids),
+                    seed=derive_seed(base_seed, i),
+                    detok=IncrementalDetokenizer.for_prompt(len(ids)),
+                    logprobs=[] if params.logprobs is not None else None,
+                )
             )
-            req.seqs.append(seq)
+        return req
+
+    def add_prepared(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        for seq in req.seqs:
             self.scheduler.add(seq)
-        self.requests[rid] = req
-        return rid
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

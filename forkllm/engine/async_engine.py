@@ -1,0 +1,177 @@
+"""AsyncEngine: one background thread steps the LLMEngine; asyncio callers stream outputs.
+
+The engine is not thread-safe, so only the engine thread touches it: callers validate and
+tokenize a request in their own thread (pure), then hand it over through a command queue, as
+they do aborts. Outputs travel back through one asyncio.Queue per request. A caller that stops
+iterating (client gone, task cancelled) aborts its request; the engine thread applies the abort
+before its next step, so the pages are free within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from forkllm.engine.config import EngineConfig
+from forkllm.engine.llm_engine import LLMEngine, PromptInput
+from forkllm.engine.outputs import RequestOutput
+from forkllm.engine.sampling_params import SamplingParams
+from forkllm.engine.sequence import Request
+
+logger = logging.getLogger("forkllm")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, start: bool = True) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.errored: BaseException | None = None
+        if start:
+            self.start()
+
+    @classmethod
+    def from_args(cls, **kwargs: Any) -> AsyncEngine:
+        return cls(LLMEngine(EngineConfig(**kwargs)))
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="forkllm-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the loop; requests still in flight get an EngineDeadError."""
+        self._stop = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- requests -----------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutputs for one request (their shape follows params.output_kind).
+
+        Raises ValueError at once for invalid input; the engine keeps serving others."""
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+        rid = request_id or f"areq-{next(self._ids)}"
+        req = self.engine.make_request(prompt, params, rid)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._streams_lock:
+            if rid in self._streams:
+                raise ValueError(f"request_id {rid!r} is already in use")
+            self._streams[rid] = stream
+        self._commands.put(("add", req))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    break
+        finally:
+            with self._streams_lock:
+                self._streams.pop(rid, None)
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wakeup.set()
+
+    def call(self, fn: Any) -> None:
+        """Run fn(engine) on the engine thread before its next step (tree operations, stats)."""
+        self._commands.put(("call", fn))
+        self._wakeup.set()
+
+    # ---- the engine thread --------------------------------------------------------------------
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if kind == "add":
+                    assert isinstance(arg, Request)
+                    self.engine.add_prepared(arg)
+                elif kind == "abort":
+                    self.engine.abort_request(arg)
+                else:
+                    arg(self.engine)
+            except Exception as e:  # a bad command fails its own request only
+                logger.exception("engine command %s failed", kind)
+                if kind == "add":
+                    self._deliver_error(arg.request_id, e)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stop:
+            self._apply_commands()
+            if not engine.has_unfinished_requests():
+                self._wakeup.wait(timeout=1.0)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:
+                # Fail the requests of this step, keep the loop alive for everyone else.
+                logger.exception("engine step failed; aborting the requests in flight")
+                failed = list(engine.requests)
+                engine.abort_request(failed)
+                for rid in failed:
+                    self._deliver_error(rid, RuntimeError(f"internal engine error: {e}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+        dead = EngineDeadError("the engine was shut down")
+        with self._streams_lock:
+            rids = list(self._streams)
+        for rid in rids:
+            self._deliver_error(rid, dead)
+
+    def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
+        with self._streams_lock:
+            stream = self._streams.get(rid)
+        if stream is not None:
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the caller's event loop is closed
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _deliver_error(self, rid: str, err: BaseException) -> None:
+        self._deliver(rid, err)
