@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from forkllm.kernels import ops
+
 
 @dataclass
 class PrefillSpan:
@@ -33,9 +35,10 @@ class PrefillSpan:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of every token in the batch
     num_decode: int = 0  # the first num_decode tokens are single-query sequences
-    decode_block_ids: torch.Tensor | None = None  # [num_decode * decode_blocks] padded block tables
-    decode_blocks: int = 0  # pages per decode sequence after padding
+    decode_tables: torch.Tensor | None = None  # [num_decode, decode_blocks] page tables padded with page 0
+    decode_ctx_lens: torch.Tensor | None = None  # [num_decode] keys each decode query sees
     decode_mask: torch.Tensor | None = None  # bool [num_decode, 1, decode_blocks * block_size], True = masked
+    decode_kernel: bool = False  # use the C++ kernel (reads pages in place) instead of gather + matmul
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -69,12 +72,26 @@ class PagedAttention:
 
     def _decode(self, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         meta = self.meta
-        assert meta.decode_block_ids is not None and meta.decode_mask is not None
+        assert meta.decode_tables is not None and meta.decode_ctx_lens is not None
+        if meta.decode_kernel:
+            kernels = ops()
+            assert kernels is not None
+            return kernels.paged_decode(
+                q.contiguous(),
+                cache[0],
+                cache[1],
+                meta.decode_tables,
+                meta.decode_ctx_lens,
+                self.block_size,
+                self.scale,
+            )
+        assert meta.decode_mask is not None
         n, hq, d = q.shape
         hkv = cache.shape[1]
         group = hq // hkv
-        pages = cache.view(2, hkv, -1, self.block_size * d).index_select(2, meta.decode_block_ids)
-        kv = pages.view(2, hkv, n, meta.decode_blocks * self.block_size, d)
+        nb = meta.decode_tables.shape[1]
+        pages = cache.view(2, hkv, -1, self.block_size * d).index_select(2, meta.decode_tables.view(-1))
+        kv = pages.view(2, hkv, n, nb * self.block_size, d)
         qh = q.view(n, hkv, group, d).transpose(0, 1)  # [hkv, n, group, d]
         scores = torch.matmul(qh, kv[0].transpose(-1, -2)).float()  # [hkv, n, group, tokens]
         scores.mul_(self.scale).masked_fill_(meta.decode_mask, float("-inf"))

@@ -53,6 +53,11 @@ class ModelRunner:
         self.kv_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.zero_blocks([NULL_BLOCK])
         self.scale = config.head_dim**-0.5
+        self.decode_kernel = device.type == "cpu" and _kernel_supports(config)
+        if device.type == "cpu":
+            from forkllm.kernels import ops
+
+            model.use_cpu_kernels(ops())
 
     def zero_blocks(self, blocks: list[int]) -> None:
         if not blocks:
@@ -88,10 +93,12 @@ class ModelRunner:
                 for seq in (s.seq for s in decodes)
             ]
             meta.num_decode = len(decodes)
-            meta.decode_blocks = nb
-            meta.decode_block_ids = torch.tensor(table, dtype=torch.long).view(-1)
-            lens = torch.tensor(ctx_lens)
-            meta.decode_mask = (torch.arange(nb * bs)[None, :] >= lens[:, None]).unsqueeze(1)
+            meta.decode_tables = torch.tensor(table, dtype=torch.long)
+            meta.decode_ctx_lens = torch.tensor(ctx_lens, dtype=torch.long)
+            meta.decode_kernel = self.decode_kernel
+            if not self.decode_kernel:
+                lens = meta.decode_ctx_lens
+                meta.decode_mask = (torch.arange(nb * bs)[None, :] >= lens[:, None]).unsqueeze(1)
         # Prompt chunks: many tokens, attending to their cached prefix and causally to themselves.
         offset = len(decodes)
         for s in chunks:
@@ -146,12 +153,22 @@ class ModelRunner:
         return RunnerOutput(sample_seqs, logits, prompt_logits)
 
 
+def _kernel_supports(cfg: ModelConfig) -> bool:
+    from forkllm.kernels import ops
+
+    mod = ops()
+    return mod is not None and bool(
+        mod.paged_decode_supports(cfg.head_dim, cfg.num_heads // cfg.num_kv_heads)
+    )
+
+
 def _to_device(meta: AttentionMetadata, dev: torch.device) -> AttentionMetadata:
     def mv(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(dev, non_blocking=True)
 
     meta.slot_mapping = meta.slot_mapping.to(dev)
-    meta.decode_block_ids = mv(meta.decode_block_ids)
+    meta.decode_tables = mv(meta.decode_tables)
+    meta.decode_ctx_lens = mv(meta.decode_ctx_lens)
     meta.decode_mask = mv(meta.decode_mask)
     for p in meta.prefills:
         p.block_ids, p.mask = mv(p.block_ids), mv(p.mask)

@@ -8,7 +8,7 @@ q/k/v and gate/up projections are fused into one matmul each: fewer, larger ops 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,20 @@ class AttentionContext(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (already rotated) -> attention output [T, Hq, D]."""
         ...
+
+
+SMALL_BATCH_ROWS = 8  # up to this many rows, matmuls stream the weights with the C++ GEMV kernel
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, once given the CPU kernels, routes decode-sized inputs to a multi-threaded GEMV."""
+
+    kernels: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.shape[0] <= SMALL_BATCH_ROWS:
+            return self.kernels.small_linear(x.contiguous(), self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -49,12 +63,12 @@ class DecoderLayer(nn.Module):
         self.q_size, self.kv_size = q_size, kv_size
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.intermediate_size = cfg.intermediate_size
 
     def forward(
@@ -85,7 +99,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, rope_freq_factors
@@ -104,6 +118,18 @@ class LlamaForCausalLM(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def use_cpu_kernels(self, kernels: Any) -> None:
+        """Route small-batch matmuls (decode) through the C++ GEMV kernel (None: plain PyTorch)."""
+        self.kernels = kernels
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.kernels = kernels
+
+    kernels: Any = None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits in float32 for the selected rows only."""
-        return F.linear(hidden, self.output_weight()).float()
+        w = self.output_weight()
+        if self.kernels is not None and 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
+            return self.kernels.small_linear(hidden.contiguous(), w, None).float()
+        return F.linear(hidden, w).float()

@@ -1,0 +1,46 @@
+"""C++ CPU kernels, compiled on first use with torch's cpp_extension (gcc, ~40 s once per machine).
+
+- `paged_decode`: attention for single-query rows reading K/V straight from the cache pages.
+- `small_linear`: x @ w.T for 1..8 rows, streaming weights on all threads (decode matmuls).
+
+Everything here is optional: if the build fails (no compiler) or FORKLLM_KERNELS=0 is set,
+`ops()` returns None and callers use plain PyTorch, which computes the same values up to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("forkllm")
+
+_CSRC = Path(__file__).parent / "csrc"
+_lock = threading.Lock()
+_state: dict[str, Any] = {"module": None, "failed": False}
+
+
+def ops() -> Any | None:
+    """The compiled extension module, or None when unavailable or disabled."""
+    if os.environ.get("FORKLLM_KERNELS", "1") == "0":
+        return None
+    with _lock:
+        if _state["module"] is None and not _state["failed"]:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _state["module"] = load(
+                    name="forkllm_cpu_kernels",
+                    sources=[str(_CSRC / f) for f in ("bindings.cpp", "paged_attention.cpp", "gemv.cpp")],
+                    extra_include_paths=[str(_CSRC)],
+                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as e:  # no compiler or headers: the PyTorch path still works
+                logger.warning("forkllm: C++ CPU kernels unavailable (%s); using PyTorch ops", e)
+                _state["failed"] = True
+        return _state["module"]
