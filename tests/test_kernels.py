@@ -1,0 +1,62 @@
+"""The C++ CPU kernels agree with plain PyTorch, and the engine gives the same tokens with or without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from forkllm.kernels import ops
+
+kernels = ops()
+pytestmark = pytest.mark.skipif(kernels is None, reason="C++ kernels could not be built here")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n, k", [(960, 576), (7, 576), (5, 33), (1000, 1536)])
+def test_small_linear_matches_torch(dtype, tol, m, n, k):
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    ref = F.linear(x.float(), w.float(), b.float())
+    out = kernels.small_linear(x, w, b)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < tol
+    assert torch.allclose(kernels.small_linear(x, w, None).float(), ref - b.float(), atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("d, hkv, group", [(64, 3, 3), (64, 2, 2), (16, 2, 2), (128, 1, 4)])
+def test_paged_decode_matches_reference(dtype, tol, d, hkv, group):
+    g = torch.Generator().manual_seed(d + hkv + group)
+    bs, nblocks = 16, 64
+    kc = torch.randn(hkv, nblocks * bs, d, generator=g).to(dtype)
+    vc = torch.randn(hkv, nblocks * bs, d, generator=g).to(dtype)
+    lens = torch.tensor([1, 16, 17, 100, 160])
+    tables = torch.stack([torch.randperm(nblocks, generator=g)[:10] for _ in lens])
+    q = torch.randn(len(lens), hkv * group, d, generator=g).to(dtype)
+    out = kernels.paged_decode(q, kc, vc, tables, lens, bs, d**-0.5)
+    for i, n in enumerate(lens.tolist()):
+        slots = (tables[i][:, None] * bs + torch.arange(bs)).reshape(-1)[:n]
+        k, v = kc[:, slots].float(), vc[:, slots].float()
+        qq = q[i].float().view(hkv, group, d)
+        ref = torch.softmax(qq @ k.transpose(-1, -2) * d**-0.5, dim=-1) @ v
+        assert (out[i].float().view(hkv, group, d) - ref).abs().max().item() < tol
+
+
+def test_engine_same_tokens_without_kernels():
+    from conftest import tiny_llm
+    from forkllm import SamplingParams
+
+    prompts = [[100 + i, 7, 8, 9] * (i + 1) for i in range(6)]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with_k = tiny_llm()
+    assert with_k.engine.runner.decode_kernel
+    plain = tiny_llm()
+    plain.engine.runner.decode_kernel = False
+    plain.engine.runner.model.use_cpu_kernels(None)
+    a = [o.outputs[0].token_ids for o in with_k.generate(prompts, sp, use_tqdm=False)]
+    b = [o.outputs[0].token_ids for o in plain.generate(prompts, sp, use_tqdm=False)]
+    assert a == b
