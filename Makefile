@@ -19,10 +19,12 @@ $(VENV)/.base:
 
 $(VENV)/.runtime: $(VENV)/.base pyproject.toml
 	$(PIP) install -e .
+	$(BIN)/python -m forkllm.kernels   # compile the optional C++ CPU kernels once (~40 s)
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base pyproject.toml
 	$(PIP) install -e ".[dev,server,bench]"
+	$(BIN)/python -m forkllm.kernels
 	touch $@ $(VENV)/.runtime
 
 run: $(VENV)/.runtime

@@ -53,8 +53,8 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     g.add_argument(
         "--dtype",
         default="auto",
-        help="float32 | bfloat16 | float16 | auto (CPU: float32 unless FORKLLM_CPU_DTYPE is set; "
-        "CUDA: bfloat16)",
+        help="float32 | bfloat16 | float16 | auto (CPU: bfloat16 when the CPU has AVX512-BF16/AMX, "
+        "else float32; FORKLLM_CPU_DTYPE overrides; CUDA: bfloat16)",
     )
     g.add_argument("--device", default="auto", help="cpu | cuda[:N] | auto (CUDA when available)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV page")

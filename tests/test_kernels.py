@@ -24,7 +24,9 @@ def test_small_linear_matches_torch(dtype, tol, m, n, k):
     out = kernels.small_linear(x, w, b)
     assert out.dtype == dtype and out.shape == (m, n)
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < tol
-    assert torch.allclose(kernels.small_linear(x, w, None).float(), ref - b.float(), atol=tol * ref.abs().max().item())
+    assert torch.allclose(
+        kernels.small_linear(x, w, None).float(), ref - b.float(), atol=tol * ref.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -48,6 +50,7 @@ def test_paged_decode_matches_reference(dtype, tol, d, hkv, group):
 
 def test_engine_same_tokens_without_kernels():
     from conftest import tiny_llm
+
     from forkllm import SamplingParams
 
     prompts = [[100 + i, 7, 8, 9] * (i + 1) for i in range(6)]

@@ -72,8 +72,29 @@ class EngineConfig:
 
 
 def default_cpu_dtype() -> torch.dtype:
-    """float32 unless FORKLLM_CPU_DTYPE says otherwise (see README: measured on W1)."""
-    return _DTYPES[os.environ.get("FORKLLM_CPU_DTYPE", "float32")]
+    """bfloat16 where the CPU has native bf16 dot products (AVX512-BF16 or AMX), else float32.
+
+    Measured on W1 (README): bf16 is 2.9x float32 in batch and 1.6x at batch 1 on such CPUs.
+    FORKLLM_CPU_DTYPE overrides the choice.
+    """
+    env = os.environ.get("FORKLLM_CPU_DTYPE")
+    if env:
+        if env not in _DTYPES:
+            raise ValueError(f"FORKLLM_CPU_DTYPE must be one of {sorted(set(_DTYPES))}, got {env!r}")
+        return _DTYPES[env]
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 _UNITS = {

@@ -344,7 +344,9 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], torch.
                 arr = _unpermute_rope(arr, cfg.num_heads)
             elif ".k_proj." in name:
                 arr = _unpermute_rope(arr, cfg.num_kv_heads)
-        hf[name] = torch.from_numpy(np.ascontiguousarray(arr))
+        if not arr.flags.writeable or not arr.flags.c_contiguous:  # F32 tensors are read-only file views
+            arr = np.array(arr, order="C")
+        hf[name] = torch.from_numpy(arr)
     return cfg, fuse_hf_weights(hf.get, cfg), freq_factors
 
 

@@ -2,6 +2,7 @@
 // One pass per (sequence, kv-head) with an online softmax; the query heads of a GQA group share
 // every K/V load. Pairs are spread over threads with at::parallel_for.
 #include "common.h"
+#include <algorithm>
 
 
 template <typename T, int D, int G>
@@ -40,6 +41,101 @@ static void decode_pair(const T* __restrict q, const T* __restrict kc, const T* 
   }
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+static inline __m512 load_row16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load_row16(const c10::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+static inline __m512 load_row16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// exp(x) for x <= 0 via 2^(x log2 e): a degree-6 polynomial for the fraction, scalef for the
+// integer part. Relative error ~1e-7, plenty for softmax weights.
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.540353039e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333355815e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129108e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265070e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471806e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// AVX-512 version: 16 keys per chunk, one vector exp and one rescale per chunk and head.
+template <typename T, int D, int G>
+static void decode_pair_avx512(const T* __restrict q, const T* __restrict kc, const T* __restrict vc,
+                               const int64_t* __restrict table, int64_t ctx, int64_t block_size,
+                               float scale, T* __restrict out) {
+  constexpr int DV = D / 16;
+  __m512 qv[G][DV], acc[G][DV];
+  float m[G], l[G];
+  for (int g = 0; g < G; ++g) {
+    for (int j = 0; j < DV; ++j) {
+      qv[g][j] = _mm512_mul_ps(load_row16(q + g * D + j * 16), _mm512_set1_ps(scale));
+      acc[g][j] = _mm512_setzero_ps();
+    }
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+  }
+  alignas(64) float s[G][16];
+  alignas(64) float p[G][16];
+  const T* vrow[16];
+  for (int64_t c = 0; c < ctx; c += 16) {
+    const int nv = (int)std::min<int64_t>(16, ctx - c);
+    for (int t = 0; t < nv; ++t) {
+      const int64_t pos = c + t;
+      const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+      const T* k = kc + slot * D;
+      vrow[t] = vc + slot * D;
+      __m512 kv[DV];
+      for (int j = 0; j < DV; ++j) kv[j] = load_row16(k + j * 16);
+      for (int g = 0; g < G; ++g) {
+        __m512 d = _mm512_mul_ps(qv[g][0], kv[0]);
+        for (int j = 1; j < DV; ++j) d = _mm512_fmadd_ps(qv[g][j], kv[j], d);
+        s[g][t] = _mm512_reduce_add_ps(d);
+      }
+    }
+    const __mmask16 live = (__mmask16)((1u << nv) - 1u);
+    for (int g = 0; g < G; ++g) {
+      const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, s[g]);
+      const float cm = _mm512_reduce_max_ps(sv);
+      const float nm = std::max(m[g], cm);
+      const float corr = std::exp(m[g] - nm);  // exp(-inf) = 0 on the first chunk
+      l[g] *= corr;
+      const __m512 cv = _mm512_set1_ps(corr);
+      for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_mul_ps(acc[g][j], cv);
+      const __m512 pv = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(nm))));
+      l[g] += _mm512_reduce_add_ps(pv);
+      _mm512_store_ps(p[g], pv);
+      m[g] = nm;
+    }
+    for (int t = 0; t < nv; ++t) {
+      __m512 vv[DV];
+      for (int j = 0; j < DV; ++j) vv[j] = load_row16(vrow[t] + j * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 pt = _mm512_set1_ps(p[g][t]);
+        for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_fmadd_ps(pt, vv[j], acc[g][j]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    alignas(64) float o[D];
+    for (int j = 0; j < DV; ++j) _mm512_store_ps(o + j * 16, _mm512_mul_ps(acc[g][j], _mm512_set1_ps(inv)));
+    for (int d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(o[d]);
+  }
+}
+#endif
+
 template <typename T, int D, int G>
 static void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                 const torch::Tensor& tables, const torch::Tensor& ctx_lens, int64_t block_size,
@@ -56,6 +152,14 @@ static void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
   at::parallel_for(0, n * hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / hkv, h = i % hkv;
+#if defined(__AVX512F__)
+      if constexpr (D % 16 == 0) {
+        decode_pair_avx512<T, D, G>(qp + (b * hq + h * G) * D, kp + h * slots * D, vp + h * slots * D,
+                                    tp + b * tstride, cp[b], block_size, (float)scale,
+                                    op + (b * hq + h * G) * D);
+        continue;
+      }
+#endif
       decode_pair<T, D, G>(qp + (b * hq + h * G) * D, kp + h * slots * D, vp + h * slots * D,
                            tp + b * tstride, cp[b], block_size, D, (float)scale,
                            op + (b * hq + h * G) * D, D);
