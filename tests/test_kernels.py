@@ -31,21 +31,26 @@ def test_small_linear_matches_torch(dtype, tol, m, n, k):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("d, hkv, group", [(64, 3, 3), (64, 2, 2), (16, 2, 2), (128, 1, 4)])
-def test_paged_decode_matches_reference(dtype, tol, d, hkv, group):
+@pytest.mark.parametrize("with_starts", [False, True])
+def test_paged_decode_matches_reference(dtype, tol, d, hkv, group, with_starts):
     g = torch.Generator().manual_seed(d + hkv + group)
     bs, nblocks = 16, 64
     kc = torch.randn(hkv, nblocks * bs, d, generator=g).to(dtype)
     vc = torch.randn(hkv, nblocks * bs, d, generator=g).to(dtype)
     lens = torch.tensor([1, 16, 17, 100, 160])
+    starts = torch.tensor([0, 0, 16, 32, 144]) if with_starts else None
     tables = torch.stack([torch.randperm(nblocks, generator=g)[:10] for _ in lens])
     q = torch.randn(len(lens), hkv * group, d, generator=g).to(dtype)
-    out = kernels.paged_decode(q, kc, vc, tables, lens, bs, d**-0.5)
+    out, lse = kernels.paged_decode(q, kc, vc, tables, starts, lens, bs, d**-0.5, True)
     for i, n in enumerate(lens.tolist()):
-        slots = (tables[i][:, None] * bs + torch.arange(bs)).reshape(-1)[:n]
+        s0 = 0 if starts is None else starts[i].item()
+        slots = (tables[i][:, None] * bs + torch.arange(bs)).reshape(-1)[s0:n]
         k, v = kc[:, slots].float(), vc[:, slots].float()
         qq = q[i].float().view(hkv, group, d)
-        ref = torch.softmax(qq @ k.transpose(-1, -2) * d**-0.5, dim=-1) @ v
+        scores = qq @ k.transpose(-1, -2) * d**-0.5
+        ref = torch.softmax(scores, dim=-1) @ v
         assert (out[i].float().view(hkv, group, d) - ref).abs().max().item() < tol
+        assert torch.allclose(lse[i].view(hkv, group), torch.logsumexp(scores, -1), atol=tol * 10)
 
 
 def test_engine_same_tokens_without_kernels():

@@ -1,13 +1,17 @@
-"""Paged attention in plain PyTorch (CPU, and a correct fallback on CUDA).
+"""Paged attention in PyTorch plus the optional C++ decode kernel (CPU), with shared-prefix decode.
 
 KV cache layout, one tensor per layer: [2, num_kv_heads, num_blocks * block_size, head_dim].
 Head-major means the pages of one sequence, gathered with a single `index_select` over the block
-axis, come out as one contiguous [kv_heads, seq, tokens, head_dim] tensor: batched matmuls read
-it without a further copy.
+axis, come out as one contiguous [kv_heads, seq, tokens, head_dim] tensor.
 
-A step's flat batch is ordered decodes first (one query each, attended in one batched call over
-padded block tables), then prefill chunks (each attends to its cached prefix plus itself,
-causally).
+A step's flat batch is ordered decodes first (one query each), then prefill chunks (each attends
+to its cached prefix plus itself, causally).
+
+Shared-prefix decode (Hydragen / cascade attention): decode rows whose block tables start with the
+same pages (forked samples, requests sharing a system prompt) form a group. Attention over the
+shared pages is one batched matmul for all the group's queries, each sequence attends to the rest
+of its own pages separately, and the two partial results merge exactly through their
+log-sum-exps: softmax over a union of key sets is the lse-weighted mix of the parts.
 """
 
 from __future__ import annotations
@@ -32,13 +36,25 @@ class PrefillSpan:
 
 
 @dataclass
+class SharedPrefixGroups:
+    """Decode rows grouped by a common run of leading pages (all groups padded to one shape)."""
+
+    pages: torch.Tensor  # [groups, max_pages] shared page ids, padded with page 0
+    key_mask: torch.Tensor  # bool [groups, 1, max_pages * block_size]: True = padding key
+    rows: torch.Tensor  # [groups, max_members] decode row of each member; padding = num_decode
+    member_index: torch.Tensor  # [members] flat index into groups * max_members of real members
+    member_rows: torch.Tensor  # [members] their decode rows
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of every token in the batch
     num_decode: int = 0  # the first num_decode tokens are single-query sequences
     decode_tables: torch.Tensor | None = None  # [num_decode, decode_blocks] page tables padded with page 0
     decode_ctx_lens: torch.Tensor | None = None  # [num_decode] keys each decode query sees
-    decode_mask: torch.Tensor | None = None  # bool [num_decode, 1, decode_blocks * block_size], True = masked
+    decode_starts: torch.Tensor | None = None  # [num_decode] first key each row attends on its own
     decode_kernel: bool = False  # use the C++ kernel (reads pages in place) instead of gather + matmul
+    shared: SharedPrefixGroups | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -70,35 +86,86 @@ class PagedAttention:
             out[s] = self._prefill(cache, q[s], k[s], v[s], span)
         return out
 
+    # ---- decode -------------------------------------------------------------------------------
     def _decode(self, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        meta = self.meta
+        shared = meta.shared
+        out, lse = self._decode_own(cache, q, want_lse=shared is not None)
+        if shared is None:
+            return out
+        assert lse is not None
+        p_out, p_lse = self._shared_prefix(cache, q, shared)
+        rows = shared.member_rows
+        s_out, s_lse = out[rows].float(), lse[rows]
+        m = torch.maximum(p_lse, s_lse)
+        wp, ws = torch.exp(p_lse - m), torch.exp(s_lse - m)
+        merged = (wp[..., None] * p_out.float() + ws[..., None] * s_out) / (wp + ws)[..., None]
+        out[rows] = merged.to(out.dtype)
+        return out
+
+    def _decode_own(
+        self, cache: torch.Tensor, q: torch.Tensor, want_lse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row over its own keys [start, ctx): (out [n, hq, d], lse [n, hq] or None)."""
         meta = self.meta
         assert meta.decode_tables is not None and meta.decode_ctx_lens is not None
         if meta.decode_kernel:
             kernels = ops()
             assert kernels is not None
-            return kernels.paged_decode(
+            res = kernels.paged_decode(
                 q.contiguous(),
                 cache[0],
                 cache[1],
                 meta.decode_tables,
+                meta.decode_starts,
                 meta.decode_ctx_lens,
                 self.block_size,
                 self.scale,
+                want_lse,
             )
-        assert meta.decode_mask is not None
+            return res[0], (res[1] if want_lse else None)
         n, hq, d = q.shape
         hkv = cache.shape[1]
         group = hq // hkv
         nb = meta.decode_tables.shape[1]
         pages = cache.view(2, hkv, -1, self.block_size * d).index_select(2, meta.decode_tables.view(-1))
         kv = pages.view(2, hkv, n, nb * self.block_size, d)
+        pos = torch.arange(nb * self.block_size, device=q.device)[None, :]
+        masked = pos >= meta.decode_ctx_lens[:, None]
+        if meta.decode_starts is not None:
+            masked |= pos < meta.decode_starts[:, None]
         qh = q.view(n, hkv, group, d).transpose(0, 1)  # [hkv, n, group, d]
         scores = torch.matmul(qh, kv[0].transpose(-1, -2)).float()  # [hkv, n, group, tokens]
-        scores.mul_(self.scale).masked_fill_(meta.decode_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.matmul(probs, kv[1])  # [hkv, n, group, d]
-        return out.transpose(0, 1).reshape(n, hq, d)
+        scores.mul_(self.scale).masked_fill_(masked[:, None, :], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [hkv, n, group]
+        probs = torch.exp(scores - lse[..., None]).to(q.dtype)
+        out = torch.matmul(probs, kv[1]).transpose(0, 1).reshape(n, hq, d)
+        return out, (lse.permute(1, 0, 2).reshape(n, hq) if want_lse else None)
 
+    def _shared_prefix(
+        self, cache: torch.Tensor, q: torch.Tensor, g: SharedPrefixGroups
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of every grouped row over its group's shared pages, one matmul per layer.
+        Returns (out [members, hq, d], lse [members, hq]) in member order."""
+        n, hq, d = q.shape
+        hkv = cache.shape[1]
+        group = hq // hkv
+        ng, mmax = g.rows.shape
+        keys = g.pages.shape[1] * self.block_size
+        pages = cache.view(2, hkv, -1, self.block_size * d).index_select(2, g.pages.view(-1))
+        kv = pages.view(2, hkv, ng, keys, d)
+        q_pad = torch.cat([q, q.new_zeros(1, hq, d)])[g.rows]  # [ng, mmax, hq, d]
+        qg = q_pad.view(ng, mmax, hkv, group, d).permute(2, 0, 1, 3, 4).reshape(hkv, ng, mmax * group, d)
+        scores = torch.matmul(qg, kv[0].transpose(-1, -2)).float()  # [hkv, ng, mmax*group, keys]
+        scores.mul_(self.scale).masked_fill_(g.key_mask[None], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse[..., None]).to(q.dtype)
+        out = torch.matmul(probs, kv[1])  # [hkv, ng, mmax*group, d]
+        out = out.view(hkv, ng, mmax, group, d).permute(1, 2, 0, 3, 4).reshape(ng * mmax, hq, d)
+        lse = lse.view(hkv, ng, mmax, group).permute(1, 2, 0, 3).reshape(ng * mmax, hq)
+        return out[g.member_index], lse[g.member_index]
+
+    # ---- prefill ------------------------------------------------------------------------------
     def _prefill(
         self, cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan
     ) -> torch.Tensor:

@@ -36,6 +36,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    enable_shared_prefix_attention: bool = True
+    min_shared_prefix_tokens: int = 32  # decode rows sharing fewer leading tokens attend separately
     seed: int = 0
     num_threads: int | None = None
 

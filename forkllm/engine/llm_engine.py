@@ -41,6 +41,8 @@ class EngineStats:
     generation_tokens: int = 0
     requests_finished: int = 0
     model_seconds: float = 0.0
+    forks: int = 0
+    prunes: int = 0
 
 
 class LLMEngine:
@@ -63,9 +65,16 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = loaded.tokenizer
         self.load_info = loaded
         self.kv_spec = self._size_kv_cache()
-        self.kv = KVCacheManager(self.kv_spec.num_blocks, config.block_size)
+        self.kv = KVCacheManager(self.kv_spec.num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(
-            loaded.model, mcfg, self.kv_spec.num_blocks, config.block_size, self.dtype, self.device
+            loaded.model,
+            mcfg,
+            self.kv_spec.num_blocks,
+            config.block_size,
+            self.dtype,
+            self.device,
+            shared_prefix_attention=config.enable_shared_prefix_attention,
+            min_shared_prefix_tokens=config.min_shared_prefix_tokens,
         )
         self.max_model_len = self._resolve_max_model_len()
         eos = list(mcfg.eos_token_ids)
@@ -78,6 +87,7 @@ class LLMEngine:
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
         )
         self.requests: dict[str, Request] = {}
+        self.seqs: dict[str, Sequence] = {}  # live sequences by id (fork / prune address them)
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -205,20 +215,22 @@ class LLMEngine:
         req = Request(rid, text, ids, params, RequestMetrics(arrival_time or time.time()))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
-        base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        for i in range(params.n):
-            req.seqs.append(
-                Sequence(
-                    seq_id=rid if i == 0 else f"{rid}:{i}",
-                    request=req,
-                    index=i,
-                    token_ids=list(ids),
-                    num_prompt_tokens=len(ids),
-                    seed=derive_seed(base_seed, i),
-                    detok=IncrementalDetokenizer.for_prompt(len(ids)),
-                    logprobs=[] if params.logprobs is not None else None,
-                )
+        req.base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        # n samples = one sequence; when its prompt is done it forks n - 1 children that share
+        # the prompt's pages, and all n sample from the same logits (the prompt is prefilled once).
+        req.pending_samples = params.n - 1
+        req.seqs.append(
+            Sequence(
+                seq_id=rid,
+                request=req,
+                index=0,
+                token_ids=list(ids),
+                num_prompt_tokens=len(ids),
+                seed=derive_seed(req.base_seed, 0),
+                detok=IncrementalDetokenizer.for_prompt(len(ids)),
+                logprobs=[] if params.logprobs is not None else None,
             )
+        )
         return req
 
     def add_prepared(self, req: Request) -> None:
@@ -226,7 +238,84 @@ class LLMEngine:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
         for seq in req.seqs:
+            self.seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
+
+    # ---- the generation tree ------------------------------------------------------------------
+    def fork(self, seq_id: str, k: int, seeds: list[int] | None = None) -> list[str]:
+        """Create k children of a live sequence. They share all its pages (copy-on-write: only a
+        partially filled last page is copied, on first write) and continue from the same tokens;
+        each samples with its own seed (default: derived from the request's). Returns their ids."""
+        parent = self.seqs.get(seq_id)
+        if parent is None or parent.finished:
+            raise ValueError(f"no live sequence {seq_id!r} to fork")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if seeds is not None and len(seeds) != k:
+            raise ValueError(f"got {len(seeds)} seeds for {k} children")
+        return [c.seq_id for c in self._fork(parent, k, seeds)]
+
+    def _fork(self, parent: Sequence, k: int, seeds: list[int] | None) -> list[Sequence]:
+        req = parent.request
+        kids: list[Sequence] = []
+        for j in range(k):
+            idx = len(req.seqs)
+            child = Sequence(
+                seq_id=f"{req.request_id}:{idx}",
+                request=req,
+                index=idx,
+                token_ids=list(parent.token_ids),
+                num_prompt_tokens=parent.num_prompt_tokens,
+                seed=seeds[j] if seeds is not None else derive_seed(req.base_seed, idx),
+                detok=parent.detok.copy(),
+                num_computed_tokens=parent.num_computed_tokens,
+                block_table=self.kv.share(parent.block_table),
+                cache_nodes=list(parent.cache_nodes),
+                num_reused_tokens=parent.num_reused_tokens,
+                cumulative_logprob=parent.cumulative_logprob,
+                logprobs=None if parent.logprobs is None else list(parent.logprobs),
+                parent=parent,
+            )
+            req.seqs.append(child)
+            self.seqs[child.seq_id] = child
+            self.scheduler.add_running(child, after=parent if j == 0 else kids[-1])
+            kids.append(child)
+        self.stats.forks += k
+        return kids
+
+    def prune(self, seq_id: str) -> None:
+        """Finish a sequence now (finish_reason "pruned") and release the pages only it held."""
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.finished:
+            raise ValueError(f"no live sequence {seq_id!r} to prune")
+        seq.finish_reason = "pruned"
+        self._finish(seq)
+        self.stats.prunes += 1
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.seq_id, None)
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges and counters for monitoring (the server exports them)."""
+        pool, sched = self.kv.pool, self.scheduler
+        return {
+            "prefix_cache_hit_rate": sched.prefix_stats.hit_rate,
+            "prefix_cache_reused_tokens": sched.prefix_stats.reused_tokens,
+            "prompt_tokens": sched.prefix_stats.prompt_tokens,
+            "kv_pages_total": pool.num_usable,
+            "kv_pages_in_use": pool.num_used,
+            "kv_pages_cached_idle": pool.num_cached_idle,
+            "kv_pages_cached": self.kv.cache.num_cached if self.kv.cache else 0,
+            "kv_pages_free": pool.num_free,
+            "forks": self.stats.forks,
+            "prunes": self.stats.prunes,
+            "preemptions": sched.num_preemptions,
+            "running_seqs": len(sched.running),
+            "waiting_seqs": len(sched.waiting),
+            "generation_tokens": self.stats.generation_tokens,
+            "prompt_tokens_computed": self.stats.prompt_tokens_computed,
+        }
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -234,10 +323,11 @@ class LLMEngine:
             req = self.requests.pop(rid, None)
             if req is None:
                 continue
+            req.pending_samples = 0
             for seq in req.seqs:
                 if not seq.finished:
                     seq.finish_reason = "abort"
-                    self.scheduler.finish(seq)
+                    self._finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -253,9 +343,6 @@ class LLMEngine:
         self.runner.zero_blocks(self.kv.pool.take_pending_zero())
         t0 = time.perf_counter()
         out = self.runner.execute(sched)
-        sampled = self.sampler(out.logits, out.sample_seqs)
-        self.stats.model_seconds += time.perf_counter() - t0
-        self.stats.steps += 1
         now = time.time()
         for s in sched.scheduled:
             seq = s.seq
@@ -264,11 +351,18 @@ class LLMEngine:
                     s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
                 )
             seq.num_computed_tokens += s.num_new_tokens
+            self.kv.register_full_pages(
+                seq.token_ids, seq.block_table, seq.cache_nodes, seq.num_computed_tokens
+            )
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
+        sample_seqs, logits = self._fork_pending_samples(out.sample_seqs, out.logits)
+        sampled = self.sampler(logits, sample_seqs)
+        self.stats.model_seconds += time.perf_counter() - t0
+        self.stats.steps += 1
         self._record_prompt_logprobs(out)
         touched: dict[str, Request] = {}
-        for seq, token, lp in zip(out.sample_seqs, sampled.token_ids, sampled.logprobs):
+        for seq, token, lp in zip(sample_seqs, sampled.token_ids, sampled.logprobs):
             self._append_token(seq, token, lp, now)
             touched[seq.request.request_id] = seq.request
         self.stats.generation_tokens += len(sampled.token_ids)
@@ -282,6 +376,25 @@ class LLMEngine:
                 self.requests.pop(req.request_id, None)
                 self.stats.requests_finished += 1
         return outputs
+
+    def _fork_pending_samples(
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """n > 1: a request's first sequence just finished its prompt; fork the other samples now
+        so all n draw their first token from the same logits row."""
+        extra_rows: list[int] = []
+        extra: list[Sequence] = []
+        for row, seq in enumerate(seqs):
+            req = seq.request
+            if req.pending_samples and seq.index == 0 and seq.num_output_tokens == 0:
+                kids = self._fork(seq, req.pending_samples, None)
+                req.pending_samples = 0
+                extra += kids
+                extra_rows += [row] * len(kids)
+        if not extra:
+            return seqs, logits
+        idx = torch.tensor(extra_rows, dtype=torch.long, device=logits.device)
+        return seqs + extra, torch.cat([logits, logits.index_select(0, idx)])
 
     def _record_prompt_logprobs(self, out: RunnerOutput) -> None:
         for chunk in out.prompt_logits:
@@ -330,7 +443,7 @@ class LLMEngine:
                 # Emit bytes still held back for a partial character (not after a stop string cut).
                 seq.detok.step(self.tokenizer, seq.token_ids, p.skip_special_tokens, flush=True)
             seq.finish_reason, seq.stop_reason = reason, stop_reason
-            self.scheduler.finish(seq)
+            self._finish(seq)
 
     def _make_output(self, req: Request) -> RequestOutput | None:
         kind = req.params.output_kind

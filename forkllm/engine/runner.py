@@ -6,16 +6,20 @@ this step, plus prompt positions of requests that asked for prompt_logprobs.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
-from forkllm.attention.paged import AttentionMetadata, PagedAttention, PrefillSpan
+from forkllm.attention.paged import AttentionMetadata, PagedAttention, PrefillSpan, SharedPrefixGroups
 from forkllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from forkllm.engine.sequence import Sequence
 from forkllm.kv.block_pool import NULL_BLOCK
+from forkllm.kv.manager import PageCopy
 from forkllm.models.config import ModelConfig
 from forkllm.models.llama import LlamaForCausalLM
+
+NULL_SLOT = 0  # KV writes of tokens whose KV is already cached go to the padding page (page 0)
 
 
 @dataclass
@@ -41,6 +45,8 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        shared_prefix_attention: bool = True,
+        min_shared_prefix_tokens: int = 32,
     ) -> None:
         self.model = model
         self.config = config
@@ -48,6 +54,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.dtype = dtype
         self.device = device
+        self.shared_prefix_attention = shared_prefix_attention
+        self.min_shared_pages = max(1, -(-min_shared_prefix_tokens // block_size))
         shape = (2, config.num_kv_heads, num_blocks * block_size, config.head_dim)
         # torch.empty: pages are zeroed lazily on first use (see kv.block_pool).
         self.kv_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
@@ -59,15 +67,29 @@ class ModelRunner:
 
             model.use_cpu_kernels(ops())
 
+    def _pages(self, cache: torch.Tensor) -> torch.Tensor:
+        return cache.view(2, cache.shape[1], self.num_blocks, -1)
+
     def zero_blocks(self, blocks: list[int]) -> None:
         if not blocks:
             return
         idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
         for cache in self.kv_caches:
-            cache.view(2, cache.shape[1], self.num_blocks, -1).index_fill_(2, idx, 0)
+            self._pages(cache).index_fill_(2, idx, 0)
+
+    def copy_blocks(self, copies: list[PageCopy]) -> None:
+        """Copy-on-write: duplicate shared pages (every layer) before a sequence writes into them."""
+        if not copies:
+            return
+        src = torch.tensor([c.src for c in copies], dtype=torch.long, device=self.device)
+        dst = torch.tensor([c.dst for c in copies], dtype=torch.long, device=self.device)
+        for cache in self.kv_caches:
+            pages = self._pages(cache)
+            pages.index_copy_(2, dst, pages.index_select(2, src))
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        self.copy_blocks(sched.copies)
         bs = self.block_size
         # Decodes (one query each) first, then multi-token chunks: the layout PagedAttention expects.
         decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
@@ -76,29 +98,20 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        # Decodes: one token each, at position num_computed_tokens.
         ctx_lens: list[int] = []
         for s in decodes:
             seq = s.seq
             pos = seq.num_computed_tokens
             input_ids.append(seq.token_ids[pos])
             positions.append(pos)
-            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            # A fully cached prompt recomputes its last token for the logits only: that KV exists.
+            slots.append(
+                NULL_SLOT if pos < seq.num_reused_tokens else seq.block_table[pos // bs] * bs + pos % bs
+            )
             ctx_lens.append(pos + 1)
         meta = AttentionMetadata(slot_mapping=torch.empty(0))
         if decodes:
-            nb = -(-max(ctx_lens) // bs)
-            table = [
-                seq.block_table[:nb] + [NULL_BLOCK] * (nb - len(seq.block_table[:nb]))
-                for seq in (s.seq for s in decodes)
-            ]
-            meta.num_decode = len(decodes)
-            meta.decode_tables = torch.tensor(table, dtype=torch.long)
-            meta.decode_ctx_lens = torch.tensor(ctx_lens, dtype=torch.long)
-            meta.decode_kernel = self.decode_kernel
-            if not self.decode_kernel:
-                lens = meta.decode_ctx_lens
-                meta.decode_mask = (torch.arange(nb * bs)[None, :] >= lens[:, None]).unsqueeze(1)
+            self._decode_metadata(meta, [s.seq for s in decodes], ctx_lens)
         # Prompt chunks: many tokens, attending to their cached prefix and causally to themselves.
         offset = len(decodes)
         for s in chunks:
@@ -108,7 +121,10 @@ class ModelRunner:
             chunk_pos = torch.arange(c, c + n)
             positions.extend(range(c, c + n))
             table_t = torch.tensor(seq.block_table[: -(-(c + n) // bs)], dtype=torch.long)
-            slots.extend((table_t[chunk_pos // bs] * bs + chunk_pos % bs).tolist())
+            chunk_slots = table_t[chunk_pos // bs] * bs + chunk_pos % bs
+            if c < seq.num_reused_tokens:
+                chunk_slots[: seq.num_reused_tokens - c] = NULL_SLOT
+            slots.extend(chunk_slots.tolist())
             if c == 0:
                 span = PrefillSpan(offset, n, 0, None, None)
             else:
@@ -123,13 +139,76 @@ class ModelRunner:
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         hidden = self.model(ids_t, pos_t, PagedAttention(self.kv_caches, meta, bs, self.scale))
+        return self._logits(hidden, decodes + chunks)
 
-        # Rows to project onto the vocabulary.
+    def _decode_metadata(self, meta: AttentionMetadata, seqs: list[Sequence], ctx_lens: list[int]) -> None:
+        bs = self.block_size
+        nb = -(-max(ctx_lens) // bs)
+        tables = [seq.block_table[:nb] + [NULL_BLOCK] * (nb - len(seq.block_table[:nb])) for seq in seqs]
+        meta.num_decode = len(seqs)
+        meta.decode_tables = torch.tensor(tables, dtype=torch.long)
+        meta.decode_ctx_lens = torch.tensor(ctx_lens, dtype=torch.long)
+        meta.decode_kernel = self.decode_kernel
+        if self.shared_prefix_attention and len(seqs) > 1:
+            starts = self._group_shared_prefixes(meta, tables, ctx_lens)
+            if meta.shared is not None:
+                meta.decode_starts = torch.tensor(starts, dtype=torch.long)
+
+    def _group_shared_prefixes(
+        self, meta: AttentionMetadata, tables: list[list[int]], ctx_lens: list[int]
+    ) -> list[int]:
+        """Group decode rows whose tables start with the same pages; returns each row's own start."""
+        bs = self.block_size
+        by_first: dict[int, list[int]] = defaultdict(list)
+        for i, t in enumerate(tables):
+            if ctx_lens[i] > bs * self.min_shared_pages:
+                by_first[t[0]].append(i)
+        groups: list[tuple[list[int], list[int]]] = []
+        for rows in by_first.values():
+            if len(rows) < 2:
+                continue
+            # Shared pages must lie wholly before every member's newest token (its own page).
+            limit = min((ctx_lens[i] - 1) // bs for i in rows)
+            first = tables[rows[0]]
+            lcp = 0
+            while lcp < limit and all(tables[i][lcp] == first[lcp] for i in rows):
+                lcp += 1
+            if lcp >= self.min_shared_pages:
+                groups.append((rows, first[:lcp]))
+        starts = [0] * len(tables)
+        if not groups:
+            return starts
+        n = len(tables)
+        max_pages = max(len(p) for _, p in groups)
+        max_members = max(len(r) for r, _ in groups)
+        pages = torch.zeros(len(groups), max_pages, dtype=torch.long)
+        key_mask = torch.ones(len(groups), 1, max_pages * bs, dtype=torch.bool)
+        rows_t = torch.full((len(groups), max_members), n, dtype=torch.long)
+        member_index, member_rows = [], []
+        for gi, (rows, shared_pages) in enumerate(groups):
+            pages[gi, : len(shared_pages)] = torch.tensor(shared_pages)
+            key_mask[gi, 0, : len(shared_pages) * bs] = False
+            rows_t[gi, : len(rows)] = torch.tensor(rows)
+            for j, r in enumerate(rows):
+                member_index.append(gi * max_members + j)
+                member_rows.append(r)
+                starts[r] = len(shared_pages) * bs
+        meta.shared = SharedPrefixGroups(
+            pages,
+            key_mask,
+            rows_t,
+            torch.tensor(member_index, dtype=torch.long),
+            torch.tensor(member_rows, dtype=torch.long),
+        )
+        return starts
+
+    def _logits(self, hidden: torch.Tensor, items: list[ScheduledSequence]) -> RunnerOutput:
+        """Project the rows that need logits: sampling rows and requested prompt positions."""
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         prompt_rows: list[tuple[ScheduledSequence, int, int, int]] = []  # (item, first row, count, start pos)
         row = 0
-        for s in decodes + chunks:
+        for s in items:
             seq, n = s.seq, s.num_new_tokens
             if s.samples:
                 sample_rows.append(row + n - 1)
@@ -145,6 +224,7 @@ class ModelRunner:
                 if last > first:
                     prompt_rows.append((s, row + first - c, last - first, first))
             row += n
+        dev = hidden.device
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)])
         prompt_logits = [
             PromptLogitsChunk(s.seq, start, self.model.compute_logits(hidden[r0 : r0 + cnt]))
@@ -169,7 +249,12 @@ def _to_device(meta: AttentionMetadata, dev: torch.device) -> AttentionMetadata:
     meta.slot_mapping = meta.slot_mapping.to(dev)
     meta.decode_tables = mv(meta.decode_tables)
     meta.decode_ctx_lens = mv(meta.decode_ctx_lens)
-    meta.decode_mask = mv(meta.decode_mask)
+    meta.decode_starts = mv(meta.decode_starts)
+    if meta.shared is not None:
+        g = meta.shared
+        meta.shared = SharedPrefixGroups(
+            g.pages.to(dev), g.key_mask.to(dev), g.rows.to(dev), g.member_index.to(dev), g.member_rows.to(dev)
+        )
     for p in meta.prefills:
         p.block_ids, p.mask = mv(p.block_ids), mv(p.mask)
     return meta

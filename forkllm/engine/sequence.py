@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from forkllm.engine.detokenizer import IncrementalDetokenizer
 from forkllm.engine.outputs import PositionLogprobs, RequestMetrics
 from forkllm.engine.sampling_params import SamplingParams
+from forkllm.kv.prefix_cache import CacheNode
 
 
 class SequenceStatus(enum.Enum):
@@ -34,6 +35,12 @@ class Sequence:
     detok: IncrementalDetokenizer
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Prefix-cache nodes of the leading full pages (registered or reused), in order.
+    cache_nodes: list[CacheNode] = field(default_factory=list)
+    # Leading tokens whose KV came from the prefix cache: never written again (on a full hit the
+    # last token is recomputed for its logits, but its KV write is skipped).
+    num_reused_tokens: int = 0
+    parent: Sequence | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     cumulative_logprob: float = 0.0
     logprobs: list[PositionLogprobs] | None = None
@@ -65,6 +72,11 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     @property
+    def first_write(self) -> int:
+        """The first position whose KV this sequence will write next."""
+        return max(self.num_computed_tokens, self.num_reused_tokens)
+
+    @property
     def text(self) -> str:
         return self.detok.text
 
@@ -78,7 +90,10 @@ class Request:
     metrics: RequestMetrics
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # n > 1: samples still to fork from the first sequence when its prompt is done.
+    pending_samples: int = 0
+    base_seed: int = 0
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        return self.pending_samples == 0 and all(s.finished for s in self.seqs)

@@ -3,18 +3,20 @@
 // every K/V load. Pairs are spread over threads with at::parallel_for.
 #include "common.h"
 #include <algorithm>
+#include <vector>
 
 
 template <typename T, int D, int G>
 static void decode_pair(const T* __restrict q, const T* __restrict kc, const T* __restrict vc,
-                        const int64_t* __restrict table, int64_t ctx, int64_t block_size,
-                        int64_t slot_stride, float scale, T* __restrict out, int64_t q_head_stride) {
+                        const int64_t* __restrict table, int64_t start, int64_t ctx, int64_t block_size,
+                        int64_t slot_stride, float scale, T* __restrict out, int64_t q_head_stride,
+                        float* __restrict lse) {
   float qf[G][D];
   for (int g = 0; g < G; ++g)
     for (int d = 0; d < D; ++d) qf[g][d] = to_f(q[g * q_head_stride + d]) * scale;
   float m[G], l[G], acc[G][D];
   for (int g = 0; g < G; ++g) { m[g] = -INFINITY; l[g] = 0.f; for (int d = 0; d < D; ++d) acc[g][d] = 0.f; }
-  for (int64_t t = 0; t < ctx; ++t) {
+  for (int64_t t = start; t < ctx; ++t) {
     const int64_t slot = table[t / block_size] * block_size + (t % block_size);
     const T* k = kc + slot * slot_stride;
     const T* v = vc + slot * slot_stride;
@@ -37,6 +39,7 @@ static void decode_pair(const T* __restrict q, const T* __restrict kc, const T* 
   }
   for (int g = 0; g < G; ++g) {
     const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    if (lse) lse[g] = l[g] > 0.f ? m[g] + std::log(l[g]) : -INFINITY;
     for (int d = 0; d < D; ++d) out[g * q_head_stride + d] = static_cast<T>(acc[g][d] * inv);
   }
 }
@@ -73,8 +76,8 @@ static inline __m512 exp512(__m512 x) {
 // AVX-512 version: 16 keys per chunk, one vector exp and one rescale per chunk and head.
 template <typename T, int D, int G>
 static void decode_pair_avx512(const T* __restrict q, const T* __restrict kc, const T* __restrict vc,
-                               const int64_t* __restrict table, int64_t ctx, int64_t block_size,
-                               float scale, T* __restrict out) {
+                               const int64_t* __restrict table, int64_t start, int64_t ctx, int64_t block_size,
+                               float scale, T* __restrict out, float* __restrict lse) {
   constexpr int DV = D / 16;
   __m512 qv[G][DV], acc[G][DV];
   float m[G], l[G];
@@ -89,7 +92,7 @@ static void decode_pair_avx512(const T* __restrict q, const T* __restrict kc, co
   alignas(64) float s[G][16];
   alignas(64) float p[G][16];
   const T* vrow[16];
-  for (int64_t c = 0; c < ctx; c += 16) {
+  for (int64_t c = start; c < ctx; c += 16) {
     const int nv = (int)std::min<int64_t>(16, ctx - c);
     for (int t = 0; t < nv; ++t) {
       const int64_t pos = c + t;
@@ -129,6 +132,7 @@ static void decode_pair_avx512(const T* __restrict q, const T* __restrict kc, co
   }
   for (int g = 0; g < G; ++g) {
     const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    if (lse) lse[g] = l[g] > 0.f ? m[g] + std::log(l[g]) : -INFINITY;
     alignas(64) float o[D];
     for (int j = 0; j < DV; ++j) _mm512_store_ps(o + j * 16, _mm512_mul_ps(acc[g][j], _mm512_set1_ps(inv)));
     for (int d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(o[d]);
@@ -136,43 +140,54 @@ static void decode_pair_avx512(const T* __restrict q, const T* __restrict kc, co
 }
 #endif
 
+struct DecodeArgs {
+  const torch::Tensor& q;
+  const torch::Tensor& kc;
+  const torch::Tensor& vc;
+  const torch::Tensor& tables;
+  const int64_t* starts;  // may be null: attend from position 0
+  const torch::Tensor& ctx_lens;
+  int64_t block_size;
+  double scale;
+  torch::Tensor& out;
+  float* lse;  // may be null: [n, hq] log-sum-exp of the scores, for combining partial attentions
+};
+
 template <typename T, int D, int G>
-static void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
-                const torch::Tensor& tables, const torch::Tensor& ctx_lens, int64_t block_size,
-                double scale, torch::Tensor& out) {
-  const int64_t n = q.size(0), hq = q.size(1), hkv = kc.size(0);
-  const int64_t slots = kc.size(1);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = kc.data_ptr<T>();
-  const T* vp = vc.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* cp = ctx_lens.data_ptr<int64_t>();
-  const int64_t tstride = tables.size(1);
+static void run(const DecodeArgs& a) {
+  const int64_t n = a.q.size(0), hq = a.q.size(1), hkv = a.kc.size(0);
+  const int64_t slots = a.kc.size(1);
+  const T* qp = a.q.data_ptr<T>();
+  const T* kp = a.kc.data_ptr<T>();
+  const T* vp = a.vc.data_ptr<T>();
+  T* op = a.out.data_ptr<T>();
+  const int64_t* tp = a.tables.data_ptr<int64_t>();
+  const int64_t* cp = a.ctx_lens.data_ptr<int64_t>();
+  const int64_t tstride = a.tables.size(1);
   at::parallel_for(0, n * hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / hkv, h = i % hkv;
+      const int64_t start = a.starts ? a.starts[b] : 0;
+      float* lse = a.lse ? a.lse + b * hq + h * G : nullptr;
 #if defined(__AVX512F__)
       if constexpr (D % 16 == 0) {
         decode_pair_avx512<T, D, G>(qp + (b * hq + h * G) * D, kp + h * slots * D, vp + h * slots * D,
-                                    tp + b * tstride, cp[b], block_size, (float)scale,
-                                    op + (b * hq + h * G) * D);
+                                    tp + b * tstride, start, cp[b], a.block_size, (float)a.scale,
+                                    op + (b * hq + h * G) * D, lse);
         continue;
       }
 #endif
       decode_pair<T, D, G>(qp + (b * hq + h * G) * D, kp + h * slots * D, vp + h * slots * D,
-                           tp + b * tstride, cp[b], block_size, D, (float)scale,
-                           op + (b * hq + h * G) * D, D);
+                           tp + b * tstride, start, cp[b], a.block_size, D, (float)a.scale,
+                           op + (b * hq + h * G) * D, D, lse);
     }
   });
 }
 
 template <typename T>
-static void dispatch(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
-                     const torch::Tensor& tables, const torch::Tensor& ctx_lens, int64_t block_size,
-                     double scale, torch::Tensor& out) {
-  const int64_t d = q.size(2), g = q.size(1) / kc.size(0);
-#define FORKLLM_CASE(DD, GG) if (d == DD && g == GG) return run<T, DD, GG>(q, kc, vc, tables, ctx_lens, block_size, scale, out);
+static void dispatch(const DecodeArgs& a) {
+  const int64_t d = a.q.size(2), g = a.q.size(1) / a.kc.size(0);
+#define FORKLLM_CASE(DD, GG) if (d == DD && g == GG) return run<T, DD, GG>(a);
   FORKLLM_CASE(64, 1) FORKLLM_CASE(64, 2) FORKLLM_CASE(64, 3) FORKLLM_CASE(64, 4) FORKLLM_CASE(64, 5)
   FORKLLM_CASE(64, 6) FORKLLM_CASE(64, 7) FORKLLM_CASE(64, 8)
   FORKLLM_CASE(128, 1) FORKLLM_CASE(128, 2) FORKLLM_CASE(128, 4) FORKLLM_CASE(128, 5) FORKLLM_CASE(128, 6)
@@ -183,16 +198,26 @@ static void dispatch(const torch::Tensor& q, const torch::Tensor& kc, const torc
   TORCH_CHECK(false, "paged_decode: unsupported head_dim/group ", d, "/", g);
 }
 
-// q [n, hq, d]; kc/vc [hkv, slots, d]; tables [n, max_blocks] int64; ctx_lens [n] int64.
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor tables,
-                           torch::Tensor ctx_lens, int64_t block_size, double scale) {
+// q [n, hq, d]; kc/vc [hkv, slots, d]; tables [n, max_blocks] int64; starts/ctx_lens [n] int64.
+// Row b attends to positions [starts[b], ctx_lens[b]). Returns (out [n, hq, d], lse [n, hq] float32).
+std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor tables,
+                                        c10::optional<torch::Tensor> starts, torch::Tensor ctx_lens,
+                                        int64_t block_size, double scale, bool want_lse) {
   TORCH_CHECK(q.is_contiguous() && kc.is_contiguous() && vc.is_contiguous(), "contiguous inputs expected");
+  TORCH_CHECK(tables.scalar_type() == torch::kLong && ctx_lens.scalar_type() == torch::kLong, "int64 tables/lens");
   auto out = torch::empty_like(q);
-  if (q.scalar_type() == torch::kFloat) dispatch<float>(q, kc, vc, tables, ctx_lens, block_size, scale, out);
-  else if (q.scalar_type() == torch::kBFloat16) dispatch<c10::BFloat16>(q, kc, vc, tables, ctx_lens, block_size, scale, out);
-  else if (q.scalar_type() == torch::kHalf) dispatch<c10::Half>(q, kc, vc, tables, ctx_lens, block_size, scale, out);
+  torch::Tensor lse;
+  if (want_lse) lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat));
+  const bool has_starts = starts.has_value() && starts->defined();
+  if (has_starts) TORCH_CHECK(starts->scalar_type() == torch::kLong, "int64 starts");
+  DecodeArgs a{q, kc, vc, tables, has_starts ? starts->data_ptr<int64_t>() : nullptr, ctx_lens, block_size,
+               scale, out, want_lse ? lse.data_ptr<float>() : nullptr};
+  if (q.scalar_type() == torch::kFloat) dispatch<float>(a);
+  else if (q.scalar_type() == torch::kBFloat16) dispatch<c10::BFloat16>(a);
+  else if (q.scalar_type() == torch::kHalf) dispatch<c10::Half>(a);
   else TORCH_CHECK(false, "paged_decode: unsupported dtype");
-  return out;
+  if (want_lse) return {out, lse};
+  return {out};
 }
 
 // Supported (head_dim, group) pairs, so Python can fall back before calling.
