@@ -248,7 +248,7 @@ def test_shared_prefix_attention_groups_and_matches():
     prompts = _shared_prompts(rng, 5, 100, (2, 9))
     sp = SamplingParams(n=3, temperature=0.9, seed=4, max_tokens=16, ignore_eos=True)
     ref = _ids(tiny_llm(enable_shared_prefix_attention=False), prompts, sp)
-    llm = tiny_llm()
+    llm = tiny_llm(min_shared_prefix_tokens=32)
     seen = []
     runner = llm.engine.runner
     orig = runner._decode_metadata
@@ -268,6 +268,7 @@ def test_shared_prefix_attention_torch_path_matches():
     prompts = _shared_prompts(rng, 3, 64, (1, 5))
     sp = SamplingParams(n=2, temperature=0, max_tokens=10, ignore_eos=True)
     ref = _ids(tiny_llm(enable_shared_prefix_attention=False), prompts, sp)
-    llm = tiny_llm()
-    llm.engine.runner.decode_kernel = False  # PyTorch decode path, with its own lse
+    llm = tiny_llm(min_shared_prefix_tokens=32)
+    llm.engine.runner.decode_kernel = False
+    llm.engine.runner.shared_kernel = False  # PyTorch decode path, with its own lse
     assert _ids(llm, prompts, sp) == ref

@@ -95,6 +95,48 @@ class HFPeer:
         return outs, time.perf_counter() - t0
 
     @torch.inference_mode()
+    def ttft_run(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> dict[str, float]:
+        """All requests arrive at t=0 and run in static batches; per-request time to first token."""
+        from transformers.generation.streamers import BaseStreamer
+
+        class FirstToken(BaseStreamer):
+            def __init__(self) -> None:
+                self.calls, self.when = 0, 0.0
+
+            def put(self, value: Any) -> None:
+                self.calls += 1
+                if self.calls == 2:  # the first put is the prompt, the second the first new tokens
+                    self.when = time.perf_counter()
+
+            def end(self) -> None:
+                pass
+
+        t0 = time.perf_counter()
+        ttfts: list[float] = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            streamer = FirstToken()
+            self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                streamer=streamer,
+            )
+            ttfts += [streamer.when - t0] * len(chunk)
+        ttfts.sort()
+        return {
+            "seconds": time.perf_counter() - t0,
+            "ttft_mean": sum(ttfts) / len(ttfts),
+            "ttft_p90": ttfts[int(0.9 * (len(ttfts) - 1))],
+        }
+
+    @torch.inference_mode()
     def latency(self, prompt: list[int], max_new_tokens: int) -> tuple[float, float]:
         """(time to first token, decode seconds per token) for one stream, greedy."""
         ids = torch.tensor([prompt])

@@ -25,14 +25,16 @@ def add_bench_parser(sub: Any) -> None:
 
     b = sub.add_parser(
         "bench",
-        help="benchmarks against peers (W1 throughput, W4 latency)",
+        help="benchmarks against peers (W1-W4 of shared/BENCHMARKS.md)",
         description="Run a workload of shared/BENCHMARKS.md on forkllm and its peers in one "
         "invocation and report ratios. Results are saved under --out-dir.",
     )
     b.add_argument(
         "workload",
-        choices=["throughput", "latency"],
-        help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream)",
+        choices=["throughput", "latency", "parallel", "prefix", "shared-attention"],
+        help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream); parallel = W2 (8 prompts "
+        "x n=16); prefix = W3 (64 requests sharing a 1,024-token system prompt, prefix cache on vs off); "
+        "shared-attention = W2 with 1,024-token prompts, decode step time with shared-prefix attention on vs off",
     )
     b.add_argument(
         "--dtypes",
@@ -41,14 +43,23 @@ def add_bench_parser(sub: Any) -> None:
     )
     b.add_argument("--peers", default="hf", help="comma-separated peers: hf, none (default: hf)")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions per system (median reported)")
-    b.add_argument("--num-prompts", type=int, default=None, help="W1: prompts (default 64)")
+    b.add_argument("--num-prompts", type=int, default=None, help="prompts/requests (W1 64, W2 8, W3 64)")
     b.add_argument(
-        "--prompt-len", default=None, help="W1: min-max prompt tokens (default 96-160); W4: tokens (128)"
+        "--prompt-len",
+        default=None,
+        help="W1/W2: min-max prompt tokens (default 96-160); W4: tokens (128); W3: shared prefix (1024); "
+        "shared-attention: tokens (1024)",
     )
-    b.add_argument("--output-len", type=int, default=None, help="tokens per output (W1 128, W4 256)")
     b.add_argument(
-        "--hf-batch-size", type=int, default=None, help="HF static batch size (default: all prompts)"
+        "--output-len", type=int, default=None, help="tokens per output (W1/W2 128, W3 32, W4 256)"
     )
+    b.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=None,
+        help="HF static batch size in prompts (default: all prompts; W3: 16)",
+    )
+    b.add_argument("--n-samples", type=int, default=16, help="W2 / shared-attention: samples per prompt")
     b.add_argument("--out-dir", default="bench_results", help="where the markdown/JSON reports go")
     b.add_argument("--workload-seed", type=int, default=0, help="seed of the synthetic prompts")
     add_engine_args(b)
@@ -56,9 +67,18 @@ def add_bench_parser(sub: Any) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.workload == "throughput":
-        return bench_throughput(args)
-    return bench_latency(args)
+    from forkllm.bench import tree_bench
+
+    args.dtypes_list = _dtypes(args)
+    args.peers_list = _peers(args)
+    workloads = {
+        "throughput": bench_throughput,
+        "latency": bench_latency,
+        "parallel": tree_bench.bench_parallel,
+        "prefix": tree_bench.bench_prefix,
+        "shared-attention": tree_bench.bench_shared_attention,
+    }
+    return workloads[args.workload](args)
 
 
 def _dtypes(args: argparse.Namespace) -> list[str]:

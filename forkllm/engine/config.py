@@ -38,7 +38,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     enable_shared_prefix_attention: bool = True
-    min_shared_prefix_tokens: int = 32  # decode rows sharing fewer leading tokens attend separately
+    # Decode rows sharing fewer leading tokens attend separately: below ~256 shared tokens the extra
+    # per-layer work of the shared path costs more than it saves (W1 prompts share 32 template tokens).
+    min_shared_prefix_tokens: int = 256
     seed: int = 0
     num_threads: int | None = None
 

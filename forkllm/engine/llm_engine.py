@@ -82,7 +82,11 @@ class LLMEngine:
             eos = [self.tokenizer.eos_token_id]
         self.eos_token_ids = eos
         tok = self.tokenizer
-        self.sampler = Sampler(eos, (lambda t: tok.decode([t], False)) if tok is not None else None)
+        self.sampler = Sampler(
+            eos,
+            (lambda t: tok.decode([t], False)) if tok is not None else None,
+            kernels=self.runner.kernels,
+        )
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
         )

@@ -6,7 +6,6 @@ this step, plus prompt positions of requests that asked for prompt_logprobs.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +45,7 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         shared_prefix_attention: bool = True,
-        min_shared_prefix_tokens: int = 32,
+        min_shared_prefix_tokens: int = 256,
     ) -> None:
         self.model = model
         self.config = config
@@ -61,11 +60,13 @@ class ModelRunner:
         self.kv_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.zero_blocks([NULL_BLOCK])
         self.scale = config.head_dim**-0.5
-        self.decode_kernel = device.type == "cpu" and _kernel_supports(config)
-        if device.type == "cpu":
-            from forkllm.kernels import ops
+        from forkllm.kernels import ops
 
-            model.use_cpu_kernels(ops())
+        self.kernels = ops() if device.type == "cpu" else None  # optional C++ CPU kernels
+        self.decode_kernel = device.type == "cpu" and _kernel_supports(config)
+        self.shared_kernel = self.decode_kernel and _shared_kernel_supports(config)
+        if device.type == "cpu":
+            model.use_cpu_kernels(self.kernels)
 
     def _pages(self, cache: torch.Tensor) -> torch.Tensor:
         return cache.view(2, cache.shape[1], self.num_blocks, -1)
@@ -157,48 +158,72 @@ class ModelRunner:
     def _group_shared_prefixes(
         self, meta: AttentionMetadata, tables: list[list[int]], ctx_lens: list[int]
     ) -> list[int]:
-        """Group decode rows whose tables start with the same pages; returns each row's own start."""
-        bs = self.block_size
-        by_first: dict[int, list[int]] = defaultdict(list)
-        for i, t in enumerate(tables):
-            if ctx_lens[i] > bs * self.min_shared_pages:
-                by_first[t[0]].append(i)
-        groups: list[tuple[list[int], list[int]]] = []
-        for rows in by_first.values():
-            if len(rows) < 2:
-                continue
-            # Shared pages must lie wholly before every member's newest token (its own page).
-            limit = min((ctx_lens[i] - 1) // bs for i in rows)
-            first = tables[rows[0]]
+        """Group decode rows by common leading pages; returns each row's own start position.
+
+        Rows sorted by page ids put long common prefixes next to each other; a greedy pass then
+        cuts the order into runs: a run's shared length is the minimum adjacent common prefix, a
+        drop ends the run, and a rise moves the previous row into a new, deeper run (what it
+        saves there, the longer prefix, beats what it saved in the old run). Only pages wholly
+        before a row's newest token are shared (the newest token's page is the row's own)."""
+        bs, min_pages = self.block_size, self.min_shared_pages
+        limit = [(c - 1) // bs for c in ctx_lens]
+        order = sorted((i for i in range(len(tables)) if limit[i] >= min_pages), key=lambda i: tables[i])
+        groups: list[tuple[list[int], int]] = []
+        run: list[int] = []
+        shared = 0
+        for prev, row in zip(order, order[1:]):
+            cap = min(limit[prev], limit[row])
+            a, b = tables[prev], tables[row]
             lcp = 0
-            while lcp < limit and all(tables[i][lcp] == first[lcp] for i in rows):
+            while lcp < cap and a[lcp] == b[lcp]:
                 lcp += 1
-            if lcp >= self.min_shared_pages:
-                groups.append((rows, first[:lcp]))
+            if lcp < min_pages:
+                if len(run) > 1:
+                    groups.append((run, shared))
+                run, shared = [], 0
+            elif not run:
+                run, shared = [prev, row], lcp
+            elif lcp == shared:
+                run.append(row)
+            elif lcp > shared:
+                if len(run) > 2:
+                    groups.append((run[:-1], shared))
+                run, shared = [prev, row], lcp
+            else:
+                groups.append((run, shared))
+                run, shared = [], 0
+        if len(run) > 1:
+            groups.append((run, shared))
         starts = [0] * len(tables)
         if not groups:
             return starts
         n = len(tables)
-        max_pages = max(len(p) for _, p in groups)
+        max_pages = max(sh for _, sh in groups)
         max_members = max(len(r) for r, _ in groups)
         pages = torch.zeros(len(groups), max_pages, dtype=torch.long)
         key_mask = torch.ones(len(groups), 1, max_pages * bs, dtype=torch.bool)
         rows_t = torch.full((len(groups), max_members), n, dtype=torch.long)
         member_index, member_rows = [], []
-        for gi, (rows, shared_pages) in enumerate(groups):
-            pages[gi, : len(shared_pages)] = torch.tensor(shared_pages)
-            key_mask[gi, 0, : len(shared_pages) * bs] = False
+        for gi, (rows, sh) in enumerate(groups):
+            pages[gi, :sh] = torch.tensor(tables[rows[0]][:sh])
+            key_mask[gi, 0, : sh * bs] = False
             rows_t[gi, : len(rows)] = torch.tensor(rows)
             for j, r in enumerate(rows):
                 member_index.append(gi * max_members + j)
                 member_rows.append(r)
-                starts[r] = len(shared_pages) * bs
+                starts[r] = sh * bs
+        offsets = [0]
+        for rows, _ in groups:
+            offsets.append(offsets[-1] + len(rows))
         meta.shared = SharedPrefixGroups(
             pages,
             key_mask,
             rows_t,
             torch.tensor(member_index, dtype=torch.long),
             torch.tensor(member_rows, dtype=torch.long),
+            torch.tensor([sh * bs for _, sh in groups], dtype=torch.long),
+            torch.tensor(offsets, dtype=torch.long),
+            kernel=self.shared_kernel,
         )
         return starts
 
@@ -242,6 +267,13 @@ def _kernel_supports(cfg: ModelConfig) -> bool:
     )
 
 
+def _shared_kernel_supports(cfg: ModelConfig) -> bool:
+    from forkllm.kernels import ops
+
+    mod = ops()
+    return mod is not None and bool(mod.shared_prefix_supported(cfg.head_dim))
+
+
 def _to_device(meta: AttentionMetadata, dev: torch.device) -> AttentionMetadata:
     def mv(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(dev, non_blocking=True)
@@ -253,7 +285,14 @@ def _to_device(meta: AttentionMetadata, dev: torch.device) -> AttentionMetadata:
     if meta.shared is not None:
         g = meta.shared
         meta.shared = SharedPrefixGroups(
-            g.pages.to(dev), g.key_mask.to(dev), g.rows.to(dev), g.member_index.to(dev), g.member_rows.to(dev)
+            g.pages.to(dev),
+            g.key_mask.to(dev),
+            g.rows.to(dev),
+            g.member_index.to(dev),
+            g.member_rows.to(dev),
+            g.lens.to(dev),
+            g.offsets.to(dev),
+            kernel=False,
         )
     for p in meta.prefills:
         p.block_ids, p.mask = mv(p.block_ids), mv(p.mask)

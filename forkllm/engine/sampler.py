@@ -10,6 +10,7 @@ vLLM.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,9 +45,11 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int], decode_token: object = None) -> None:
+    def __init__(self, eos_token_ids: list[int], decode_token: object = None, kernels: object = None) -> None:
         self.eos_token_ids = eos_token_ids
         self.decode_token = decode_token  # callable(token_id) -> str, for Logprob.decoded_token
+        # C++ CPU kernels (forkllm.kernels): fused top-k/top-p sampling; None = PyTorch only.
+        self.kernels = kernels
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         n = len(seqs)
@@ -60,6 +63,8 @@ class Sampler:
         greedy = [p.greedy for p in params]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
+        elif not any(greedy):
+            tokens = self._sample_random(logits, seqs)
         else:
             tokens = torch.empty(n, dtype=torch.long, device=logits.device)
             g_idx = [i for i in range(n) if greedy[i]]
@@ -117,9 +122,24 @@ class Sampler:
             logits[rows] = sub
         return logits
 
+    def _fused(self, logits: torch.Tensor, params: list[Any], u: torch.Tensor) -> torch.Tensor:
+        """All rows filtered: the C++ kernel does temperature, min-p, top-k/top-p and the draw."""
+        return self.kernels.sample_filtered(  # type: ignore[attr-defined]
+            logits.float().contiguous(),
+            torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            torch.tensor([p.top_k for p in params], dtype=torch.long),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            torch.tensor([p.min_p for p in params], dtype=torch.float32),
+            u,
+        )
+
     def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev = logits.device
         params = [s.params for s in seqs]
+        filtered = [bool(p.top_k) or p.top_p < 1.0 for p in params]
+        if all(filtered) and self.kernels is not None and dev.type == "cpu":
+            u = torch.tensor([uniform(s.seed, s.num_output_tokens) for s in seqs], dtype=torch.float64)
+            return self._fused(logits, params, u)
         temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
         probs = torch.softmax(logits / temps, dim=-1)
         min_p = [p.min_p for p in params]
@@ -129,11 +149,24 @@ class Sampler:
         u = torch.tensor(
             [uniform(s.seed, s.num_output_tokens) for s in seqs], device=dev, dtype=torch.float64
         )
-        top_k = [p.top_k for p in params]
-        top_p = [p.top_p for p in params]
-        if any(top_k) or any(p < 1.0 for p in top_p):
-            probs = _mask_top_k_top_p(probs, top_k, top_p)
-        return _inverse_cdf(probs, u)
+        filtered = [bool(p.top_k) or p.top_p < 1.0 for p in params]
+        if not any(filtered):
+            return _inverse_cdf(probs, u)
+        if all(filtered):
+            if self.kernels is not None and logits.device.type == "cpu":
+                return self._fused(logits, params, u)
+            return _sample_top_k_top_p(probs, [p.top_k for p in params], [p.top_p for p in params], u)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=dev)
+        f_idx = [i for i, f in enumerate(filtered) if f]
+        p_idx = [i for i, f in enumerate(filtered) if not f]
+        fi = torch.tensor(f_idx, device=dev)
+        tokens[fi] = _sample_top_k_top_p(
+            probs[fi], [params[i].top_k for i in f_idx], [params[i].top_p for i in f_idx], u[fi]
+        )
+        if p_idx:
+            pi = torch.tensor(p_idx, device=dev)
+            tokens[pi] = _inverse_cdf(probs[pi], u[pi])
+        return tokens
 
     def _position(self, lp: LogprobRows, j: int, chosen: int, k: int) -> tuple[float, PositionLogprobs]:
         dec = self.decode_token
@@ -167,31 +200,46 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> L
     return LogprobRows(chosen.tolist(), rank.tolist(), top_ids, top_vals)
 
 
-def _mask_top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Zero tokens outside each row's top-k / top-p set, keeping vocabulary order.
+# Top-p looks at the best 256 tokens first; rows whose 256 best fall short of top_p retry with
+# 4096, then with the whole vocabulary. Measured on W2 (SmolLM2, temperature 0.8, top_p 0.95):
+# 91% of rows resolve at 256 and 99.98% at 4096.
+TOP_P_TIERS = (256, 4096)
 
-    Each row's cut is turned into a probability threshold so that sampling stays in vocabulary
-    order: a row's token never depends on which other rows needed sorting.
-    """
+
+def _sample_top_k_top_p(
+    probs: torch.Tensor, top_k: list[int], top_p: list[float], u: torch.Tensor
+) -> torch.Tensor:
+    """Sample rows restricted to their top-k / top-p set, drawing in rank order.
+
+    A partial sort (topk) of each row's candidates replaces a full vocabulary sort: top-k needs
+    only k of them, and top-p only enough to reach p of the mass. Everything is per row, so a
+    row's token never depends on the other rows (nor on which tier resolved them)."""
     dev, vocab = probs.device, probs.shape[1]
-    if all(p >= 1.0 for p in top_p):
-        k_max = max(k if k else vocab for k in top_k)
-        sorted_p = probs.topk(k_max, dim=-1).values  # a partial sort suffices for top-k alone
-    else:
-        sorted_p = probs.sort(dim=-1, descending=True).values
-    rank = torch.arange(sorted_p.shape[1], device=dev)[None, :]
-    ks = torch.tensor([min(k, sorted_p.shape[1]) if k else sorted_p.shape[1] for k in top_k], device=dev)[
-        :, None
-    ]
-    keep = rank < ks
-    tp = torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
-    mass_before = (sorted_p * keep).cumsum(dim=-1) - sorted_p
-    keep &= mass_before < tp * (sorted_p * keep).sum(dim=-1, keepdim=True)
-    # The smallest kept probability is the row's threshold (ties at the threshold are all kept).
-    threshold = sorted_p.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
-    unrestricted = torch.tensor([not k and p >= 1.0 for k, p in zip(top_k, top_p)], device=dev)[:, None]
-    threshold = threshold.masked_fill(unrestricted, 0.0)
-    return probs.masked_fill(probs < threshold, 0.0)
+    pick = torch.empty(probs.shape[0], dtype=torch.long, device=dev)
+    top_k_on = torch.tensor([bool(k) for k in top_k], device=dev)
+    tp = torch.tensor(top_p, device=dev, dtype=probs.dtype)
+    rows = torch.arange(probs.shape[0], device=dev)
+    full_mass = probs.sum(dim=-1)
+    sub = probs
+    for tier in (*TOP_P_TIERS, vocab):
+        k_row = torch.tensor(
+            [min(top_k[r], vocab) if top_k[r] else min(tier, vocab) for r in rows.tolist()], device=dev
+        )
+        vals, idx = sub.topk(int(k_row.max()), dim=-1)
+        keep = torch.arange(vals.shape[1], device=dev)[None, :] < k_row[:, None]
+        vals = vals * keep
+        # top-p is relative to the mass left after top-k (all of it when top-k is off).
+        mass = torch.where(top_k_on[rows], vals.sum(dim=-1), full_mass[rows])
+        need = tp[rows] * mass
+        keep &= (vals.cumsum(dim=-1) - vals) < need[:, None]
+        done = top_k_on[rows] | (vals.sum(dim=-1) >= need) | (tier >= vocab)
+        chosen = idx.gather(1, _inverse_cdf(vals * keep, u[rows])[:, None])[:, 0]
+        pick[rows[done]] = chosen[done]
+        rows = rows[~done]
+        if rows.numel() == 0:
+            break
+        sub = probs.index_select(0, rows)
+    return pick
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """C++ CPU kernels, compiled on first use with torch's cpp_extension (gcc, ~40 s once per machine).
 
 - `paged_decode`: attention for single-query rows reading K/V straight from the cache pages.
+- `shared_prefix_attention`: many decode rows over one shared run of pages, K/V read once.
+- `sample_filtered`: temperature / min-p / top-k / top-p sampling without a vocabulary sort.
 - `small_linear`: x @ w.T for 1..8 rows, streaming weights on all threads (decode matmuls).
 
 Everything here is optional: if the build fails (no compiler) or FORKLLM_KERNELS=0 is set,
@@ -34,7 +36,16 @@ def ops() -> Any | None:
 
                 _state["module"] = load(
                     name="forkllm_cpu_kernels",
-                    sources=[str(_CSRC / f) for f in ("bindings.cpp", "paged_attention.cpp", "gemv.cpp")],
+                    sources=[
+                        str(_CSRC / f)
+                        for f in (
+                            "bindings.cpp",
+                            "paged_attention.cpp",
+                            "shared_prefix.cpp",
+                            "sampler.cpp",
+                            "gemv.cpp",
+                        )
+                    ],
                     extra_include_paths=[str(_CSRC)],
                     extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],

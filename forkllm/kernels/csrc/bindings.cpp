@@ -6,10 +6,24 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor kc, torch
                                         c10::optional<torch::Tensor> starts, torch::Tensor ctx_lens,
                                         int64_t block_size, double scale, bool want_lse);
 bool paged_decode_supports(int64_t d, int64_t g);
+std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
+                                                   torch::Tensor pages, torch::Tensor lens, torch::Tensor rows,
+                                                   torch::Tensor offsets, int64_t block_size, double scale);
+bool shared_prefix_supported(int64_t d);
+torch::Tensor softmax_lse_(torch::Tensor scores, torch::Tensor valid);
+void merge_attention_(torch::Tensor out, torch::Tensor s_lse, torch::Tensor rows, torch::Tensor p_out,
+                      torch::Tensor p_lse);
+torch::Tensor sample_filtered(torch::Tensor logits, torch::Tensor temps, torch::Tensor top_k, torch::Tensor top_p,
+                              torch::Tensor min_p, torch::Tensor u);
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged attention for single-query rows over [start, ctx)");
   m.def("paged_decode_supports", &paged_decode_supports, "whether (head_dim, group) is compiled in");
+  m.def("shared_prefix_attention", &shared_prefix_attention, "many query rows over one shared run of pages");
+  m.def("shared_prefix_supported", &shared_prefix_supported, "whether head_dim is compiled in");
+  m.def("softmax_lse_", &softmax_lse_, "in-place softmax with masking past valid lengths; returns lse");
+  m.def("sample_filtered", &sample_filtered, "temperature + min-p + top-k/top-p + inverse-CDF draw per row");
+  m.def("merge_attention_", &merge_attention_, "merge two partial attentions through their lse, in place");
   m.def("small_linear", &small_linear, "x @ w.T (+ bias) for 1..8 rows, multi-threaded");
 }
