@@ -80,7 +80,7 @@ def bench_parallel(args: argparse.Namespace) -> int:
         rows.append(
             Row(
                 "forkllm",
-                dtype,
+                _dtype_name(llm),
                 {
                     "output_tok_s": r["tokens"] / r["seconds"],
                     "seconds": r["seconds"],
@@ -151,7 +151,7 @@ def bench_prefix(args: argparse.Namespace) -> int:
             rows.append(
                 Row(
                     "forkllm" + (" prefix cache" if cached else " no cache"),
-                    dtype,
+                    _dtype_name(llm),
                     {
                         "seconds": r["seconds"],
                         "ttft_mean_s": r["ttft_mean"],
