@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     from forkllm.bench.run import add_bench_parser
+    from forkllm.server.serve import add_serve_parser
 
+    add_serve_parser(sub)
     add_bench_parser(sub)
     return p
 

@@ -49,6 +49,12 @@ class AsyncEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.errored: BaseException | None = None
+        # engine.metrics() as of the last step, published by the engine thread (readers never
+        # touch engine state from another thread).
+        self.metrics_snapshot: dict[str, float] = engine.metrics()
+        # Requests handed over / taken in by the engine thread: each counter has one writer.
+        self._handed_over = 0
+        self._taken_in = 0
         if start:
             self.start()
 
@@ -94,6 +100,7 @@ class AsyncEngine:
                 raise ValueError(f"request_id {rid!r} is already in use")
             self._streams[rid] = stream
         self._commands.put(("add", req))
+        self._handed_over += 1
         self._wakeup.set()
         finished = False
         try:
@@ -110,6 +117,11 @@ class AsyncEngine:
                 self._streams.pop(rid, None)
             if not finished:
                 self.abort(rid)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet admitted to the running batch (queued here plus the engine's waiting)."""
+        return self._handed_over - self._taken_in + int(self.metrics_snapshot.get("waiting_seqs", 0))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -130,6 +142,7 @@ class AsyncEngine:
             try:
                 if kind == "add":
                     assert isinstance(arg, Request)
+                    self._taken_in += 1
                     self.engine.add_prepared(arg)
                 elif kind == "abort":
                     self.engine.abort_request(arg)
@@ -145,6 +158,7 @@ class AsyncEngine:
         while not self._stop:
             self._apply_commands()
             if not engine.has_unfinished_requests():
+                self.metrics_snapshot = engine.metrics()
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()
                 continue
@@ -158,6 +172,7 @@ class AsyncEngine:
                 for rid in failed:
                     self._deliver_error(rid, RuntimeError(f"internal engine error: {e}"))
                 continue
+            self.metrics_snapshot = engine.metrics()
             for out in outputs:
                 self._deliver(out.request_id, out)
         dead = EngineDeadError("the engine was shut down")

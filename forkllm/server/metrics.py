@@ -1,0 +1,77 @@
+"""Prometheus metrics for the server (a registry per app: no module-level state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "forkllm_requests",
+            "HTTP requests to /v1 by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "forkllm_time_to_first_token_seconds",
+            "time from arrival to the first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "forkllm_inter_token_latency_seconds",
+            "time between generated tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation_tokens = Counter("forkllm_generation_tokens", "tokens generated", registry=r)
+        self.prompt_tokens = Counter("forkllm_prompt_tokens", "prompt tokens received", registry=r)
+        self.running = Gauge("forkllm_num_sequences_running", "sequences in the running batch", registry=r)
+        self.waiting = Gauge("forkllm_num_sequences_waiting", "sequences waiting for admission", registry=r)
+        self.kv_used = Gauge("forkllm_kv_cache_pages_used", "KV pages held by sequences", registry=r)
+        self.kv_total = Gauge("forkllm_kv_cache_pages_total", "KV pages in the pool", registry=r)
+        self.kv_cached = Gauge("forkllm_kv_cache_pages_cached", "KV pages in the prefix cache", registry=r)
+        self.hit_rate = Gauge(
+            "forkllm_prefix_cache_hit_rate", "prompt tokens reused / prompt tokens", registry=r
+        )
+        self.preemptions = Gauge("forkllm_preemptions", "sequences preempted so far", registry=r)
+        self.forks = Gauge("forkllm_forks", "sequences forked so far", registry=r)
+
+    def update_engine(self, m: dict[str, float]) -> None:
+        self.running.set(m.get("running_seqs", 0))
+        self.waiting.set(m.get("waiting_seqs", 0))
+        self.kv_used.set(m.get("kv_pages_in_use", 0))
+        self.kv_total.set(m.get("kv_pages_total", 0))
+        self.kv_cached.set(m.get("kv_pages_cached", 0))
+        self.hit_rate.set(m.get("prefix_cache_hit_rate", 0.0))
+        self.preemptions.set(m.get("preemptions", 0))
+        self.forks.set(m.get("forks", 0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
