@@ -31,10 +31,11 @@ def add_bench_parser(sub: Any) -> None:
     )
     b.add_argument(
         "workload",
-        choices=["throughput", "latency", "parallel", "prefix", "shared-attention"],
+        choices=["throughput", "latency", "parallel", "prefix", "shared-attention", "serve"],
         help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream); parallel = W2 (8 prompts "
         "x n=16); prefix = W3 (64 requests sharing a 1,024-token system prompt, prefix cache on vs off); "
-        "shared-attention = W2 with 1,024-token prompts, decode step time with shared-prefix attention on vs off",
+        "shared-attention = W2 with 1,024-token prompts, decode step time with shared-prefix attention on vs off; "
+        "serve = W5 against a running OpenAI-compatible server (--url)",
     )
     b.add_argument(
         "--dtypes",
@@ -60,6 +61,22 @@ def add_bench_parser(sub: Any) -> None:
         help="HF static batch size in prompts (default: all prompts; W3: 16)",
     )
     b.add_argument("--n-samples", type=int, default=16, help="W2 / shared-attention: samples per prompt")
+    w5 = b.add_argument_group("serve (W5)")
+    w5.add_argument(
+        "--url", default="http://127.0.0.1:8000/v1", help="the server's /v1 base URL (any OpenAI-compatible)"
+    )
+    w5.add_argument("--api-key", default=None, help="bearer key for the server")
+    w5.add_argument(
+        "--served-model", default=None, help="model id to request (default: the first of /v1/models)"
+    )
+    w5.add_argument("--rates", default="1,2,4,8", help="offered Poisson arrival rates, req/s")
+    w5.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
+    w5.add_argument("--output-range", default=None, help="min-max output tokens per request (default 32-256)")
+    w5.add_argument("--no-ignore-eos", action="store_true", help="do not send vLLM's ignore_eos extension")
+    w5.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds before a request counts as an error"
+    )
+    w5.add_argument("--label", default=None, help="name of the system under test in the report")
     b.add_argument("--out-dir", default="bench_results", help="where the markdown/JSON reports go")
     b.add_argument("--workload-seed", type=int, default=0, help="seed of the synthetic prompts")
     add_engine_args(b)
@@ -77,8 +94,15 @@ def run_bench(args: argparse.Namespace) -> int:
         "parallel": tree_bench.bench_parallel,
         "prefix": tree_bench.bench_prefix,
         "shared-attention": tree_bench.bench_shared_attention,
+        "serve": _serve,
     }
     return workloads[args.workload](args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from forkllm.bench.serve_bench import bench_serve
+
+    return bench_serve(args)
 
 
 def _dtypes(args: argparse.Namespace) -> list[str]:

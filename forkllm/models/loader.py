@@ -82,7 +82,7 @@ def load_model(
         net = _build_random(cfg, dtype, seed)
         source, cache = f"dummy:{cfg.name or cfg.architecture}", "none"
         if tokenizer is None and cfg.vocab_size == 49152:
-            tok = _load_gguf_cached(default_model_path(), dtype, weights=False)[2]
+            tok = default_tokenizer()
     else:
         path = default_model_path() if model is None else Path(os.fspath(model))  # type: ignore[arg-type]
         if not path.exists():
@@ -110,6 +110,11 @@ def load_model(
     net = net.to(device)
     net.eval()
     return LoadedModel(net, cfg, tok, source, time.perf_counter() - t0, cache)
+
+
+def default_tokenizer() -> Tokenizer:
+    """The embedded model's tokenizer, without loading its weights (benchmark clients)."""
+    return _load_gguf_cached(default_model_path(), torch.float32, weights=False)[2]
 
 
 # ---- HF names -> fused layout ------------------------------------------------------------------
