@@ -78,6 +78,41 @@ class LLM:
         params = self._params_for(prompts, sampling_params)
         return self._run(prompts, params, use_tqdm)
 
+    # ---- inference-time scaling -----------------------------------------------------------------
+    def scale(self, prompt: str | list[int] | Conversation, strategy: Any, chat: bool = True) -> Any:
+        """Run an inference-time scaling strategy (forkllm.scaling) on one question inside the
+        engine: one prefill, forks for samples, prunes for losers, one batch."""
+        return self.scale_batch([prompt], [strategy], chat=chat)[0]
+
+    def scale_batch(
+        self, prompts: Seq[str | list[int] | Conversation], strategies: Seq[Any], chat: bool = True
+    ) -> list[Any]:
+        """Several questions at once, one (fresh) strategy object each; all trees share each step."""
+        from forkllm.scaling.base import run_policies
+
+        if len(prompts) != len(strategies):
+            raise ValueError(
+                f"got {len(strategies)} strategies for {len(prompts)} prompts; pass one per prompt"
+            )
+        jobs = [(strategy, *self._scale_prompt(p, chat)) for p, strategy in zip(prompts, strategies)]
+        return run_policies(self.engine, [(s, ids, q) for s, ids, q in jobs])
+
+    def _scale_prompt(self, prompt: str | list[int] | Conversation, chat: bool) -> tuple[list[int], str]:
+        """(prompt token ids, the question text scorers see)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            tok = self.get_tokenizer()
+            text = tok.apply_chat_template(prompt)  # type: ignore[arg-type]
+            question = str(prompt[-1].get("content", ""))  # type: ignore[union-attr]
+            return tok.encode(text, add_special_tokens=False), question
+        if isinstance(prompt, str):
+            tok = self.get_tokenizer()
+            if chat and tok.chat_template:
+                return tok.encode(
+                    tok.apply_chat_template([{"role": "user", "content": prompt}]), add_special_tokens=False
+                ), prompt
+            return tok.encode(prompt), prompt
+        return self.engine.tokenize_prompt(list(prompt))[1], ""
+
     # ---- internals ----------------------------------------------------------------------------
     def _params_for(
         self, batch: list[PromptInput], sp: SamplingParams | Seq[SamplingParams] | None

@@ -11,7 +11,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from forkllm.engine.runner import ModelRunner, RunnerOutput
 from forkllm.engine.sampler import Sampler, compute_logprobs, derive_seed
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.scheduler import Scheduler
-from forkllm.engine.sequence import Request, Sequence
+from forkllm.engine.sequence import Request, Sequence, SequenceStatus
 from forkllm.kv.manager import KVCacheManager, KVCacheSpec
 from forkllm.models.loader import load_model
 from forkllm.tokenizer import Tokenizer
@@ -92,6 +92,9 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self.seqs: dict[str, Sequence] = {}  # live sequences by id (fork / prune address them)
+        # Called after every step on the engine's thread: tree policies (forkllm.scaling) fork,
+        # prune and pause sequences here, between steps.
+        self.step_hooks: list[Callable[[LLMEngine], None]] = []
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -276,6 +279,7 @@ class LLMEngine:
                 block_table=self.kv.share(parent.block_table),
                 cache_nodes=list(parent.cache_nodes),
                 num_reused_tokens=parent.num_reused_tokens,
+                num_output_at_fork=parent.num_output_tokens,
                 cumulative_logprob=parent.cumulative_logprob,
                 logprobs=None if parent.logprobs is None else list(parent.logprobs),
                 parent=parent,
@@ -287,6 +291,20 @@ class LLMEngine:
         self.stats.forks += k
         return kids
 
+    def pause(self, seq_id: str) -> None:
+        """Stop generating for a sequence but keep its pages (to fork or prune it later)."""
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.finished:
+            raise ValueError(f"no live sequence {seq_id!r} to pause")
+        if seq.status is not SequenceStatus.PAUSED:
+            self.scheduler.pause(seq)
+
+    def resume(self, seq_id: str) -> None:
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.status is not SequenceStatus.PAUSED:
+            raise ValueError(f"no paused sequence {seq_id!r} to resume")
+        self.scheduler.resume(seq)
+
     def prune(self, seq_id: str) -> None:
         """Finish a sequence now (finish_reason "pruned") and release the pages only it held."""
         seq = self.seqs.get(seq_id)
@@ -295,10 +313,18 @@ class LLMEngine:
         seq.finish_reason = "pruned"
         self._finish(seq)
         self.stats.prunes += 1
+        self._retire_if_done(seq.request)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         self.seqs.pop(seq.seq_id, None)
+
+    def _retire_if_done(self, req: Request) -> None:
+        """A request finished outside a step (its last sequence pruned): forget it."""
+        if req.finished and self.requests.get(req.request_id) is req:
+            req.metrics.finished_time = time.time()
+            del self.requests[req.request_id]
+            self.stats.requests_finished += 1
 
     def metrics(self) -> dict[str, float]:
         """Gauges and counters for monitoring (the server exports them)."""
@@ -341,6 +367,12 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        outputs = self._step()
+        for hook in list(self.step_hooks):  # even after an empty step: paused trees need decisions
+            hook(self)
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched:
             return []

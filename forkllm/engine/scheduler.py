@@ -77,13 +77,30 @@ class Scheduler:
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence, after: Sequence) -> None:
-        """Insert a fork next to its parent, in the parent's queue."""
-        if after.status is SequenceStatus.RUNNING:
+        """Insert a fork next to its parent, in the parent's queue (running if the parent is
+        paused: the fork already holds the parent's pages)."""
+        if after.status is SequenceStatus.WAITING:
+            seq.status = SequenceStatus.WAITING
+            self.waiting.insert(self.waiting.index(after) + 1, seq)
+        else:
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+
+    def pause(self, seq: Sequence) -> None:
+        """Stop scheduling a sequence but keep its pages."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.PAUSED
+
+    def resume(self, seq: Sequence) -> None:
+        if seq.block_table:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         else:
             seq.status = SequenceStatus.WAITING
-            self.waiting.insert(self.waiting.index(after) + 1, seq)
+            self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted, pruned) sequence from the queues and release its pages."""

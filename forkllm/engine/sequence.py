@@ -21,6 +21,7 @@ from forkllm.kv.prefix_cache import CacheNode
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"  # holds its pages but is not scheduled (a policy decides its fate)
     FINISHED = "finished"
 
 
@@ -46,6 +47,7 @@ class Sequence:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_output_at_fork: int = 0  # output tokens inherited from the parent when forked
     # Text and token counts already sent to a streaming consumer.
     sent_text_len: int = 0
     sent_tokens: int = 0
