@@ -111,7 +111,7 @@ class LLM:
                     tok.apply_chat_template([{"role": "user", "content": prompt}]), add_special_tokens=False
                 ), prompt
             return tok.encode(prompt), prompt
-        return self.engine.tokenize_prompt(list(prompt))[1], ""
+        return self.engine.tokenize_prompt(list(prompt))[1], ""  # type: ignore[arg-type]
 
     # ---- internals ----------------------------------------------------------------------------
     def _params_for(
