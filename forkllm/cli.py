@@ -210,6 +210,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _scaling_cmd(which: str, args: argparse.Namespace) -> int:
+    from forkllm.scaling import eval as scaling_eval
+
+    if which == "solve":
+        return scaling_eval.solve(args)
+    if args.task == "gsm8k" and not args.data:
+        raise ValueError("--task gsm8k needs --data FILE.jsonl")
+    return scaling_eval.run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="forkllm",
@@ -241,6 +251,60 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(c)
     add_sampling_args(c, max_tokens=512)
     c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser(
+        "solve",
+        help="answer one question with an inference-time scaling strategy, in-engine",
+        description="Self-consistency, best-of-N, beam search or particle filtering run inside "
+        "the engine (one prefill, forks for samples, prunes for losers).",
+    )
+    sv.add_argument("question")
+    sv.add_argument(
+        "--strategy",
+        default="self-consistency",
+        choices=["self-consistency", "best-of-n", "beam-search", "particle-filter"],
+    )
+    sv.add_argument("--n", type=int, default=16, help="samples / particles / expansions per beam")
+    sv.add_argument("--width", type=int, default=4, help="beam-search: beams kept per step")
+    sv.add_argument(
+        "--early-stop", action="store_true", help="self-consistency: stop once the vote is decided"
+    )
+    sv.add_argument(
+        "--scorer",
+        default=None,
+        choices=["mean_logprob", "self_judge", "arithmetic"],
+        help="best-of-n / beam-search scorer",
+    )
+    sv.add_argument("--extract", default="last_number", help="last_number | boxed | regex:<pattern>")
+    sv.add_argument("--budget", type=int, default=None, help="cap on generated tokens (all samples together)")
+    sv.add_argument("--max-tokens", type=int, default=256, help="tokens per sample")
+    sv.add_argument("--sample-seed", type=int, default=0, help="seed of the strategy's sampling")
+    add_engine_args(sv)
+    sv.set_defaults(func=lambda a: _scaling_cmd("solve", a))
+
+    ev = sub.add_parser(
+        "eval",
+        help="accuracy / tokens / time of scaling strategies on a task, with a plot",
+        description="Evaluate strategies at several sample budgets on a seeded arithmetic task "
+        "or a GSM8K-format JSONL file; prints a table and saves markdown, JSON and a PNG plot.",
+    )
+    ev.add_argument("--task", default="arithmetic", choices=["arithmetic", "gsm8k"])
+    ev.add_argument("--data", default=None, help="gsm8k: JSONL file with question / answer ('#### n')")
+    ev.add_argument("--num-questions", type=int, default=200)
+    ev.add_argument("--task-seed", type=int, default=0, help="seed of the arithmetic questions")
+    ev.add_argument(
+        "--strategy",
+        default="greedy,self-consistency,best-of-n,particle-filter",
+        help="comma-separated: greedy, self-consistency, self-consistency-early, best-of-n, "
+        "beam-search, particle-filter",
+    )
+    ev.add_argument("--budgets", default="1,2,4,8,16", help="comma-separated sample budgets")
+    ev.add_argument("--max-tokens", type=int, default=160, help="tokens per sample")
+    ev.add_argument("--sample-seed", type=int, default=0)
+    ev.add_argument("--batch", type=int, default=32, help="questions run together")
+    ev.add_argument("--out-dir", default="bench_results")
+    add_engine_args(ev)
+    ev.set_defaults(func=lambda a: _scaling_cmd("eval", a))
 
     from forkllm.bench.run import add_bench_parser
     from forkllm.server.serve import add_serve_parser

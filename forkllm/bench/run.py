@@ -31,11 +31,12 @@ def add_bench_parser(sub: Any) -> None:
     )
     b.add_argument(
         "workload",
-        choices=["throughput", "latency", "parallel", "prefix", "shared-attention", "serve"],
+        choices=["throughput", "latency", "parallel", "prefix", "shared-attention", "serve", "scaling"],
         help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream); parallel = W2 (8 prompts "
         "x n=16); prefix = W3 (64 requests sharing a 1,024-token system prompt, prefix cache on vs off); "
         "shared-attention = W2 with 1,024-token prompts, decode step time with shared-prefix attention on vs off; "
-        "serve = W5 against a running OpenAI-compatible server (--url)",
+        "serve = W5 against a running OpenAI-compatible server (--url); scaling = W6 (in-engine particle "
+        "filtering and self-consistency vs the same algorithms driven through the OpenAI API)",
     )
     b.add_argument(
         "--dtypes",
@@ -95,6 +96,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "prefix": tree_bench.bench_prefix,
         "shared-attention": tree_bench.bench_shared_attention,
         "serve": _serve,
+        "scaling": _w6,
     }
     return workloads[args.workload](args)
 
@@ -103,6 +105,12 @@ def _serve(args: argparse.Namespace) -> int:
     from forkllm.bench.serve_bench import bench_serve
 
     return bench_serve(args)
+
+
+def _w6(args: argparse.Namespace) -> int:
+    from forkllm.bench.w6 import bench_w6
+
+    return bench_w6(args)
 
 
 def _dtypes(args: argparse.Namespace) -> list[str]:

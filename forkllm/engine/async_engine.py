@@ -127,6 +127,48 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
         self._wakeup.set()
 
+    async def run_policy(self, policy: Any, prompt_ids: list[int], question: str = "") -> Any:
+        """Run a forkllm.scaling policy on the engine thread (its samples join every step's batch);
+        returns its ScaleResult. Cancelling the caller stops the policy and frees its pages."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def settle(fn: Any, value: Any) -> None:
+            if not fut.done():
+                fn(value)
+
+        def start(engine: LLMEngine) -> None:
+            try:
+                policy.start(engine, prompt_ids, question)
+            except BaseException as e:
+                loop.call_soon_threadsafe(settle, fut.set_exception, e)
+                return
+
+            def watch(engine: LLMEngine) -> None:
+                if policy.done:
+                    engine.step_hooks.remove(watch)
+                    try:
+                        result = policy.result()
+                    except BaseException as e:
+                        loop.call_soon_threadsafe(settle, fut.set_exception, e)
+                        return
+                    loop.call_soon_threadsafe(settle, fut.set_result, result)
+
+            engine.step_hooks.append(watch)
+
+        def stop(engine: LLMEngine) -> None:
+            if not policy.done:
+                policy.finish()
+            if policy.tree is not None:
+                engine.abort_request(policy.tree.request.request_id)
+
+        self.call(start)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.call(stop)
+            raise
+
     def call(self, fn: Any) -> None:
         """Run fn(engine) on the engine thread before its next step (tree operations, stats)."""
         self._commands.put(("call", fn))
