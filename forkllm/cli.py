@@ -300,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--budgets", default="1,2,4,8,16", help="comma-separated sample budgets")
     ev.add_argument("--max-tokens", type=int, default=160, help="tokens per sample")
+    ev.add_argument(
+        "--tokens-per-sample",
+        type=int,
+        default=None,
+        help="equal token budgets: every strategy at sample budget b may generate at most "
+        "b x this many tokens per question (exact); default: no token budget",
+    )
     ev.add_argument("--sample-seed", type=int, default=0)
     ev.add_argument("--batch", type=int, default=32, help="questions run together")
     ev.add_argument("--out-dir", default="bench_results")

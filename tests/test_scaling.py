@@ -213,3 +213,15 @@ def test_many_policies_share_the_batch():
     results = llm.scale_batch([PROMPT, PROMPT[:20], PROMPT[5:]], policies)
     assert [len(r.candidates) for r in results] == [4, 4, 4]
     assert_pages_free(llm)
+
+
+@pytest.mark.parametrize("name", ["self-consistency", "best-of-n", "beam-search", "particle-filter"])
+def test_eval_equal_token_budget_caps_every_strategy(name):
+    from forkllm.scaling.eval import policy_for
+
+    llm = tiny_llm()
+    policy = policy_for(name, 4, "arithmetic", max_tokens=40, seed=3, tokens_per_sample=10)
+    r = llm.scale(PROMPT, policy)
+    assert policy.budget == 40
+    assert r.tokens_generated <= 40
+    assert_pages_free(llm)

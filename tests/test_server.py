@@ -451,8 +451,14 @@ def test_sse_ends_with_done(live):
 
 
 def test_chat_with_in_engine_scaling(live):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 12,
-            "temperature": 1.0, "seed": 5, "scaling": {"strategy": "self_consistency", "n": 6, "extract": "regex:(.)"}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is 2 + 2?"}],
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 5,
+        "scaling": {"strategy": "self_consistency", "n": 6, "extract": "regex:(.)"},
+    }
     r = _post(live, "/v1/chat/completions", body)
     assert r.status_code == 200, r.text
     data = r.json()
@@ -460,10 +466,17 @@ def test_chat_with_in_engine_scaling(live):
     assert sc["strategy"] == "self_consistency" and len(sc["candidates"]) == 6 and sc["forks"] == 5
     assert sum(sc["votes"].values()) == sum(1 for c in sc["candidates"] if c["answer"] is not None)
     assert data["choices"][0]["message"]["content"] in [c["text"] for c in sc["candidates"]]
-    assert data["usage"]["completion_tokens"] == sc["tokens_generated"] == sum(c["tokens"] for c in sc["candidates"])
+    assert (
+        data["usage"]["completion_tokens"]
+        == sc["tokens_generated"]
+        == sum(c["tokens"] for c in sc["candidates"])
+    )
     again = _post(live, "/v1/chat/completions", body).json()["scaling"]
     assert again["votes"] == sc["votes"]  # seeded: reproducible
-    for bad, needle in (({"strategy": "vibes"}, "strategy"), ({"strategy": "best_of_n", "width": 2}, "width"),
-                        ({"strategy": "self_consistency", "n": 0}, "n must")):
+    for bad, needle in (
+        ({"strategy": "vibes"}, "strategy"),
+        ({"strategy": "best_of_n", "width": 2}, "width"),
+        ({"strategy": "self_consistency", "n": 0}, "n must"),
+    ):
         r = _post(live, "/v1/chat/completions", {**body, "scaling": bad})
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text

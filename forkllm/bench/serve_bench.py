@@ -94,7 +94,8 @@ async def _run_rate(
 
     rng = random.Random(seed)
     tasks: list[asyncio.Task[RequestResult]] = []
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # keepalive_expiry below the servers' usual 5 s keep-alive: never reuse a socket being closed.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1.0)
     async with httpx.AsyncClient(limits=limits) as client:
         start = time.perf_counter()
         t = 0.0

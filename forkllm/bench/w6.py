@@ -210,7 +210,9 @@ def bench_w6(args: argparse.Namespace) -> int:
     try:
 
         async def run(kind: str) -> list[dict[str, Any]]:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            # Idle connections expire on the client well before uvicorn's 5 s keep-alive closes
+            # them, so a request never races the server's close (httpx.ReadError).
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1.0)
             async with httpx.AsyncClient(limits=limits) as client:
                 if kind == "particle_filter":
                     coros = [pf_outside(client, srv.url, p.question, n, args.workload_seed) for p in problems]

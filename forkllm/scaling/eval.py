@@ -73,18 +73,24 @@ STRATEGY_NAMES = (
 )
 
 
-def policy_for(name: str, budget: int, task: str, max_tokens: int, seed: int) -> Policy:
-    """One (fresh) policy for a strategy name at a sample budget (n, particles, beams x expand)."""
+def policy_for(
+    name: str, budget: int, task: str, max_tokens: int, seed: int, tokens_per_sample: int | None = None
+) -> Policy:
+    """One (fresh) policy for a strategy name at a sample budget (n, particles, beams x expand).
+
+    With `tokens_per_sample`, every strategy also gets the same exact token budget
+    (budget x tokens_per_sample), so strategies are compared at equal generated tokens."""
+    tokens = budget * tokens_per_sample if tokens_per_sample else None
     verifier = scorers.Verifier(scorers.arithmetic_check) if task == "arithmetic" else scorers.MeanLogprob()
     reward = scorers.arithmetic_steps if task == "arithmetic" else (lambda q, t: 0.0)
     if name == "greedy":
-        return SelfConsistency(n=1, temperature=0.0, max_tokens=max_tokens, seed=seed)
+        return SelfConsistency(n=1, temperature=0.0, max_tokens=max_tokens, seed=seed, budget=tokens)
     if name == "self-consistency":
-        return SelfConsistency(n=budget, max_tokens=max_tokens, seed=seed)
+        return SelfConsistency(n=budget, max_tokens=max_tokens, seed=seed, budget=tokens)
     if name == "self-consistency-early":
-        return SelfConsistency(n=budget, early_stop=True, max_tokens=max_tokens, seed=seed)
+        return SelfConsistency(n=budget, early_stop=True, max_tokens=max_tokens, seed=seed, budget=tokens)
     if name == "best-of-n":
-        return BestOfN(n=budget, scorer=verifier, max_tokens=max_tokens, seed=seed)
+        return BestOfN(n=budget, scorer=verifier, max_tokens=max_tokens, seed=seed, budget=tokens)
     if name == "beam-search":
         width = max(1, int(budget**0.5))
         return BeamSearch(
@@ -95,9 +101,10 @@ def policy_for(name: str, budget: int, task: str, max_tokens: int, seed: int) ->
             max_tokens=max_tokens,
             seed=seed,
             scorer=scorers.MeanLogprob(),
+            budget=tokens,
         )
     if name == "particle-filter":
-        return ParticleFilter(n=budget, reward=reward, max_tokens=max_tokens, seed=seed)
+        return ParticleFilter(n=budget, reward=reward, max_tokens=max_tokens, seed=seed, budget=tokens)
     raise ValueError(f"strategy must be one of {', '.join(STRATEGY_NAMES)}, got {name!r}")
 
 
@@ -140,7 +147,9 @@ def run_eval(args: Any) -> int:
             res = evaluate(
                 llm,
                 problems,
-                lambda name=name, b=b: policy_for(name, b, args.task, args.max_tokens, args.sample_seed),
+                lambda name=name, b=b: policy_for(
+                    name, b, args.task, args.max_tokens, args.sample_seed, args.tokens_per_sample
+                ),
                 args.batch,
             )
             rows.append({"strategy": name, "budget": b, **res})
@@ -149,8 +158,9 @@ def run_eval(args: Any) -> int:
                 f"tokens/question, {res['seconds']:.1f}s",
                 flush=True,
             )
+    cap = f"; token budget {args.tokens_per_sample} x samples per question" if args.tokens_per_sample else ""
     md = (
-        f"## forkllm eval: {args.task}, {len(problems)} questions, model {llm.engine.load_info.source}\n\n"
+        f"## forkllm eval: {args.task}, {len(problems)} questions, model {llm.engine.load_info.source}{cap}\n\n"
         "| strategy | budget (samples) | accuracy | generated tokens / question | seconds |\n|---|---|---|---|---|\n"
     )
     for r in rows:
