@@ -9,13 +9,9 @@ internal error fails only the request it happened in.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,87 +19,29 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from forkllm.engine.async_engine import AsyncEngine
-from forkllm.engine.outputs import RequestOutput
-from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.server import formatting as fmt
 from forkllm.server.errors import APIError, from_validation_errors, from_value_error
-from forkllm.server.metrics import ServerMetrics
 from forkllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
+from forkllm.server.requests import (
+    completion_prompts,
+    guard_stream,
+    max_tokens_for,
+    merged_outputs,
+    run_to_completion,
+    token_decoder,
+    tokenizer_of,
+)
+from forkllm.server.scaling_route import scaled_chat
+from forkllm.server.state import ServerConfig, ServerState
+
+__all__ = ["ServerConfig", "create_app"]
 
 logger = logging.getLogger("forkllm.server")
-
-
-@dataclass
-class ServerConfig:
-    served_model_name: str
-    api_key: str | None = None
-    max_num_waiting: int | None = None  # beyond this many unadmitted requests: 503 + Retry-After
-    retry_after_seconds: int = 1
-
-
-class ServerState:
-    """What the routes share: the engine (None while loading), config, metrics."""
-
-    def __init__(
-        self,
-        config: ServerConfig,
-        engine: AsyncEngine | None,
-        engine_factory: Callable[[], AsyncEngine] | None,
-    ) -> None:
-        self.config = config
-        self.metrics = ServerMetrics()
-        self.engine = engine
-        self._factory = engine_factory
-        self.load_error: BaseException | None = None
-
-    def start_loading(self) -> None:
-        def load() -> None:
-            try:
-                assert self._factory is not None
-                self.engine = self._factory()
-            except BaseException as e:  # reported by /health and every request
-                logger.exception("model failed to load")
-                self.load_error = e
-
-        threading.Thread(target=load, name="forkllm-load", daemon=True).start()
-
-    def ready(self) -> AsyncEngine:
-        if self.load_error is not None:
-            raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
-        if self.engine is None:
-            raise APIError(
-                503,
-                "the model is still loading; retry shortly",
-                code="loading",
-                headers={"Retry-After": str(self.config.retry_after_seconds)},
-            )
-        if not self.engine.is_running:
-            raise APIError(503, "the engine is shutting down", code="shutting_down")
-        return self.engine
-
-    def check_capacity(self, engine: AsyncEngine) -> None:
-        limit = self.config.max_num_waiting
-        if limit is not None and engine.num_waiting >= limit:
-            raise APIError(
-                503,
-                f"server overloaded: {engine.num_waiting} requests are waiting (limit {limit}); retry later",
-                code="overloaded",
-                headers={"Retry-After": str(self.config.retry_after_seconds)},
-            )
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.config.served_model_name:
-            raise APIError(
-                404,
-                f"The model `{model}` does not exist; this server serves `{self.config.served_model_name}`.",
-                param="model",
-                code="model_not_found",
-            )
 
 
 def create_app(
@@ -191,7 +129,7 @@ def create_app(
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         engine = state.ready()
         state.check_model(req.model)
-        tok = _tokenizer(engine)
+        tok = tokenizer_of(engine)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         try:
@@ -215,7 +153,7 @@ def create_app(
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"tokens: id {bad[0]} is out of range for vocab_size {vocab}", param="tokens")
-        return {"prompt": _tokenizer(engine).decode(req.tokens, skip_special_tokens=False)}
+        return {"prompt": tokenizer_of(engine).decode(req.tokens, skip_special_tokens=False)}
 
     # ---- generation ---------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -235,12 +173,12 @@ def create_app(
             raise APIError(400, f"best_of ({best_of}) must be >= n ({n})", param="best_of")
         if req.stream and best_of > n:
             raise APIError(400, "best_of > n cannot be streamed", param="best_of")
-        prompts = _completion_prompts(engine, req.prompt)
+        prompts = completion_prompts(engine, req.prompt)
         lp_k = req.logprobs
         want_lp = lp_k is not None
         params = []
         for _, ids in prompts:
-            max_tokens = _max_tokens(engine, len(ids), req.max_tokens, "max_tokens", "prompt")
+            max_tokens = max_tokens_for(engine, len(ids), req.max_tokens, "max_tokens", "prompt")
             try:
                 sp = req.sampling_params(
                     max_tokens, lp_k if want_lp else (0 if best_of > n else None), n=best_of
@@ -254,7 +192,7 @@ def create_app(
         cid = fmt.new_id("cmpl")
         created = fmt.now()
         name = state.config.served_model_name
-        decode = _decoder(engine)
+        decode = token_decoder(engine)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -279,7 +217,7 @@ def create_app(
                                     ],
                                 }
                             )
-                async for i, out in _merged(state, engine, prompts, params, cid):
+                async for i, out in merged_outputs(state, engine, prompts, params, cid):
                     for c in out.outputs:
                         completion_tokens += len(c.token_ids)
                         lp = (
@@ -317,9 +255,9 @@ def create_app(
                     )
                 yield fmt.sse("[DONE]")
 
-            return StreamingResponse(_guard_stream(events()), media_type="text/event-stream")
+            return StreamingResponse(guard_stream(events()), media_type="text/event-stream")
 
-        finals = await _run_all(state, engine, prompts, params, cid, raw)
+        finals = await run_to_completion(state, engine, prompts, params, cid, raw)
         choices = []
         completion_tokens = 0
         for i, out in enumerate(finals):
@@ -372,7 +310,7 @@ def create_app(
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         if req.n < 1:
             raise APIError(400, f"n must be at least 1, got {req.n}", param="n")
-        tok = _tokenizer(engine)
+        tok = tokenizer_of(engine)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         try:
             text = tok.apply_chat_template(
@@ -388,9 +326,9 @@ def create_app(
                 text = text[: text.rfind(last) + len(last)]
         ids = tok.encode(text, add_special_tokens=False)
         if req.scaling is not None:
-            return await _scaled_chat(state, engine, req, text, ids)
+            return await scaled_chat(state, engine, req, text, ids)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = _max_tokens(
+        max_tokens = max_tokens_for(
             engine,
             len(ids),
             limit,
@@ -406,7 +344,7 @@ def create_app(
         cid = fmt.new_id("chatcmpl")
         created = fmt.now()
         name = state.config.served_model_name
-        decode = _decoder(engine)
+        decode = token_decoder(engine)
         prompts = [(text, ids)]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -435,7 +373,7 @@ def create_app(
                     ]
                 )
                 completion_tokens = 0
-                async for _, out in _merged(state, engine, prompts, [sp], cid):
+                async for _, out in merged_outputs(state, engine, prompts, [sp], cid):
                     for c in out.outputs:
                         completion_tokens += len(c.token_ids)
                         lp = (
@@ -467,9 +405,9 @@ def create_app(
                     )
                 yield fmt.sse("[DONE]")
 
-            return StreamingResponse(_guard_stream(events()), media_type="text/event-stream")
+            return StreamingResponse(guard_stream(events()), media_type="text/event-stream")
 
-        out = (await _run_all(state, engine, prompts, [sp], cid, raw))[0]
+        out = (await run_to_completion(state, engine, prompts, [sp], cid, raw))[0]
         choices = []
         completion_tokens = 0
         for c in sorted(out.outputs, key=lambda c: c.index):
@@ -496,241 +434,3 @@ def create_app(
         )
 
     return app
-
-
-# ---- helpers ----------------------------------------------------------------------------------
-def _tokenizer(engine: AsyncEngine) -> Any:
-    tok = engine.engine.tokenizer
-    if tok is None:
-        raise APIError(400, "this model has no tokenizer; send token ids", param="prompt")
-    return tok
-
-
-def _decoder(engine: AsyncEngine) -> Callable[[int], str]:
-    tok = engine.engine.tokenizer
-    return (lambda t: tok.decode([t], skip_special_tokens=False)) if tok is not None else str
-
-
-def _completion_prompts(engine: AsyncEngine, prompt: Any) -> list[tuple[str, list[int]]]:
-    """The request's prompts as (text, token ids)."""
-    if isinstance(prompt, str) or (
-        isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
-    ):
-        items: list[Any] = [prompt]
-    else:
-        items = list(prompt)
-    if not items:
-        raise APIError(400, "prompt is empty", param="prompt")
-    out = []
-    for item in items:
-        try:
-            text, ids = engine.engine.tokenize_prompt(item)
-        except ValueError as e:
-            raise APIError(400, str(e), param="prompt") from e
-        if text is None:
-            tok = engine.engine.tokenizer
-            text = tok.decode(ids, skip_special_tokens=False) if tok is not None else ""
-        out.append((text, ids))
-    return out
-
-
-def _max_tokens(
-    engine: AsyncEngine, prompt_len: int, asked: int | None, field: str, prompt_field: str
-) -> int:
-    limit = engine.engine.max_model_len
-    if asked is not None and (not isinstance(asked, int) or asked < 1):
-        raise APIError(400, f"{field} must be at least 1, got {asked}", param=field)
-    if prompt_len >= limit:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {limit} tokens. However, your {prompt_field} "
-            f"has {prompt_len} tokens, leaving no room for a completion. Please shorten it.",
-            param=prompt_field,
-            code="context_length_exceeded",
-        )
-    if asked is None:
-        return limit - prompt_len
-    if prompt_len + asked > limit:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_len + asked} tokens ({prompt_len} in the {prompt_field}, {asked} in the "
-            f"completion). Please reduce the length of the {prompt_field} or completion.",
-            param=field,
-            code="context_length_exceeded",
-        )
-    return asked
-
-
-async def _merged(
-    state: ServerState,
-    engine: AsyncEngine,
-    prompts: list[tuple[str, list[int]]],
-    params: list[SamplingParams],
-    rid: str,
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Stream (prompt index, delta output) from all of a request's prompts, interleaved; records
-    latency metrics. Cancelling the consumer cancels the producers, which abort their requests."""
-    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
-    arrival = time.perf_counter()
-
-    async def produce(i: int, text: str, ids: list[int], sp: SamplingParams) -> None:
-        last: float | None = None
-        try:
-            async for out in engine.generate({"prompt": text, "prompt_token_ids": ids}, sp, f"{rid}-{i}"):
-                ntok = sum(len(c.token_ids) for c in out.outputs)
-                t = time.perf_counter()
-                if ntok:
-                    if last is None:
-                        state.metrics.ttft.observe(t - arrival)
-                    else:
-                        for _ in range(ntok):
-                            state.metrics.itl.observe((t - last) / ntok)
-                    last = t
-                    state.metrics.generation_tokens.inc(ntok)
-                await queue.put((i, out))
-        except BaseException as e:
-            await queue.put(e)
-            if isinstance(e, asyncio.CancelledError):
-                raise
-        finally:
-            await queue.put(None)
-
-    tasks = [
-        asyncio.create_task(produce(i, t, ids, sp)) for i, ((t, ids), sp) in enumerate(zip(prompts, params))
-    ]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def _run_all(
-    state: ServerState,
-    engine: AsyncEngine,
-    prompts: list[tuple[str, list[int]]],
-    params: list[SamplingParams],
-    rid: str,
-    raw: Request,
-) -> list[RequestOutput]:
-    """Non-streaming: final outputs of every prompt; aborts everything if the client disconnects."""
-    finals: dict[int, RequestOutput] = {}
-    params = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
-
-    async def consume() -> None:
-        async for i, out in _merged(state, engine, prompts, params, rid):
-            if out.finished:
-                finals[i] = out
-
-    task = asyncio.create_task(consume())
-    try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await raw.is_disconnected():
-                task.cancel()
-                raise APIError(499, "client disconnected", code="client_closed_request")
-        try:
-            task.result()
-        except ValueError as e:
-            raise from_value_error(e) from e
-        except RuntimeError as e:
-            raise APIError(500, str(e), code="internal_error") from e
-    finally:
-        if not task.done():
-            task.cancel()
-    return [finals[i] for i in range(len(prompts))]
-
-
-async def _guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Turn an error in the middle of a stream into an error event plus [DONE]."""
-    try:
-        async for e in events:
-            yield e
-    except APIError as e:
-        yield fmt.sse(e.body())
-        yield fmt.sse("[DONE]")
-    except ValueError as e:
-        yield fmt.sse(from_value_error(e).body())
-        yield fmt.sse("[DONE]")
-    except RuntimeError as e:
-        logger.exception("stream failed")
-        yield fmt.sse(APIError(500, str(e), code="internal_error").body())
-        yield fmt.sse("[DONE]")
-
-
-async def _scaled_chat(
-    state: ServerState, engine: AsyncEngine, req: ChatCompletionRequest, text: str, ids: list[int]
-) -> Response:
-    """Inference-time scaling inside the engine: the chosen candidate is the message; candidates,
-    votes and token counts go under an extra `scaling` field."""
-    from forkllm.scaling.factory import make_policy
-
-    if req.stream:
-        raise APIError(400, "scaling cannot be combined with stream=true", param="stream")
-    assert req.scaling is not None
-    spec = dict(req.scaling)
-    if req.temperature is not None:
-        spec.setdefault("temperature", req.temperature)
-    if req.seed is not None:
-        spec.setdefault("seed", req.seed)
-    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if limit is not None:
-        spec.setdefault("max_tokens", _max_tokens(engine, len(ids), limit, "max_tokens", "messages"))
-    try:
-        policy = make_policy(spec)
-    except ValueError as e:
-        msg = str(e)
-        param = msg.split(" ", 1)[0] if msg.startswith("scaling.") else "scaling"
-        raise APIError(400, msg, param=param) from e
-    question = str(req.messages[-1].content or "") if req.messages else ""
-    try:
-        result = await engine.run_policy(policy, ids, question)
-    except ValueError as e:
-        raise APIError(400, f"scaling: {e}", param="scaling") from e
-    state.metrics.prompt_tokens.inc(len(ids))
-    state.metrics.generation_tokens.inc(result.tokens_generated)
-    return JSONResponse(
-        {
-            "id": fmt.new_id("chatcmpl"),
-            "object": "chat.completion",
-            "created": fmt.now(),
-            "model": state.config.served_model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": fmt.usage(len(ids), result.tokens_generated),
-            "scaling": {
-                "strategy": result.strategy,
-                "answer": result.answer,
-                "votes": result.votes,
-                "candidates": [
-                    {
-                        "text": c.text,
-                        "answer": c.answer,
-                        "score": c.score,
-                        "tokens": c.num_tokens,
-                        "finish_reason": fmt.finish_reason(c.finish_reason),
-                    }
-                    for c in result.candidates
-                ],
-                "tokens_generated": result.tokens_generated,
-                "seconds": round(result.seconds, 4),
-                "forks": result.forks,
-                "prunes": result.prunes,
-            },
-        }
-    )

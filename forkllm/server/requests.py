@@ -1,0 +1,190 @@
+"""Running one HTTP request's prompts on the AsyncEngine: prompt and max_tokens checks, the
+interleaved delta stream of all its prompts (with latency metrics), the non-streaming collector
+that aborts on client disconnect, and the guard that turns a mid-stream error into an SSE event."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+
+from forkllm.engine.async_engine import AsyncEngine
+from forkllm.engine.outputs import RequestOutput
+from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
+from forkllm.server import formatting as fmt
+from forkllm.server.errors import APIError, from_value_error
+from forkllm.server.state import ServerState
+
+logger = logging.getLogger("forkllm.server")
+
+
+def tokenizer_of(engine: AsyncEngine) -> Any:
+    tok = engine.engine.tokenizer
+    if tok is None:
+        raise APIError(400, "this model has no tokenizer; send token ids", param="prompt")
+    return tok
+
+
+def token_decoder(engine: AsyncEngine) -> Callable[[int], str]:
+    tok = engine.engine.tokenizer
+    return (lambda t: tok.decode([t], skip_special_tokens=False)) if tok is not None else str
+
+
+def completion_prompts(engine: AsyncEngine, prompt: Any) -> list[tuple[str, list[int]]]:
+    """The request's prompts as (text, token ids)."""
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
+    ):
+        items: list[Any] = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise APIError(400, "prompt is empty", param="prompt")
+    out = []
+    for item in items:
+        try:
+            text, ids = engine.engine.tokenize_prompt(item)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from e
+        if text is None:
+            tok = engine.engine.tokenizer
+            text = tok.decode(ids, skip_special_tokens=False) if tok is not None else ""
+        out.append((text, ids))
+    return out
+
+
+def max_tokens_for(
+    engine: AsyncEngine, prompt_len: int, asked: int | None, field: str, prompt_field: str
+) -> int:
+    limit = engine.engine.max_model_len
+    if asked is not None and (not isinstance(asked, int) or asked < 1):
+        raise APIError(400, f"{field} must be at least 1, got {asked}", param=field)
+    if prompt_len >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, your {prompt_field} "
+            f"has {prompt_len} tokens, leaving no room for a completion. Please shorten it.",
+            param=prompt_field,
+            code="context_length_exceeded",
+        )
+    if asked is None:
+        return limit - prompt_len
+    if prompt_len + asked > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the {prompt_field}, {asked} in the "
+            f"completion). Please reduce the length of the {prompt_field} or completion.",
+            param=field,
+            code="context_length_exceeded",
+        )
+    return asked
+
+
+async def merged_outputs(
+    state: ServerState,
+    engine: AsyncEngine,
+    prompts: list[tuple[str, list[int]]],
+    params: list[SamplingParams],
+    rid: str,
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Stream (prompt index, delta output) from all of a request's prompts, interleaved; records
+    latency metrics. Cancelling the consumer cancels the producers, which abort their requests."""
+    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+    arrival = time.perf_counter()
+
+    async def produce(i: int, text: str, ids: list[int], sp: SamplingParams) -> None:
+        last: float | None = None
+        try:
+            async for out in engine.generate({"prompt": text, "prompt_token_ids": ids}, sp, f"{rid}-{i}"):
+                ntok = sum(len(c.token_ids) for c in out.outputs)
+                t = time.perf_counter()
+                if ntok:
+                    if last is None:
+                        state.metrics.ttft.observe(t - arrival)
+                    else:
+                        for _ in range(ntok):
+                            state.metrics.itl.observe((t - last) / ntok)
+                    last = t
+                    state.metrics.generation_tokens.inc(ntok)
+                await queue.put((i, out))
+        except BaseException as e:
+            await queue.put(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        finally:
+            await queue.put(None)
+
+    tasks = [
+        asyncio.create_task(produce(i, t, ids, sp)) for i, ((t, ids), sp) in enumerate(zip(prompts, params))
+    ]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def run_to_completion(
+    state: ServerState,
+    engine: AsyncEngine,
+    prompts: list[tuple[str, list[int]]],
+    params: list[SamplingParams],
+    rid: str,
+    raw: Request,
+) -> list[RequestOutput]:
+    """Non-streaming: final outputs of every prompt; aborts everything if the client disconnects."""
+    finals: dict[int, RequestOutput] = {}
+    params = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
+
+    async def consume() -> None:
+        async for i, out in merged_outputs(state, engine, prompts, params, rid):
+            if out.finished:
+                finals[i] = out
+
+    task = asyncio.create_task(consume())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await raw.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected", code="client_closed_request")
+        try:
+            task.result()
+        except ValueError as e:
+            raise from_value_error(e) from e
+        except RuntimeError as e:
+            raise APIError(500, str(e), code="internal_error") from e
+    finally:
+        if not task.done():
+            task.cancel()
+    return [finals[i] for i in range(len(prompts))]
+
+
+async def guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Turn an error in the middle of a stream into an error event plus [DONE]."""
+    try:
+        async for e in events:
+            yield e
+    except APIError as e:
+        yield fmt.sse(e.body())
+        yield fmt.sse("[DONE]")
+    except ValueError as e:
+        yield fmt.sse(from_value_error(e).body())
+        yield fmt.sse("[DONE]")
+    except RuntimeError as e:
+        logger.exception("stream failed")
+        yield fmt.sse(APIError(500, str(e), code="internal_error").body())
+        yield fmt.sse("[DONE]")

@@ -1,0 +1,83 @@
+"""What the server's routes share: config, the engine (None while loading), metrics, and the
+checks every request passes (ready, capacity, model name)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from forkllm.engine.async_engine import AsyncEngine
+from forkllm.server.errors import APIError
+from forkllm.server.metrics import ServerMetrics
+
+logger = logging.getLogger("forkllm.server")
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    max_num_waiting: int | None = None  # beyond this many unadmitted requests: 503 + Retry-After
+    retry_after_seconds: int = 1
+
+
+class ServerState:
+    """What the routes share: the engine (None while loading), config, metrics."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        engine: AsyncEngine | None,
+        engine_factory: Callable[[], AsyncEngine] | None,
+    ) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.engine = engine
+        self._factory = engine_factory
+        self.load_error: BaseException | None = None
+
+    def start_loading(self) -> None:
+        def load() -> None:
+            try:
+                assert self._factory is not None
+                self.engine = self._factory()
+            except BaseException as e:  # reported by /health and every request
+                logger.exception("model failed to load")
+                self.load_error = e
+
+        threading.Thread(target=load, name="forkllm-load", daemon=True).start()
+
+    def ready(self) -> AsyncEngine:
+        if self.load_error is not None:
+            raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
+        if self.engine is None:
+            raise APIError(
+                503,
+                "the model is still loading; retry shortly",
+                code="loading",
+                headers={"Retry-After": str(self.config.retry_after_seconds)},
+            )
+        if not self.engine.is_running:
+            raise APIError(503, "the engine is shutting down", code="shutting_down")
+        return self.engine
+
+    def check_capacity(self, engine: AsyncEngine) -> None:
+        limit = self.config.max_num_waiting
+        if limit is not None and engine.num_waiting >= limit:
+            raise APIError(
+                503,
+                f"server overloaded: {engine.num_waiting} requests are waiting (limit {limit}); retry later",
+                code="overloaded",
+                headers={"Retry-After": str(self.config.retry_after_seconds)},
+            )
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.served_model_name:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.config.served_model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
