@@ -15,22 +15,6 @@
 
 namespace {
 
-#if defined(__AVX512F__)
-inline __m512 exp512s(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.540353039e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333355815e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129108e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265070e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471806e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
 
 int64_t sample_row(const float* x, int64_t V, float temp, int64_t top_k, float top_p, float min_p, double u,
                    std::vector<std::pair<float, int32_t>>& cand) {
@@ -56,7 +40,7 @@ int64_t sample_row(const float* x, int64_t V, float temp, int64_t top_k, float t
     for (; j + 16 <= V; j += 16) {
       const __m512 v = _mm512_loadu_ps(x + j);
       const __mmask16 keep = _mm512_cmp_ps_mask(v, fl, _CMP_GE_OQ);
-      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(keep, exp512s(_mm512_mul_ps(_mm512_sub_ps(v, mm), it))));
+      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(keep, exp512(_mm512_mul_ps(_mm512_sub_ps(v, mm), it))));
     }
     mass = _mm512_reduce_add_ps(acc);
   }
