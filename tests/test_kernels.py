@@ -68,3 +68,34 @@ def test_engine_same_tokens_without_kernels():
     a = [o.outputs[0].token_ids for o in with_k.generate(prompts, sp, use_tqdm=False)]
     b = [o.outputs[0].token_ids for o in plain.generate(prompts, sp, use_tqdm=False)]
     assert a == b
+
+
+@pytest.mark.skipif(
+    kernels is None or not kernels.shared_prefix_supported(64), reason="no AVX512-BF16 on this CPU"
+)
+@pytest.mark.parametrize("d, hkv, group", [(64, 3, 3), (32, 2, 2), (128, 1, 4), (16, 2, 2)])
+def test_shared_prefix_attention_bf16_matches_reference(d, hkv, group):
+    """The fused bf16 kernel against fp32 softmax attention over each group's shared pages: groups
+    of 1, 5 and 23 members (23 x group rows spans several 64-row tasks), lengths off the 32-key chunk."""
+    g = torch.Generator().manual_seed(d * hkv)
+    bs, nblocks = 16, 64
+    kc = torch.randn(hkv, nblocks * bs, d, generator=g).to(torch.bfloat16)
+    vc = torch.randn(hkv, nblocks * bs, d, generator=g).to(torch.bfloat16)
+    members = [1, 5, 23]
+    lens = torch.tensor([16, 37, 200])
+    pages = torch.stack([torch.randperm(nblocks, generator=g)[:13] for _ in members])
+    n = sum(members) + 3  # three decode rows belong to no group
+    rows = torch.randperm(n, generator=g)[: sum(members)]
+    offsets = torch.tensor([0, 1, 6, 29])
+    q = (torch.randn(n, hkv * group, d, generator=g) * 3).to(torch.bfloat16)
+    out, lse = kernels.shared_prefix_attention(q, kc, vc, pages, lens, rows, offsets, bs, d**-0.5)
+    assert out.shape == (sum(members), hkv * group, d) and lse.dtype == torch.float32
+    for gi in range(len(members)):
+        slots = (pages[gi][:, None] * bs + torch.arange(bs)).reshape(-1)[: lens[gi]]
+        k, v = kc[:, slots].float(), vc[:, slots].float()
+        for i in range(offsets[gi].item(), offsets[gi + 1].item()):
+            qq = q[rows[i]].float().view(hkv, group, d)
+            scores = qq @ k.transpose(-1, -2) * d**-0.5
+            ref = torch.softmax(scores, dim=-1) @ v
+            assert (out[i].float().view(hkv, group, d) - ref).abs().max().item() < 2e-2
+            assert torch.allclose(lse[i].view(hkv, group), torch.logsumexp(scores, -1), atol=1e-3)

@@ -272,3 +272,30 @@ def test_shared_prefix_attention_torch_path_matches():
     llm.engine.runner.decode_kernel = False
     llm.engine.runner.shared_kernel = False  # PyTorch decode path, with its own lse
     assert _ids(llm, prompts, sp) == ref
+
+
+def test_shared_prefix_attention_fused_bf16_matches():
+    """bf16 engine: the fused kernel path gives the per-sequence path's greedy tokens."""
+    from forkllm.kernels import ops
+
+    kernels = ops()
+    if kernels is None or not kernels.shared_prefix_supported(64):
+        pytest.skip("no AVX512-BF16 kernel on this CPU")
+    rng = random.Random(7)
+    prompts = _shared_prompts(rng, 4, 96, (1, 6))
+    sp = SamplingParams(n=3, temperature=0, max_tokens=12, ignore_eos=True)
+    ref = _ids(tiny_llm(dtype="bfloat16", enable_shared_prefix_attention=False), prompts, sp)
+    llm = tiny_llm(dtype="bfloat16", min_shared_prefix_tokens=32)
+    runner = llm.engine.runner
+    assert runner.shared_fused
+    fused = []
+    orig = runner._decode_metadata
+
+    def spy(meta, seqs, ctx_lens):
+        orig(meta, seqs, ctx_lens)
+        if meta.shared is not None:
+            fused.append(meta.shared.fused)
+
+    runner._decode_metadata = spy
+    assert _ids(llm, prompts, sp) == ref
+    assert fused and all(fused)

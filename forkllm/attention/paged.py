@@ -46,7 +46,8 @@ class SharedPrefixGroups:
     member_rows: torch.Tensor  # [members] their decode rows, group after group
     lens: torch.Tensor  # [groups] shared tokens
     offsets: torch.Tensor  # [groups + 1] where each group's members start in member_rows
-    kernel: bool = False  # C++ kernel (reads the shared pages in place) instead of gather + matmul
+    kernel: bool = False  # C++ softmax and merge kernels around the gather + matmul path
+    fused: bool = False  # one C++ kernel (bf16, AVX512-BF16) reading the shared pages in place
 
 
 @dataclass
@@ -152,9 +153,25 @@ class PagedAttention:
     def _shared_prefix(
         self, cache: torch.Tensor, q: torch.Tensor, g: SharedPrefixGroups
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of every grouped row over its group's shared pages as two batched matmuls
-        (oneDNN's bf16 GEMMs run ~3x the FMA rate of per-row attention code on this CPU).
+        """Attention of every grouped row over its group's shared pages: the fused bf16 kernel
+        where compiled in, else two batched matmuls over the gathered pages (oneDNN's GEMMs run
+        several times the FMA rate of per-row attention code).
         Returns (out [members, hq, d], lse [members, hq]) in member order."""
+        if g.fused:
+            kernels = ops()
+            assert kernels is not None
+            out, lse = kernels.shared_prefix_attention(
+                q.contiguous(),
+                cache[0],
+                cache[1],
+                g.pages,
+                g.lens,
+                g.member_rows,
+                g.offsets,
+                self.block_size,
+                self.scale,
+            )
+            return out, lse
         n, hq, d = q.shape
         hkv = cache.shape[1]
         group = hq // hkv

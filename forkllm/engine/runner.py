@@ -64,7 +64,9 @@ class ModelRunner:
 
         self.kernels = ops() if device.type == "cpu" else None  # optional C++ CPU kernels
         self.decode_kernel = device.type == "cpu" and _kernel_supports(config)
-        self.shared_kernel = self.decode_kernel and _shared_kernel_supports(config)
+        self.shared_kernel = self.decode_kernel  # softmax / merge kernels for the matmul path
+        # Fused shared-prefix kernel (AVX512-BF16): bf16 caches only.
+        self.shared_fused = self.decode_kernel and dtype == torch.bfloat16 and _fused_shared_supports(config)
         if device.type == "cpu":
             model.use_cpu_kernels(self.kernels)
 
@@ -224,6 +226,7 @@ class ModelRunner:
             torch.tensor([sh * bs for _, sh in groups], dtype=torch.long),
             torch.tensor(offsets, dtype=torch.long),
             kernel=self.shared_kernel,
+            fused=self.shared_fused,
         )
         return starts
 
@@ -267,7 +270,7 @@ def _kernel_supports(cfg: ModelConfig) -> bool:
     )
 
 
-def _shared_kernel_supports(cfg: ModelConfig) -> bool:
+def _fused_shared_supports(cfg: ModelConfig) -> bool:
     from forkllm.kernels import ops
 
     mod = ops()

@@ -1,121 +1,220 @@
-// Attention of many query rows over one shared run of KV pages (cascade / Hydragen style).
+// Attention of many query rows over one shared run of KV pages (cascade / Hydragen style), fused,
+// for bf16 caches on CPUs with AVX512-BF16 (vdpbf16ps: two bf16 products per fp32 lane).
 // A group = decode rows whose block tables start with the same pages (forked samples, or
-// requests sharing a system prompt). Each (group, kv-head) task streams the shared keys once,
-// 16 at a time, for all of the group's query rows: the 16-key chunk is transposed to [d][16]
-// so one FMA per head-dimension element yields 16 scores for a row (no horizontal sums), and
-// each V chunk is reused by every row. Outputs each row's partial result and log-sum-exp so the
-// caller can merge it with the row's own (unshared) keys.
+// requests sharing a system prompt). One task = (group, kv head, up to 64 query rows): it streams
+// the shared keys in place, 32 at a time, for all its rows. Scores are kept as [key][16 rows] so
+// the online softmax is vertical (no horizontal reductions); probabilities and values are
+// repacked as bf16 pairs along the key axis so P.V is vdpbf16ps too. No score matrix, no gather.
+// Outputs each row's partial result and log-sum-exp for merging with the row's own keys.
 #include "common.h"
 #include <algorithm>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
 #include <immintrin.h>
 
 namespace {
 
+constexpr int CT = 32;     // keys per chunk
+constexpr int RMAX = 64;   // query rows per task (four vectors of 16)
 
-template <typename T, int D>
-void group_task(const T* __restrict qbase, int64_t hq, int64_t group, const int64_t* rows, int64_t nrows,
-                const T* __restrict kc, const T* __restrict vc, const int64_t* __restrict pages, int64_t ntok,
-                int64_t block_size, float scale, T* __restrict obase, float* __restrict lbase, int64_t h) {
-  constexpr int DV = D / 16;
-  const int64_t R = nrows * group;  // query rows: every member's heads of this kv head
-  std::vector<float> qf(R * D), acc(R * D, 0.f), m(R, -INFINITY), l(R, 0.f);
-  for (int64_t i = 0; i < nrows; ++i)
-    for (int64_t g = 0; g < group; ++g) {
-      const T* q = qbase + (rows[i] * hq + h * group + g) * D;
-      for (int d = 0; d < D; ++d) qf[(i * group + g) * D + d] = to_f(q[d]) * scale;
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+// S[t][row] = scale * q_row . k_t for NK keys and NB vectors of 16 rows (NK * NB accumulators).
+template <int NB, int NK>
+inline void qk_tile(const uint32_t* __restrict qt2, const uint32_t* const* kp, int npairs, float scale,
+                    float* __restrict s) {
+  __m512 acc[NK][NB];
+  for (int k = 0; k < NK; ++k)
+    for (int j = 0; j < NB; ++j) acc[k][j] = _mm512_setzero_ps();
+  for (int i = 0; i < npairs; ++i) {
+    __m512i qv[NB];
+    for (int j = 0; j < NB; ++j) qv[j] = _mm512_loadu_si512(qt2 + i * RMAX + j * 16);
+    for (int k = 0; k < NK; ++k) {
+      const __m512bh b = as_bh(_mm512_set1_epi32((int)kp[k][i]));
+      for (int j = 0; j < NB; ++j) acc[k][j] = _mm512_dpbf16_ps(acc[k][j], as_bh(qv[j]), b);
     }
-  alignas(64) float kt[D][16];
-  alignas(64) float vf[16][D];
-  for (int64_t c = 0; c < ntok; c += 16) {
-    const int nv = (int)std::min<int64_t>(16, ntok - c);
-    for (int t = 0; t < 16; ++t) {
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int k = 0; k < NK; ++k)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(s + k * RMAX + j * 16, _mm512_mul_ps(acc[k][j], sc));
+}
+
+template <int NB, int NK>
+inline void qk_chunk(const uint32_t* qt2, const uint32_t* const* kp, int nv, int npairs, float scale, float* s) {
+  for (int t0 = 0; t0 < nv; t0 += NK) qk_tile<NB, NK>(qt2, kp + t0, npairs, scale, s + t0 * RMAX);
+}
+
+// O[row] = O[row] * corr[row] + sum_t p[t][row] v[t] for NR rows, keys in bf16 pairs.
+template <int D, int NR>
+inline void pv_tile(float* __restrict o, const float* corr, const uint32_t* __restrict p2,
+                    const uint32_t* __restrict v2) {
+  constexpr int DV = D / 16;
+  __m512 acc[NR][DV];
+  for (int r = 0; r < NR; ++r) {
+    const __m512 c = _mm512_set1_ps(corr[r]);
+    for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_mul_ps(_mm512_loadu_ps(o + r * D + j * 16), c);
+  }
+  for (int tp = 0; tp < CT / 2; ++tp) {
+    __m512i vv[DV];
+    for (int j = 0; j < DV; ++j) vv[j] = _mm512_loadu_si512(v2 + (tp * DV + j) * 16);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh pb = as_bh(_mm512_set1_epi32((int)p2[tp * RMAX + r]));
+      for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pb, as_bh(vv[j]));
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < DV; ++j) _mm512_storeu_ps(o + r * D + j * 16, acc[r][j]);
+}
+
+template <int D>
+void pv_rows(float* o, const float* corr, const uint32_t* p2, const uint32_t* v2, int r0, int nr) {
+  constexpr int RB = D >= 128 ? 2 : D >= 64 ? 6 : 8;  // RB * D / 16 accumulators
+  for (; nr >= RB; r0 += RB, nr -= RB) pv_tile<D, RB>(o + r0 * D, corr + r0, p2 + r0, v2);
+  for (; nr > 0; ++r0, --nr) pv_tile<D, 1>(o + r0 * D, corr + r0, p2 + r0, v2);
+}
+
+template <int D>
+void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, const int64_t* rows, int64_t r_first,
+          int64_t nr_rows, const c10::BFloat16* __restrict kc, const c10::BFloat16* __restrict vc,
+          const int64_t* __restrict pages, int64_t ntok, int64_t block_size, float scale,
+          c10::BFloat16* __restrict obase, float* __restrict lbase, int64_t h) {
+  constexpr int NP = D / 2;  // bf16 pairs per head vector
+  const int R = (int)nr_rows, RV = (R + 15) / 16;
+  alignas(64) uint32_t qt2[NP * RMAX];
+  alignas(64) float s[(CT + 8) * RMAX];  // key tiles may run past CT
+  alignas(64) uint32_t p2[CT / 2 * RMAX];
+  alignas(64) uint32_t v2[CT / 2 * D];
+  alignas(64) float o[RMAX * D];
+  alignas(64) float m[RMAX], l[RMAX], corr[RMAX];
+  alignas(64) static const uint16_t zeros[D] = {};
+  // Queries transposed to [pair][row]: one load feeds 16 rows of one pair of head dimensions.
+  for (int r = 0; r < RMAX; ++r) {
+    const int64_t fr = r_first + r;  // row index within the group: member * group + head in group
+    const uint32_t* q = r < R ? reinterpret_cast<const uint32_t*>(qbase + (rows[fr / group] * hq + h * group + fr % group) * D)
+                              : nullptr;
+    for (int i = 0; i < NP; ++i) qt2[i * RMAX + r] = q ? q[i] : 0u;
+  }
+  std::fill(o, o + RMAX * D, 0.f);
+  std::fill(m, m + RMAX, -INFINITY);
+  std::fill(l, l + RMAX, 0.f);
+  // (p[t][r], p[t+1][r]) pairs from the two 16-row halves cvtne2ps produces.
+  alignas(64) static const uint16_t pidx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  alignas(64) static const uint16_t vlo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t vhi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                               24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i pi = _mm512_load_si512(pidx), li = _mm512_load_si512(vlo), hi = _mm512_load_si512(vhi);
+  const uint32_t* kp[CT + 8];  // padded so the last key tile may run past nv
+  const uint16_t* vp[CT];
+  for (int t = CT; t < CT + 8; ++t) kp[t] = reinterpret_cast<const uint32_t*>(zeros);
+  for (int64_t c = 0; c < ntok; c += CT) {
+    const int nv = (int)std::min<int64_t>(CT, ntok - c);
+    for (int t = 0; t < CT; ++t) {
       if (t < nv) {
         const int64_t pos = c + t;
         const int64_t slot = pages[pos / block_size] * block_size + pos % block_size;
-        const T* k = kc + slot * D;
-        const T* v = vc + slot * D;
-        for (int d = 0; d < D; ++d) kt[d][t] = to_f(k[d]);
-        for (int d = 0; d < D; ++d) vf[t][d] = to_f(v[d]);
+        kp[t] = reinterpret_cast<const uint32_t*>(kc + slot * D);
+        vp[t] = reinterpret_cast<const uint16_t*>(vc + slot * D);
       } else {
-        for (int d = 0; d < D; ++d) kt[d][t] = 0.f;
-        for (int d = 0; d < D; ++d) vf[t][d] = 0.f;
+        kp[t] = reinterpret_cast<const uint32_t*>(zeros);
+        vp[t] = zeros;
       }
     }
-    const __mmask16 live = (__mmask16)((1u << nv) - 1u);
-    // Four query rows at a time: each K column / V row loaded once feeds four independent chains.
-    for (int64_t r0 = 0; r0 < R; r0 += 4) {
-      const int nr = (int)std::min<int64_t>(4, R - r0);
-      __m512 s[4];
-      for (int i = 0; i < 4; ++i) s[i] = _mm512_setzero_ps();
-      const float* q0 = qf.data() + r0 * D;
-      for (int d = 0; d < D; ++d) {
-        const __m512 kv = _mm512_load_ps(kt[d]);
-        for (int i = 0; i < 4; ++i)
-          if (i < nr) s[i] = _mm512_fmadd_ps(_mm512_set1_ps(q0[i * D + d]), kv, s[i]);
+    // The next chunk's keys and values are fetched from memory while this one computes.
+    for (int64_t pos = c + CT; pos < std::min<int64_t>(c + 2 * CT, ntok); ++pos) {
+      const int64_t slot = pages[pos / block_size] * block_size + pos % block_size;
+      for (int b = 0; b < D * 2; b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(kc + slot * D) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vc + slot * D) + b, _MM_HINT_T0);
       }
-      alignas(64) float pr[4][16];
-      float corr[4];
-      for (int i = 0; i < nr; ++i) {
-        const int64_t r = r0 + i;
-        const __m512 si = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, s[i]);
-        const float nm = std::max(m[r], _mm512_reduce_max_ps(si));
-        corr[i] = std::exp(m[r] - nm);
-        m[r] = nm;
-        const __m512 pv = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(si, _mm512_set1_ps(nm))));
-        l[r] = l[r] * corr[i] + _mm512_reduce_add_ps(pv);
-        _mm512_store_ps(pr[i], pv);
-      }
-      __m512 a[4][DV];
-      for (int i = 0; i < nr; ++i) {
-        const __m512 cv = _mm512_set1_ps(corr[i]);
-        for (int j = 0; j < DV; ++j) a[i][j] = _mm512_mul_ps(_mm512_loadu_ps(acc.data() + (r0 + i) * D + j * 16), cv);
-      }
-      for (int t = 0; t < nv; ++t) {
-        for (int j = 0; j < DV; ++j) {
-          const __m512 vv = _mm512_load_ps(vf[t] + j * 16);
-          for (int i = 0; i < 4; ++i)
-            if (i < nr) a[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(pr[i][t]), vv, a[i][j]);
-        }
-      }
-      for (int i = 0; i < nr; ++i)
-        for (int j = 0; j < DV; ++j) _mm512_storeu_ps(acc.data() + (r0 + i) * D + j * 16, a[i][j]);
     }
+    switch (RV) {
+      case 1: qk_chunk<1, 8>(qt2, kp, nv, NP, scale, s); break;
+      case 2: qk_chunk<2, 8>(qt2, kp, nv, NP, scale, s); break;
+      case 3: qk_chunk<3, 8>(qt2, kp, nv, NP, scale, s); break;
+      default: qk_chunk<4, 6>(qt2, kp, nv, NP, scale, s); break;
+    }
+    // Online softmax, 16 rows per vector; keys past nv get probability 0.
+    for (int rv = 0; rv < RV; ++rv) {
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int t = 0; t < nv; ++t) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + t * RMAX + rv * 16));
+      const __m512 mo = _mm512_loadu_ps(m + rv * 16);
+      const __m512 mn = _mm512_max_ps(mo, mx);
+      const __m512 cr = exp512(_mm512_sub_ps(mo, mn));
+      __m512 sum = _mm512_setzero_ps();
+      for (int t = 0; t < CT; ++t) {
+        __m512 p = _mm512_setzero_ps();
+        if (t < nv) p = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t * RMAX + rv * 16), mn));
+        sum = _mm512_add_ps(sum, p);
+        _mm512_storeu_ps(s + t * RMAX + rv * 16, p);
+      }
+      _mm512_storeu_ps(m + rv * 16, mn);
+      _mm512_storeu_ps(l + rv * 16, _mm512_fmadd_ps(_mm512_loadu_ps(l + rv * 16), cr, sum));
+      _mm512_storeu_ps(corr + rv * 16, cr);
+      for (int tp = 0; tp < CT / 2; ++tp) {
+        const __m512bh pk = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + (2 * tp + 1) * RMAX + rv * 16),
+                                                _mm512_loadu_ps(s + 2 * tp * RMAX + rv * 16));
+        const __m512i pr = _mm512_permutexvar_epi16(pi, reinterpret_cast<const __m512i&>(pk));
+        _mm512_storeu_si512(p2 + tp * RMAX + rv * 16, pr);
+      }
+    }
+    // Values as (v[t][d], v[t+1][d]) pairs.
+    for (int tp = 0; tp < CT / 2; ++tp)
+      for (int c32 = 0; c32 < D / 32; ++c32) {
+        const __m512i a = _mm512_loadu_si512(vp[2 * tp] + 32 * c32);
+        const __m512i b = _mm512_loadu_si512(vp[2 * tp + 1] + 32 * c32);
+        _mm512_storeu_si512(v2 + (tp * (D / 16) + 2 * c32) * 16, _mm512_permutex2var_epi16(a, li, b));
+        _mm512_storeu_si512(v2 + (tp * (D / 16) + 2 * c32 + 1) * 16, _mm512_permutex2var_epi16(a, hi, b));
+      }
+    if constexpr (D % 32 == 16)  // last 16 dimensions: half-width loads, the low interleave only
+      for (int tp = 0; tp < CT / 2; ++tp) {
+        const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[2 * tp] + D - 16)));
+        const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[2 * tp + 1] + D - 16)));
+        _mm512_storeu_si512(v2 + (tp * (D / 16) + D / 16 - 1) * 16, _mm512_permutex2var_epi16(a, li, b));
+      }
+    pv_rows<D>(o, corr, p2, v2, 0, R);
   }
-  for (int64_t i = 0; i < nrows; ++i)
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t r = i * group + g;
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-      T* o = obase + (i * hq + h * group + g) * D;  // outputs are in member order
-      for (int d = 0; d < D; ++d) o[d] = static_cast<T>(acc[r * D + d] * inv);
-      lbase[i * hq + h * group + g] = l[r] > 0.f ? m[r] + std::log(l[r]) : -INFINITY;
-    }
+  for (int r = 0; r < R; ++r) {
+    const int64_t fr = r_first + r, member = fr / group, hh = h * group + fr % group;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    c10::BFloat16* out = obase + (member * hq + hh) * D;  // outputs are in member order
+    for (int d = 0; d < D; ++d) out[d] = static_cast<c10::BFloat16>(o[r * D + d] * inv);
+    lbase[member * hq + hh] = l[r] > 0.f ? m[r] + std::log(l[r]) : -INFINITY;
+  }
 }
 
-template <typename T, int D>
+template <int D>
 void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const torch::Tensor& pages,
          const torch::Tensor& lens, const torch::Tensor& rows, const torch::Tensor& offsets, int64_t block_size,
          double scale, torch::Tensor& out, torch::Tensor& lse) {
   const int64_t hq = q.size(1), hkv = kc.size(0), group = hq / hkv, slots = kc.size(1);
   const int64_t ng = pages.size(0);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = kc.data_ptr<T>();
-  const T* vp = vc.data_ptr<T>();
+  const auto* qp = q.data_ptr<c10::BFloat16>();
+  const auto* kp = kc.data_ptr<c10::BFloat16>();
+  const auto* vp = vc.data_ptr<c10::BFloat16>();
   const int64_t* pg = pages.data_ptr<int64_t>();
   const int64_t* ln = lens.data_ptr<int64_t>();
   const int64_t* rw = rows.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
-  T* op = out.data_ptr<T>();
+  auto* op = out.data_ptr<c10::BFloat16>();
   float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, ng * hkv, 1, [&](int64_t b, int64_t e) {
+  // Tasks: (group, kv head, block of <= RMAX query rows); a group's rows are member * group + head.
+  std::vector<int64_t> task_group, task_first;
+  for (int64_t g = 0; g < ng; ++g)
+    for (int64_t r = 0; r < (off[g + 1] - off[g]) * group; r += RMAX) {
+      task_group.push_back(g);
+      task_first.push_back(r);
+    }
+  const int64_t nt = (int64_t)task_group.size();
+  at::parallel_for(0, nt * hkv, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const int64_t g = i / hkv, h = i % hkv;
+      const int64_t t = i / hkv, h = i % hkv, g = task_group[t];
       const int64_t first = off[g], count = off[g + 1] - off[g];
-      group_task<T, D>(qp, hq, group, rw + first, count, kp + h * slots * D, vp + h * slots * D,
-                       pg + g * pages.size(1), ln[g], block_size, (float)scale, op + first * hq * D,
-                       lp + first * hq, h);
+      const int64_t nrows = std::min<int64_t>(RMAX, count * group - task_first[t]);
+      task<D>(qp, hq, group, rw + first, task_first[t], nrows, kp + h * slots * D, vp + h * slots * D,
+              pg + g * pages.size(1), ln[g], block_size, (float)scale, op + first * hq * D, lp + first * hq, h);
     }
   });
 }
@@ -123,36 +222,33 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
 }  // namespace
 #endif
 
-// q [n, hq, d] decode queries; kc/vc [hkv, slots, d]; pages [groups, max_pages] shared pages;
-// lens [groups] shared tokens; rows [members] decode rows, grouped; offsets [groups + 1] into rows.
-// Returns (out [members, hq, d], lse [members, hq] float32), members in `rows` order.
+// q [n, hq, d] bf16 decode queries; kc/vc [hkv, slots, d] bf16; pages [groups, max_pages] shared
+// pages; lens [groups] shared tokens; rows [members] decode rows, grouped; offsets [groups + 1].
+// Returns (out [members, hq, d] bf16, lse [members, hq] float32), members in `rows` order.
 std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
                                                    torch::Tensor pages, torch::Tensor lens, torch::Tensor rows,
                                                    torch::Tensor offsets, int64_t block_size, double scale) {
   TORCH_CHECK(q.is_contiguous() && kc.is_contiguous() && vc.is_contiguous(), "contiguous inputs expected");
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && kc.scalar_type() == torch::kBFloat16,
+              "shared_prefix_attention: bf16 queries and cache expected");
   auto out = torch::empty({rows.size(0), q.size(1), q.size(2)}, q.options());
   auto lse = torch::empty({rows.size(0), q.size(1)}, q.options().dtype(torch::kFloat));
-#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
   const int64_t d = q.size(2);
-#define FORKLLM_RUN(T)                                                                               \
-  if (d == 64) run<T, 64>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);        \
-  else if (d == 128) run<T, 128>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse); \
-  else if (d == 32) run<T, 32>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);   \
-  else if (d == 16) run<T, 16>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);   \
+  if (d == 64) run<64>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);
+  else if (d == 128) run<128>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);
+  else if (d == 32) run<32>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);
+  else if (d == 16) run<16>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);
   else TORCH_CHECK(false, "shared_prefix_attention: unsupported head_dim ", d);
-  if (q.scalar_type() == torch::kFloat) { FORKLLM_RUN(float) }
-  else if (q.scalar_type() == torch::kBFloat16) { FORKLLM_RUN(c10::BFloat16) }
-  else if (q.scalar_type() == torch::kHalf) { FORKLLM_RUN(c10::Half) }
-  else TORCH_CHECK(false, "shared_prefix_attention: unsupported dtype");
-#undef FORKLLM_RUN
 #else
-  TORCH_CHECK(false, "shared_prefix_attention needs AVX-512");
+  TORCH_CHECK(false, "shared_prefix_attention needs AVX512-BF16");
 #endif
   return {out, lse};
 }
 
+// Whether the fused bf16 kernel is compiled in for this head size (AVX512-BF16 CPUs).
 bool shared_prefix_supported(int64_t d) {
-#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
   return d == 16 || d == 32 || d == 64 || d == 128;
 #else
   return false;
