@@ -167,3 +167,23 @@ def test_prompt_logprobs_with_chunked_prefill():
         assert x.keys() == y.keys()
         for t in x:
             assert x[t].logprob == pytest.approx(y[t].logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, min_p=0.05), SamplingParams(top_p=0.9)],
+)
+def test_kernel_draws_the_pytorch_tokens(params):
+    """The C++ sampler (every random row on CPU) draws the PyTorch path's token for the same
+    uniform number: vocabulary order for unfiltered rows, rank order under top-p."""
+    from forkllm.kernels import ops
+
+    kernels = ops()
+    if kernels is None:
+        pytest.skip("C++ kernels could not be built here")
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 49152, generator=g) * 3
+    seqs = [_seq(params, seed=derive_seed(7, i)) for i in range(300)]
+    plain = Sampler(eos_token_ids=[]).__call__(logits, seqs).token_ids
+    fused = Sampler(eos_token_ids=[], kernels=kernels).__call__(logits, seqs).token_ids
+    assert fused == plain

@@ -123,7 +123,7 @@ class Sampler:
         return logits
 
     def _fused(self, logits: torch.Tensor, params: list[Any], u: torch.Tensor) -> torch.Tensor:
-        """All rows filtered: the C++ kernel does temperature, min-p, top-k/top-p and the draw."""
+        """The C++ kernel does temperature, min-p, top-k/top-p and the draw for every row."""
         return self.kernels.sample_filtered(  # type: ignore[attr-defined]
             logits.float().contiguous(),
             torch.tensor([p.temperature for p in params], dtype=torch.float32),
@@ -136,8 +136,9 @@ class Sampler:
     def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev = logits.device
         params = [s.params for s in seqs]
-        filtered = [bool(p.top_k) or p.top_p < 1.0 for p in params]
-        if all(filtered) and self.kernels is not None and dev.type == "cpu":
+        if self.kernels is not None and dev.type == "cpu":
+            # One pass per row in C++: filtered rows draw in rank order, unfiltered rows in
+            # vocabulary order (as _inverse_cdf), no [rows, vocab] probability matrix.
             u = torch.tensor([uniform(s.seed, s.num_output_tokens) for s in seqs], dtype=torch.float64)
             return self._fused(logits, params, u)
         temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
@@ -153,8 +154,6 @@ class Sampler:
         if not any(filtered):
             return _inverse_cdf(probs, u)
         if all(filtered):
-            if self.kernels is not None and logits.device.type == "cpu":
-                return self._fused(logits, params, u)
             return _sample_top_k_top_p(probs, [p.top_k for p in params], [p.top_p for p in params], u)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=dev)
         f_idx = [i for i, f in enumerate(filtered) if f]

@@ -1,4 +1,4 @@
-// Fused sampling for rows with top-k / top-p / min-p: temperature softmax, filters and the
+// Fused sampling (any temperature > 0 row; unfiltered rows draw in vocabulary order): temperature softmax, filters and the
 // inverse-CDF draw, without materialising a [rows, vocab] probability matrix or sorting the
 // vocabulary. Per row: the max logit and the softmax mass in one vectorised pass; then only
 // tokens within a logit window of the max are collected, the window widening until they hold
@@ -16,6 +16,55 @@
 namespace {
 
 
+// No top-k / top-p: the inverse CDF in vocabulary order, as engine/sampler.py's _inverse_cdf
+// (first token whose running mass exceeds u * total). Sums of 16 tokens are skipped whole; only
+// the block holding the target is walked token by token.
+int64_t draw_in_vocab_order(const float* x, int64_t V, float m, float inv_t, float floor_logit, double u) {
+  // total mass, blocks of 16 summed in float and accumulated in double
+  double mass = 0.0;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 mm = _mm512_set1_ps(m), it = _mm512_set1_ps(inv_t), fl = _mm512_set1_ps(floor_logit);
+  for (; j + 16 <= V; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, fl, _CMP_GE_OQ);
+    mass += _mm512_reduce_add_ps(_mm512_maskz_mov_ps(keep, exp512(_mm512_mul_ps(_mm512_sub_ps(v, mm), it))));
+  }
+#endif
+  for (; j < V; ++j)
+    if (x[j] >= floor_logit) mass += std::exp((x[j] - m) * inv_t);
+  const double target = u * mass;
+  double c = 0.0;
+  j = 0;
+  int64_t last = -1;  // last kept token, the answer when rounding leaves target unreached
+#if defined(__AVX512F__)
+  for (; j + 16 <= V; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, fl, _CMP_GE_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_mul_ps(_mm512_sub_ps(v, mm), it)));
+    const double block = _mm512_reduce_add_ps(e);
+    if (keep) last = j + 15 - __builtin_clz((unsigned)keep << 16);
+    if (c + block > target) {
+      alignas(64) float ev[16];
+      _mm512_store_ps(ev, e);
+      for (int t = 0; t < 16; ++t) {
+        c += ev[t];
+        if (ev[t] > 0.f && c > target) return j + t;
+      }
+    } else {
+      c += block;
+    }
+  }
+#endif
+  for (; j < V; ++j)
+    if (x[j] >= floor_logit) {
+      last = j;
+      c += std::exp((x[j] - m) * inv_t);
+      if (c > target) return j;
+    }
+  return std::max<int64_t>(last, 0);
+}
+
 int64_t sample_row(const float* x, int64_t V, float temp, int64_t top_k, float top_p, float min_p, double u,
                    std::vector<std::pair<float, int32_t>>& cand) {
   const float inv_t = 1.f / temp;
@@ -30,6 +79,7 @@ int64_t sample_row(const float* x, int64_t V, float temp, int64_t top_k, float t
   for (; j < V; ++j) m = std::max(m, x[j]);
   // min_p keeps p >= min_p * p_max, i.e. logit >= m + T * ln(min_p)
   const float floor_logit = min_p > 0.f ? m + temp * std::log(min_p) : -INFINITY;
+  if (top_k <= 0 && top_p >= 1.f) return draw_in_vocab_order(x, V, m, inv_t, floor_logit, u);
   // pass 2: kept softmax mass (unnormalised, relative to exp(0) at the max)
   double mass = 0.0;
   j = 0;
@@ -47,8 +97,8 @@ int64_t sample_row(const float* x, int64_t V, float temp, int64_t top_k, float t
 #endif
   for (; j < V; ++j)
     if (x[j] >= floor_logit) mass += std::exp((x[j] - m) * inv_t);
-  // collect candidates within a widening logit window
   const bool use_k = top_k > 0;
+  // collect candidates within a widening logit window
   const int64_t k = use_k ? std::min<int64_t>(top_k, V) : V;
   float window = 8.f * temp;
   for (;;) {
