@@ -39,10 +39,9 @@ class _Stepper:
             if s.seq_id not in self.start_text:
                 self.begin_at_zero(s)
             new = s.text[self.start_text[s.seq_id] :]
-            # The delimiter must be followed by something, or be the whole step's end: a step that
-            # starts with blank lines does not end at once.
-            stripped = new.lstrip(self.delimiter[:1]) if self.delimiter.strip() == "" else new
-            steps_done = self.delimiter in stripped
+            # A step ends at the first delimiter, as `stop=[delimiter]` ends an API request (so a
+            # blank line is a step of its own, exactly as in outside-driven search).
+            steps_done = self.delimiter in new
             too_long = s.num_output_tokens - self.start_tokens[s.seq_id] >= self.max_step_tokens
             if steps_done or too_long:
                 tree.pause(s)

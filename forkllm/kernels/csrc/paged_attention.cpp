@@ -3,6 +3,7 @@
 // every K/V load. Pairs are spread over threads with at::parallel_for.
 #include "common.h"
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 
@@ -124,6 +125,111 @@ static void decode_pair_avx512(const T* __restrict q, const T* __restrict kc, co
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// r[i] = sum of the 16 lanes of v[i]: a transpose-and-add tree (45 shuffles/adds for 16 sums
+// instead of 16 horizontal reductions).
+static inline __m512 hsum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k)
+    a[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {
+    const __m512d x = _mm512_castps_pd(a[2 * k]), y = _mm512_castps_pd(a[2 * k + 1]);
+    b[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int k = 0; k < 2; ++k)
+    c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+}
+
+static inline __m512bh bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+// bf16 cache on AVX512-BF16 CPUs: q.k and p.v with vdpbf16ps (no bf16 -> fp32 conversions of
+// K/V), 16 scores per head from one transpose-add tree. Probabilities are rounded to bf16 for
+// p.v, as a bf16 GEMM would; scores, softmax and accumulators stay fp32.
+template <int D, int G>
+static void decode_pair_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict kc,
+                             const c10::BFloat16* __restrict vc, const int64_t* __restrict table, int64_t start,
+                             int64_t ctx, int64_t block_size, float scale, c10::BFloat16* __restrict out,
+                             float* __restrict lse) {
+  constexpr int DZ = D / 32;  // zmm of bf16 per head vector
+  constexpr int DV = D / 16;  // zmm of fp32 per head vector
+  __m512i qv[G][DZ];
+  __m512 acc[G][DV];
+  float m[G], l[G];
+  for (int g = 0; g < G; ++g) {
+    for (int j = 0; j < DZ; ++j) qv[g][j] = _mm512_loadu_si512(q + g * D + j * 32);
+    for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_setzero_ps();
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+  }
+  alignas(64) static const uint16_t vlo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t vhi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                               24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  alignas(64) static const uint16_t zeros[D] = {};
+  const __m512i li = _mm512_load_si512(vlo), hi = _mm512_load_si512(vhi);
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 part[G][16];
+  alignas(64) uint32_t pp[G][8];  // (p[t], p[t+1]) bf16 pairs per head
+  const uint16_t* vrow[16];
+  for (int64_t c = start; c < ctx; c += 16) {
+    const int nv = (int)std::min<int64_t>(16, ctx - c);
+    for (int t = 0; t < 16; ++t) {
+      if (t >= nv) {
+        for (int g = 0; g < G; ++g) part[g][t] = _mm512_setzero_ps();
+        vrow[t] = zeros;
+        continue;
+      }
+      const int64_t pos = c + t;
+      const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+      const c10::BFloat16* k = kc + slot * D;
+      vrow[t] = reinterpret_cast<const uint16_t*>(vc + slot * D);
+      __m512i kv[DZ];
+      for (int j = 0; j < DZ; ++j) kv[j] = _mm512_loadu_si512(k + j * 32);
+      for (int g = 0; g < G; ++g) {
+        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), bh(qv[g][0]), bh(kv[0]));
+        for (int j = 1; j < DZ; ++j) d = _mm512_dpbf16_ps(d, bh(qv[g][j]), bh(kv[j]));
+        part[g][t] = d;
+      }
+    }
+    const __mmask16 live = (__mmask16)((1u << nv) - 1u);
+    for (int g = 0; g < G; ++g) {
+      const __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, _mm512_mul_ps(hsum16(part[g]), sc));
+      const float nm = std::max(m[g], _mm512_reduce_max_ps(sv));
+      const float corr = std::exp(m[g] - nm);  // exp(-inf) = 0 on the first chunk
+      const __m512 cv = _mm512_set1_ps(corr);
+      for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_mul_ps(acc[g][j], cv);
+      const __m512 pv = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(nm))));
+      l[g] = l[g] * corr + _mm512_reduce_add_ps(pv);
+      m[g] = nm;
+      const __m256bh pb = _mm512_cvtneps_pbh(pv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), reinterpret_cast<const __m256i&>(pb));
+    }
+    for (int tp = 0; tp < (nv + 1) / 2; ++tp) {
+      __m512i vv[DV];  // (v[t][d], v[t+1][d]) pairs, 16 dimensions per zmm
+      for (int j = 0; j < DZ; ++j) {
+        const __m512i a = _mm512_loadu_si512(vrow[2 * tp] + j * 32);
+        const __m512i b = _mm512_loadu_si512(vrow[2 * tp + 1] + j * 32);
+        vv[2 * j] = _mm512_permutex2var_epi16(a, li, b);
+        vv[2 * j + 1] = _mm512_permutex2var_epi16(a, hi, b);
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m512bh pt = bh(_mm512_set1_epi32((int)pp[g][tp]));
+        for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], pt, bh(vv[j]));
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    if (lse) lse[g] = l[g] > 0.f ? m[g] + std::log(l[g]) : -INFINITY;
+    alignas(64) float o[D];
+    for (int j = 0; j < DV; ++j) _mm512_store_ps(o + j * 16, _mm512_mul_ps(acc[g][j], _mm512_set1_ps(inv)));
+    for (int d = 0; d < D; ++d) out[g * D + d] = static_cast<c10::BFloat16>(o[d]);
+  }
+}
+#endif
+
 struct DecodeArgs {
   const torch::Tensor& q;
   const torch::Tensor& kc;
@@ -153,6 +259,14 @@ static void run(const DecodeArgs& a) {
       const int64_t b = i / hkv, h = i % hkv;
       const int64_t start = a.starts ? a.starts[b] : 0;
       float* lse = a.lse ? a.lse + b * hq + h * G : nullptr;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16> && D % 32 == 0) {
+        decode_pair_bf16<D, G>(qp + (b * hq + h * G) * D, kp + h * slots * D, vp + h * slots * D,
+                               tp + b * tstride, start, cp[b], a.block_size, (float)a.scale,
+                               op + (b * hq + h * G) * D, lse);
+        continue;
+      }
+#endif
 #if defined(__AVX512F__)
       if constexpr (D % 16 == 0) {
         decode_pair_avx512<T, D, G>(qp + (b * hq + h * G) * D, kp + h * slots * D, vp + h * slots * D,
