@@ -1,9 +1,11 @@
 """C++ CPU kernels, compiled on first use with torch's cpp_extension (gcc, ~40 s once per machine).
 
 - `paged_decode`: attention for single-query rows reading K/V straight from the cache pages.
-- `shared_prefix_attention`: many decode rows over one shared run of pages, K/V read once.
+- `shared_prefix_attention`: many decode rows over one shared run of pages, K/V read once
+  (bf16, AVX512-BF16 CPUs).
 - `sample_filtered`: temperature / min-p / top-k / top-p sampling without a vocabulary sort.
 - `small_linear`: x @ w.T for 1..8 rows, streaming weights on all threads (decode matmuls).
+- `add_rms_norm_`, `silu_mul`, `rope_`: the decoder's elementwise ops, one pass each.
 
 Everything here is optional: if the build fails (no compiler) or FORKLLM_KERNELS=0 is set,
 `ops()` returns None and callers use plain PyTorch, which computes the same values up to float
@@ -44,6 +46,7 @@ def ops() -> Any | None:
                             "shared_prefix.cpp",
                             "sampler.cpp",
                             "gemv.cpp",
+                            "elementwise.cpp",
                         )
                     ],
                     extra_include_paths=[str(_CSRC)],

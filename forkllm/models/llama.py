@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forkllm.models.config import ModelConfig
-from forkllm.models.rope import RotaryEmbedding, apply_rotary
+from forkllm.models.rope import RotaryApplier, RotaryEmbedding
 
 
 class AttentionContext(Protocol):
@@ -56,10 +56,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    kernels: Any = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused op; for bf16 it accumulates in float32 internally (HF instead rounds to bf16
         # before scaling: a last-bit difference, and a third of the ops).
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream x plus delta (x is updated in place by the kernel), and its norm."""
+        if self.kernels is not None and x.dim() == 2 and x.dtype == self.weight.dtype:
+            return x, self.kernels.add_rms_norm_(x, delta, self.weight, self.eps)
+        if delta is not None:
+            x = x + delta
+        return x, self.forward(x)
 
 
 class DecoderLayer(nn.Module):
@@ -79,23 +89,31 @@ class DecoderLayer(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.intermediate_size = cfg.intermediate_size
 
+    kernels: Any = None
+
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, delta: torch.Tensor | None, rope: RotaryApplier, attn: AttentionContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream x plus the previous layer's pending output `delta` in; the updated
+        stream and this layer's MLP output out (added by the next norm, one pass instead of two)."""
         t = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x))
+        x, h = self.input_layernorm.add_forward(x, delta)
+        qkv = self.qkv_proj(h)
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         v = qkv[:, self.q_size + self.kv_size :].view(t, hkv, d)
         qk = qkv[:, : self.q_size + self.kv_size].view(t, hq + hkv, d)  # q and k heads rotate in one go
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
-        qk = apply_rotary(qk, cos, sin)
+        qk = rope(qk)
         q, k = qk[:, :hq], qk[:, hq:]
         o = attn.attend(self.layer_idx, q, k, v)
-        x = x + self.o_proj(o.reshape(t, self.q_size))
-        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))
-        h = F.silu(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :]
-        return x + self.down_proj(h)
+        x, h = self.post_attention_layernorm.add_forward(x, self.o_proj(o.reshape(t, self.q_size)))
+        gate_up = self.gate_up_proj(h)
+        if self.kernels is not None:
+            h = self.kernels.silu_mul(gate_up)
+        else:
+            h = F.silu(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :]
+        return x, self.down_proj(h)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -117,19 +135,21 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Flat batch in, final-normed hidden states [T, hidden] out."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        rope = RotaryApplier(self.rotary, positions, x.dtype, self.kernels)
+        delta: torch.Tensor | None = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+            x, delta = layer(x, delta, rope, attn)
+        return self.norm.add_forward(x, delta)[1]
 
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def use_cpu_kernels(self, kernels: Any) -> None:
-        """Route small-batch matmuls (decode) through the C++ GEMV kernel (None: plain PyTorch)."""
+        """Route small-batch matmuls (decode) through the C++ GEMV kernel and the norms, MLP
+        activation and rotary embedding through the fused elementwise kernels (None: PyTorch)."""
         self.kernels = kernels
         for m in self.modules():
-            if isinstance(m, Linear):
+            if isinstance(m, (Linear, RMSNorm, DecoderLayer)):
                 m.kernels = kernels
 
     kernels: Any = None

@@ -50,8 +50,11 @@ class RotaryEmbedding(torch.nn.Module):
         t = torch.arange(max_positions, dtype=torch.float64)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos_table", emb.cos().float(), persistent=False)
-        self.register_buffer("sin_table", emb.sin().float(), persistent=False)
+        cos, sin = emb.cos().float(), emb.sin().float()
+        self.register_buffer("cos_table", cos, persistent=False)
+        self.register_buffer("sin_table", sin, persistent=False)
+        # float32 tables for the CPU kernel; a plain attribute, so model.to(bf16) keeps them exact.
+        self.tables_f32 = (cos, sin)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos_table.index_select(0, positions).to(dtype)
@@ -66,3 +69,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
     return torch.addcmul(x * cos, rotated, sin)
+
+
+class RotaryApplier:
+    """The rotation of one forward pass: the C++ kernel in place, straight from the float32
+    tables, or PyTorch ops on cos/sin gathered once for all layers."""
+
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype, kernels: Any) -> None:
+        self.rotary, self.positions, self.kernels = rotary, positions, kernels
+        if kernels is None:
+            self.cos, self.sin = rotary(positions, dtype)
+
+    def __call__(self, qk: torch.Tensor) -> torch.Tensor:
+        """qk [T, H, D] -> rotated (in place when the kernel runs)."""
+        if self.kernels is not None:
+            self.kernels.rope_(qk, self.positions, *self.rotary.tables_f32)
+            return qk
+        return apply_rotary(qk, self.cos, self.sin)

@@ -15,6 +15,9 @@ void merge_attention_(torch::Tensor out, torch::Tensor s_lse, torch::Tensor rows
                       torch::Tensor p_lse);
 torch::Tensor sample_filtered(torch::Tensor logits, torch::Tensor temps, torch::Tensor top_k, torch::Tensor top_p,
                               torch::Tensor min_p, torch::Tensor u);
+torch::Tensor add_rms_norm_(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor w, double eps);
+torch::Tensor silu_mul(torch::Tensor gate_up);
+void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -25,5 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_lse_", &softmax_lse_, "in-place softmax with masking past valid lengths; returns lse");
   m.def("sample_filtered", &sample_filtered, "temperature + min-p + top-k/top-p + inverse-CDF draw per row");
   m.def("merge_attention_", &merge_attention_, "merge two partial attentions through their lse, in place");
+  m.def("add_rms_norm_", &add_rms_norm_, "x += delta (optional, in place); returns rms_norm(x) * w");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused [T, 2I] gate_up");
+  m.def("rope_", &rope_, "rotary embedding in place from float32 cos/sin tables");
   m.def("small_linear", &small_linear, "x @ w.T (+ bias) for 1..8 rows, multi-threaded");
 }

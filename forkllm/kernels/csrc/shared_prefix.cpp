@@ -260,25 +260,6 @@ bool shared_prefix_supported(int64_t d) {
 // kernel instead of max / sub / exp / sum / div / log passes over a large score tensor.
 #if defined(__AVX512F__)
 namespace {
-inline __m512 ld(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
-inline void st(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
-inline __m512 ld(const c10::BFloat16* p, __mmask16 k) {
-  const __m256i v = _mm256_maskz_loadu_epi16(k, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline void st(c10::BFloat16* p, __m512 v, __mmask16 k) {
-  // round to nearest even, as c10::BFloat16 does
-  __m512i b = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
-}
-inline __m512 ld(const c10::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
-inline void st(c10::Half* p, __m512 v, __mmask16 k) {
-  _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline __mmask16 tail(int64_t rem) { return rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1u); }
-
 template <typename T>
 void softmax_row(T* row, int64_t n, int64_t S, float* lse) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
