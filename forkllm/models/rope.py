@@ -75,7 +75,9 @@ class RotaryApplier:
     """The rotation of one forward pass: the C++ kernel in place, straight from the float32
     tables, or PyTorch ops on cos/sin gathered once for all layers."""
 
-    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype, kernels: Any) -> None:
+    def __init__(
+        self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype, kernels: Any
+    ) -> None:
         self.rotary, self.positions, self.kernels = rotary, positions, kernels
         if kernels is None:
             self.cos, self.sin = rotary(positions, dtype)
