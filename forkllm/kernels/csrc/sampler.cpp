@@ -105,7 +105,21 @@ int64_t sample_row(const float* x, int64_t V, float temp, int64_t top_k, float t
     const float lo = std::max(m - window, floor_logit);
     cand.clear();
     double cmass = 0.0;
-    for (int64_t i = 0; i < V; ++i)
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    // 16 compares per instruction; only vectors holding a candidate are walked.
+    const __m512 lov = _mm512_set1_ps(lo);
+    for (; i + 16 <= V; i += 16) {
+      unsigned hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), lov, _CMP_GE_OQ);
+      while (hit) {
+        const int t = __builtin_ctz(hit);
+        hit &= hit - 1;
+        cand.emplace_back(x[i + t], (int32_t)(i + t));
+        cmass += std::exp((x[i + t] - m) * inv_t);
+      }
+    }
+#endif
+    for (; i < V; ++i)
       if (x[i] >= lo) {
         cand.emplace_back(x[i], (int32_t)i);
         cmass += std::exp((x[i] - m) * inv_t);
