@@ -47,3 +47,21 @@ static inline void st(c10::Half* p, __m512 v, __mmask16 k) {
 }
 static inline __mmask16 tail(int64_t rem) { return rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1u); }
 #endif
+
+#if defined(__AVX512BF16__)
+// bf16 pair helpers for vdpbf16ps (two bf16 products per fp32 lane).
+static inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+// Rows a and b (32 bf16 each) as (a[d], b[d]) pairs: lo holds dims 0..15, hi dims 16..31. Only
+// the low 16 of each row are read for lo, so a half-width row may be passed for lo alone.
+static inline __m512i pair_lo(__m512i a, __m512i b) {
+  alignas(64) static const uint16_t idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  return _mm512_permutex2var_epi16(a, _mm512_load_si512(idx), b);
+}
+static inline __m512i pair_hi(__m512i a, __m512i b) {
+  alignas(64) static const uint16_t idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                               24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  return _mm512_permutex2var_epi16(a, _mm512_load_si512(idx), b);
+}
+#endif

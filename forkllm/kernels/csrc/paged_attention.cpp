@@ -142,8 +142,6 @@ static inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
 }
 
-static inline __m512bh bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
-
 // bf16 cache on AVX512-BF16 CPUs: q.k and p.v with vdpbf16ps (no bf16 -> fp32 conversions of
 // K/V), 16 scores per head from one transpose-add tree. Probabilities are rounded to bf16 for
 // p.v, as a bf16 GEMM would; scores, softmax and accumulators stay fp32.
@@ -163,12 +161,7 @@ static void decode_pair_bf16(const c10::BFloat16* __restrict q, const c10::BFloa
     m[g] = -INFINITY;
     l[g] = 0.f;
   }
-  alignas(64) static const uint16_t vlo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t vhi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                               24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   alignas(64) static const uint16_t zeros[D] = {};
-  const __m512i li = _mm512_load_si512(vlo), hi = _mm512_load_si512(vhi);
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 part[G][16];
   alignas(64) uint32_t pp[G][8];  // (p[t], p[t+1]) bf16 pairs per head
@@ -188,8 +181,8 @@ static void decode_pair_bf16(const c10::BFloat16* __restrict q, const c10::BFloa
       __m512i kv[DZ];
       for (int j = 0; j < DZ; ++j) kv[j] = _mm512_loadu_si512(k + j * 32);
       for (int g = 0; g < G; ++g) {
-        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), bh(qv[g][0]), bh(kv[0]));
-        for (int j = 1; j < DZ; ++j) d = _mm512_dpbf16_ps(d, bh(qv[g][j]), bh(kv[j]));
+        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(qv[g][0]), as_bh(kv[0]));
+        for (int j = 1; j < DZ; ++j) d = _mm512_dpbf16_ps(d, as_bh(qv[g][j]), as_bh(kv[j]));
         part[g][t] = d;
       }
     }
@@ -211,12 +204,12 @@ static void decode_pair_bf16(const c10::BFloat16* __restrict q, const c10::BFloa
       for (int j = 0; j < DZ; ++j) {
         const __m512i a = _mm512_loadu_si512(vrow[2 * tp] + j * 32);
         const __m512i b = _mm512_loadu_si512(vrow[2 * tp + 1] + j * 32);
-        vv[2 * j] = _mm512_permutex2var_epi16(a, li, b);
-        vv[2 * j + 1] = _mm512_permutex2var_epi16(a, hi, b);
+        vv[2 * j] = pair_lo(a, b);
+        vv[2 * j + 1] = pair_hi(a, b);
       }
       for (int g = 0; g < G; ++g) {
-        const __m512bh pt = bh(_mm512_set1_epi32((int)pp[g][tp]));
-        for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], pt, bh(vv[j]));
+        const __m512bh pt = as_bh(_mm512_set1_epi32((int)pp[g][tp]));
+        for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], pt, as_bh(vv[j]));
       }
     }
   }

@@ -18,8 +18,6 @@ namespace {
 constexpr int CT = 32;     // keys per chunk
 constexpr int RMAX = 64;   // query rows per task (four vectors of 16)
 
-inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
-
 // S[t][row] = scale * q_row . k_t for NK keys and NB vectors of 16 rows (NK * NB accumulators).
 template <int NB, int NK>
 inline void qk_tile(const uint32_t* __restrict qt2, const uint32_t* const* kp, int npairs, float scale,
@@ -101,11 +99,7 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
   // (p[t][r], p[t+1][r]) pairs from the two 16-row halves cvtne2ps produces.
   alignas(64) static const uint16_t pidx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  alignas(64) static const uint16_t vlo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t vhi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                               24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i pi = _mm512_load_si512(pidx), li = _mm512_load_si512(vlo), hi = _mm512_load_si512(vhi);
+  const __m512i pi = _mm512_load_si512(pidx);
   const uint32_t* kp[CT + 8];  // padded so the last key tile may run past nv
   const uint16_t* vp[CT];
   for (int t = CT; t < CT + 8; ++t) kp[t] = reinterpret_cast<const uint32_t*>(zeros);
@@ -165,14 +159,14 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
       for (int c32 = 0; c32 < D / 32; ++c32) {
         const __m512i a = _mm512_loadu_si512(vp[2 * tp] + 32 * c32);
         const __m512i b = _mm512_loadu_si512(vp[2 * tp + 1] + 32 * c32);
-        _mm512_storeu_si512(v2 + (tp * (D / 16) + 2 * c32) * 16, _mm512_permutex2var_epi16(a, li, b));
-        _mm512_storeu_si512(v2 + (tp * (D / 16) + 2 * c32 + 1) * 16, _mm512_permutex2var_epi16(a, hi, b));
+        _mm512_storeu_si512(v2 + (tp * (D / 16) + 2 * c32) * 16, pair_lo(a, b));
+        _mm512_storeu_si512(v2 + (tp * (D / 16) + 2 * c32 + 1) * 16, pair_hi(a, b));
       }
     if constexpr (D % 32 == 16)  // last 16 dimensions: half-width loads, the low interleave only
       for (int tp = 0; tp < CT / 2; ++tp) {
         const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[2 * tp] + D - 16)));
         const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[2 * tp + 1] + D - 16)));
-        _mm512_storeu_si512(v2 + (tp * (D / 16) + D / 16 - 1) * 16, _mm512_permutex2var_epi16(a, li, b));
+        _mm512_storeu_si512(v2 + (tp * (D / 16) + D / 16 - 1) * 16, pair_lo(a, b));
       }
     pv_rows<D>(o, corr, p2, v2, 0, R);
   }
