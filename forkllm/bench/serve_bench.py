@@ -141,6 +141,26 @@ async def _run_rate(
     }
 
 
+def _wait_for_model(httpx: Any, base: str, headers: dict[str, str], timeout: float = 180.0) -> str:
+    """The served model's id, once the server answers /models (it is 503 while loading)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = httpx.get(base + "/models", headers=headers, timeout=30)
+            if r.status_code == 200:
+                return str(r.json()["data"][0]["id"])
+            detail = f"HTTP {r.status_code}: {r.text[:200]}"
+            if r.status_code in (401, 403):
+                raise SystemExit(
+                    f"forkllm bench serve: {base} refused the request ({detail}); pass --api-key"
+                )
+        except httpx.TransportError as e:
+            detail = str(e)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"forkllm bench serve: no model ready at {base} after {timeout:.0f}s ({detail})")
+        time.sleep(1.0)
+
+
 def bench_serve(args: argparse.Namespace) -> int:
     import httpx
 
@@ -149,9 +169,7 @@ def bench_serve(args: argparse.Namespace) -> int:
 
     base = args.url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    model = args.served_model
-    if model is None:
-        model = httpx.get(base + "/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    model = args.served_model or _wait_for_model(httpx, base, headers)
     tok = default_tokenizer()
     lo, hi = (int(x) for x in (args.prompt_len or "64-512").split("-"))
     olo, ohi = (int(x) for x in (args.output_range or "32-256").split("-"))
