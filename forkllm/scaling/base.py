@@ -126,7 +126,16 @@ class Policy(ABC):
 
     name = "policy"
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.8,
+        max_tokens: int = 256,
+        seed: int = 0,
+        budget: int | None = None,
+        top_p: float = 1.0,
+    ) -> None:
+        self.temperature, self.top_p, self.max_tokens, self.seed = temperature, top_p, max_tokens, seed
+        self.budget = budget  # total generated tokens of the whole tree, or None
         self.tree: TreeRun | None = None
         self.done = False
         self.t0 = 0.0
@@ -162,8 +171,19 @@ class Policy(ABC):
     @abstractmethod
     def sampling_params(self) -> SamplingParams: ...
 
+    def _params(self, n: int, logprobs: bool) -> SamplingParams:
+        """The tree's sampling: n first samples with the policy's shared sampling fields."""
+        return SamplingParams(
+            n=n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+            logprobs=0 if logprobs else None,
+        )
+
     def budget_tokens(self) -> int | None:
-        return None
+        return self.budget
 
     @abstractmethod
     def advance(self) -> None:

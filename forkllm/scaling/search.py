@@ -71,12 +71,11 @@ class BeamSearch(Policy):
         seed: int = 0,
         budget: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(temperature, max_tokens, seed, budget)
         if width < 1 or expand < 1:
             raise ValueError("width and expand must be >= 1")
         self.width, self.expand, self.scorer = width, expand, scorer or MeanLogprob()
         self.extract, self.max_steps = extract, max_steps
-        self.temperature, self.max_tokens, self.seed, self.budget = temperature, max_tokens, seed, budget
         self.stepper = _Stepper(delimiter, max_step_tokens)
         self.steps = 0
         self.job: ScoreJob | None = None
@@ -86,16 +85,7 @@ class BeamSearch(Policy):
         self.scored_finished: set[str] = set()
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            n=self.expand,
-            temperature=self.temperature,
-            max_tokens=self.max_tokens,
-            seed=self.seed,
-            logprobs=0 if self.scorer.needs_logprobs else None,
-        )
-
-    def budget_tokens(self) -> int | None:
-        return self.budget
+        return self._params(self.expand, logprobs=self.scorer.needs_logprobs)
 
     def advance(self) -> None:
         tree = self.tree
@@ -212,24 +202,18 @@ class ParticleFilter(Policy):
         seed: int = 0,
         budget: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(temperature, max_tokens, seed, budget)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.n, self.reward, self.extract = n, reward, extract
         self.resample_temperature, self.max_steps = resample_temperature, max_steps
-        self.temperature, self.max_tokens, self.seed, self.budget = temperature, max_tokens, seed, budget
         self.stepper = _Stepper(delimiter, max_step_tokens)
         self.population: list[Particle] = []
         self.steps = 0
         self.history: list[list[float]] = []  # normalised weights per resampling step
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            n=self.n, temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed
-        )
-
-    def budget_tokens(self) -> int | None:
-        return self.budget
+        return self._params(self.n, logprobs=False)
 
     def advance(self) -> None:
         tree = self.tree

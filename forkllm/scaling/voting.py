@@ -48,35 +48,18 @@ class SelfConsistency(Policy):
         seed: int = 0,
         budget: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(temperature, max_tokens, seed, budget, top_p)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.n, self.extract, self.early_stop = n, extract, early_stop
         self.confidence, self.min_votes, self.weighted = confidence, min_votes, weighted
         self.converge_tokens = converge_tokens
-        self.temperature, self.top_p, self.max_tokens, self.seed, self.budget = (
-            temperature,
-            top_p,
-            max_tokens,
-            seed,
-            budget,
-        )
         self.answers: dict[str, str | None] = {}  # seq id -> answer, for counted samples
         self._stable: dict[str, tuple[str | None, int]] = {}
         self.decided_early = False
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            n=self.n,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_tokens=self.max_tokens,
-            seed=self.seed,
-            logprobs=0 if self.weighted else None,
-        )
-
-    def budget_tokens(self) -> int | None:
-        return self.budget
+        return self._params(self.n, logprobs=self.weighted)
 
     def advance(self) -> None:
         tree = self.tree
@@ -186,32 +169,15 @@ class BestOfN(Policy):
         seed: int = 0,
         budget: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(temperature, max_tokens, seed, budget, top_p)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.n, self.scorer, self.extract = n, scorer or MeanLogprob(), extract
-        self.temperature, self.top_p, self.max_tokens, self.seed, self.budget = (
-            temperature,
-            top_p,
-            max_tokens,
-            seed,
-            budget,
-        )
         self.job: ScoreJob | None = None
         self.scored: list[tuple[Sequence, float]] = []
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            n=self.n,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_tokens=self.max_tokens,
-            seed=self.seed,
-            logprobs=0 if self.scorer.needs_logprobs else None,
-        )
-
-    def budget_tokens(self) -> int | None:
-        return self.budget
+        return self._params(self.n, logprobs=self.scorer.needs_logprobs)
 
     def advance(self) -> None:
         tree = self.tree
