@@ -19,7 +19,7 @@ $(VENV)/.base:
 
 $(VENV)/.runtime: $(VENV)/.base pyproject.toml
 	$(PIP) install -e .
-	$(BIN)/python -m forkllm.kernels   # compile the optional C++ CPU kernels once (~40 s)
+	$(BIN)/python -m forkllm.kernels   # compile the optional C++ CPU kernels once (1-2 min)
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base pyproject.toml

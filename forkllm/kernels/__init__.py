@@ -1,4 +1,4 @@
-"""C++ CPU kernels, compiled on first use with torch's cpp_extension (gcc, ~40 s once per machine).
+"""C++ CPU kernels, compiled on first use with torch's cpp_extension (gcc, 1-2 min once per machine).
 
 - `paged_decode`: attention for single-query rows reading K/V straight from the cache pages.
 - `shared_prefix_attention`: many decode rows over one shared run of pages, K/V read once
