@@ -29,6 +29,31 @@ def test_small_linear_matches_torch(dtype, tol, m, n, k):
     )
 
 
+@pytest.mark.parametrize("m", [4, 9, 13, 16, 31, 64, 96])
+@pytest.mark.parametrize("n, k", [(960, 576), (7, 576), (6, 33), (1000, 1536), (4, 40)])
+def test_small_linear_bf16_batch_rows(m, n, k):
+    """The bf16 decode-batch GEMM (tiles of 4 weight rows x 4 input rows, masked K tails, odd N
+    and M remainders) against float32, up to the row count the kernel reports it takes."""
+    if m > kernels.small_linear_rows(True):
+        pytest.skip("this CPU routes that many bf16 rows to oneDNN")
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    ref = F.linear(x.float(), w.float(), b.float())
+    out = kernels.small_linear(x, w, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    # bf16 output rounding (2^-8 relative) on top of float32 accumulation
+    assert ((out.float() - ref).abs() <= ref.abs() / 128 + 1e-2 * ref.abs().max()).all()
+    assert kernels.small_linear_rows(False) == 8
+
+
+def test_small_linear_rejects_too_many_rows():
+    x, w = torch.randn(9, 16), torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match="M must be 1..8"):
+        kernels.small_linear(x, w, None)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("d, hkv, group", [(64, 3, 3), (64, 2, 2), (16, 2, 2), (128, 1, 4)])
 @pytest.mark.parametrize("with_starts", [False, True])

@@ -1,15 +1,27 @@
-// y[M, N] = x[M, K] @ w[N, K]^T (+ bias) for small M (1..8): the decode-time matmul.
-// Each weight row is streamed once from memory for all M rows of x, and rows are split across
-// threads. MKL's fp32 GEMV at M=1 runs on one thread at ~16 GB/s here; this reaches the
-// machine's two-thread bandwidth. Accumulation is in float32 whatever the weight dtype.
+// y[M, N] = x[M, K] @ w[N, K]^T (+ bias) for decode-sized M: 1..8 rows for float32/float16,
+// 1..small_linear_rows(true) for bfloat16 on AVX512-BF16 CPUs. Each weight row is streamed once
+// from memory for all M rows of x, and rows are split across threads. MKL's fp32 GEMV at M=1 runs
+// on one thread at ~16 GB/s here; this reaches the machine's two-thread bandwidth. Accumulation
+// is in float32 whatever the weight dtype.
 #include "common.h"
+#include <cstring>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+int64_t small_linear_rows(bool bf16);
+
 namespace {
+
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+// Measured crossover with oneDNN's bf16 GEMM on a 2-core Zen 4 (AVX512-BF16, no AMX): the kernel
+// is 1.1-1.8x faster up to ~96 rows and slower beyond. With AMX, oneDNN wins from ~16 rows.
+constexpr int64_t kBf16GemmRows = 96;
+#elif defined(__AVX512BF16__)
+constexpr int64_t kBf16GemmRows = 8;
+#endif
 
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -64,57 +76,8 @@ void gemv_rows(const float* __restrict xf, const T* __restrict w, const T* __res
   }
 }
 
-#if defined(__AVX512BF16__)
-// bf16 x bf16 with vdpbf16ps: 32 weights per instruction, no widening; accumulates in float32.
-template <int M>
-void gemv_rows_bf16(const c10::BFloat16* __restrict x, const c10::BFloat16* __restrict w,
-                    const c10::BFloat16* __restrict bias, int64_t K, int64_t n0, int64_t n1, int64_t N,
-                    c10::BFloat16* __restrict y) {
-  const int64_t K32 = K - K % 32;
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // rows per pass: enough independent chains
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    __m512 acc[R][M];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K32; k += 32) {
-      __m512bh wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
-      for (int m = 0; m < M; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv, wv[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) {
-        float s = _mm512_reduce_add_ps(acc[r][m]);
-        for (int64_t k = K32; k < K; ++k) s += to_f(x[m * K + k]) * to_f(w[(n + r) * K + k]);
-        if (bias) s += to_f(bias[n + r]);
-        y[m * N + n + r] = static_cast<c10::BFloat16>(s);
-      }
-  }
-  for (; n < n1; ++n)
-    for (int m = 0; m < M; ++m) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += to_f(x[m * K + k]) * to_f(w[n * K + k]);
-      if (bias) s += to_f(bias[n]);
-      y[m * N + n] = static_cast<c10::BFloat16>(s);
-    }
-}
-#endif
-
 template <int M, typename T>
 void gemv(const torch::Tensor& x, const torch::Tensor& w, const T* bias, torch::Tensor& y) {
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const int64_t K = w.size(1), N = w.size(0);
-    const T* xp = x.data_ptr<T>();
-    const T* wp = w.data_ptr<T>();
-    T* yp = y.data_ptr<T>();
-    at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) { gemv_rows_bf16<M>(xp, wp, bias, K, b, e, N, yp); });
-    return;
-  }
-#endif
   const int64_t K = w.size(1), N = w.size(0);
   std::vector<float> xf(M * K);
   const T* xp = x.data_ptr<T>();
@@ -127,8 +90,93 @@ void gemv(const torch::Tensor& x, const torch::Tensor& w, const T* bias, torch::
   });
 }
 
+#if defined(__AVX512BF16__)
+// Decode-batch GEMM (9..64 rows), bf16 x bf16 with vdpbf16ps: tiles of 4 weight rows x 4 input
+// rows give 16 float32 dot-product accumulators (8 loads per 16 vdpbf16ps), reduced together by
+// one transpose-add tree. A task keeps its 4 weight rows in L1 across every input row, so the
+// weights stream from memory once per call; oneDNN's bf16 GEMM reads them at ~15 GB/s below
+// 32 rows here.
+template <int R, int MB>
+static inline __m512 tile_dot(const c10::BFloat16* __restrict x, const c10::BFloat16* __restrict w, int64_t K) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = as_bh(_mm512_loadu_si512(w + r * K + k));
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = as_bh(_mm512_loadu_si512(x + m * K + k));
+      for (int r = 0; r < R; ++r) acc[m * R + r] = _mm512_dpbf16_ps(acc[m * R + r], xv, wv[r]);
+    }
+  }
+  if (k < K) {  // masked tail: zeros add nothing
+    const __mmask32 km = (__mmask32)((1ull << (K - k)) - 1ull);
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = as_bh(_mm512_maskz_loadu_epi16(km, w + r * K + k));
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = as_bh(_mm512_maskz_loadu_epi16(km, x + m * K + k));
+      for (int r = 0; r < R; ++r) acc[m * R + r] = _mm512_dpbf16_ps(acc[m * R + r], xv, wv[r]);
+    }
+  }
+  return hsum16(acc);  // lane m * R + r
+}
+
+template <int R, int MB>
+static inline void tile_store(const c10::BFloat16* __restrict x, const c10::BFloat16* __restrict w,
+                              const c10::BFloat16* __restrict bias, int64_t K, int64_t N, int64_t n,
+                              c10::BFloat16* __restrict y) {
+  __m512 v = tile_dot<R, MB>(x, w + n * K, K);
+  if (bias) {  // lane m * R + r gets bias[n + r]
+    alignas(64) float b[16] = {};
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) b[m * R + r] = to_f(bias[n + r]);
+    v = _mm512_add_ps(v, _mm512_load_ps(b));
+  }
+  alignas(32) c10::BFloat16 o[16];
+  st(o, v, (__mmask16)0xffff);  // round to nearest even, as c10::BFloat16 does
+  for (int m = 0; m < MB; ++m) std::memcpy(y + m * N + n, o + m * R, R * sizeof(c10::BFloat16));
+}
+
+template <int R>
+static inline void row_block(const c10::BFloat16* x, const c10::BFloat16* w, const c10::BFloat16* bias, int64_t M,
+                             int64_t K, int64_t N, int64_t n, c10::BFloat16* y, const c10::BFloat16* next) {
+  // Pull the next block's weights toward L1 while this block computes from it: the hardware
+  // prefetcher alone leaves the first input tile of each block waiting on memory.
+  if (next)
+    for (int64_t off = 0; off < R * K * 2; off += 64) _mm_prefetch(reinterpret_cast<const char*>(next) + off, _MM_HINT_T0);
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) tile_store<R, 4>(x + m0 * K, w, bias, K, N, n, y + m0 * N);
+  switch (M - m0) {
+    case 1: tile_store<R, 1>(x + m0 * K, w, bias, K, N, n, y + m0 * N); break;
+    case 2: tile_store<R, 2>(x + m0 * K, w, bias, K, N, n, y + m0 * N); break;
+    case 3: tile_store<R, 3>(x + m0 * K, w, bias, K, N, n, y + m0 * N); break;
+  }
+}
+
+static void gemm_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::BFloat16* bias, torch::Tensor& y) {
+  const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t n = 4 * blk;
+      if (n + 4 <= N)
+        row_block<4>(xp, wp, bias, M, K, N, n, yp, n + 8 <= N ? wp + (n + 4) * K : nullptr);
+      else
+        for (int64_t r = n; r < N; ++r) row_block<1>(xp, wp, bias, M, K, N, r, yp, nullptr);
+    }
+  });
+}
+#endif
+
 template <typename T>
 void dispatch(const torch::Tensor& x, const torch::Tensor& w, const T* bias, torch::Tensor& y) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (x.size(0) <= kBf16GemmRows) return gemm_bf16(x, w, bias, y);
+  }
+#endif
   switch (x.size(0)) {
     case 1: return gemv<1, T>(x, w, bias, y);
     case 2: return gemv<2, T>(x, w, bias, y);
@@ -139,10 +187,19 @@ void dispatch(const torch::Tensor& x, const torch::Tensor& w, const T* bias, tor
     case 7: return gemv<7, T>(x, w, bias, y);
     case 8: return gemv<8, T>(x, w, bias, y);
   }
-  TORCH_CHECK(false, "small_linear: M must be 1..8");
+
+  TORCH_CHECK(false, "small_linear: M must be 1..", small_linear_rows(x.scalar_type() == torch::kBFloat16));
 }
 
 }  // namespace
+
+int64_t small_linear_rows(bool bf16) {
+#if defined(__AVX512BF16__)
+  if (bf16) return kBf16GemmRows;
+#endif
+  (void)bf16;
+  return 8;
+}
 
 // x [M, K] contiguous, w [N, K] contiguous, same dtype; bias [N] or empty.
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {

@@ -126,22 +126,6 @@ static void decode_pair_avx512(const T* __restrict q, const T* __restrict kc, co
 #endif
 
 #if defined(__AVX512BF16__)
-// r[i] = sum of the 16 lanes of v[i]: a transpose-and-add tree (45 shuffles/adds for 16 sums
-// instead of 16 horizontal reductions).
-static inline __m512 hsum16(const __m512* v) {
-  __m512 a[8], b[4], c[2];
-  for (int k = 0; k < 8; ++k)
-    a[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-  for (int k = 0; k < 4; ++k) {
-    const __m512d x = _mm512_castps_pd(a[2 * k]), y = _mm512_castps_pd(a[2 * k + 1]);
-    b[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  for (int k = 0; k < 2; ++k)
-    c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xdd));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
-}
-
 // bf16 cache on AVX512-BF16 CPUs: q.k and p.v with vdpbf16ps (no bf16 -> fp32 conversions of
 // K/V), 16 scores per head from one transpose-add tree. Probabilities are rounded to bf16 for
 // p.v, as a bf16 GEMM would; scores, softmax and accumulators stay fp32.
