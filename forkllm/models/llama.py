@@ -34,6 +34,7 @@ def small_rows(kernels: Any, w: torch.Tensor) -> int:
         return 0
     return int(kernels.small_linear_rows(w.dtype == torch.bfloat16))
 
+
 # oneDNN's float32 GEMM, called on plain dense tensors. On this AMD CPU it runs 2.2x torch's
 # default (MKL) sgemm at 64+ rows; bf16 matmuls already go to oneDNN through F.linear.
 _ONEDNN_F32 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
