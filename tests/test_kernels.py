@@ -29,23 +29,61 @@ def test_small_linear_matches_torch(dtype, tol, m, n, k):
     )
 
 
-@pytest.mark.parametrize("m", [4, 9, 13, 16, 31, 64, 96])
-@pytest.mark.parametrize("n, k", [(960, 576), (7, 576), (6, 33), (1000, 1536), (4, 40)])
-def test_small_linear_bf16_batch_rows(m, n, k):
-    """The bf16 decode-batch GEMM (tiles of 4 weight rows x 4 input rows, masked K tails, odd N
-    and M remainders) against float32, up to the row count the kernel reports it takes."""
-    if m > kernels.small_linear_rows(True):
-        pytest.skip("this CPU routes that many bf16 rows to oneDNN")
+packed = pytest.mark.skipif(
+    kernels is None or not kernels.packed_linear_supported(), reason="no packed bf16 GEMM on this CPU"
+)
+
+
+@packed
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 13, 31, 100])
+@pytest.mark.parametrize("n, k", [(960, 576), (7, 576), (40, 34), (1000, 1536), (48, 2), (64, 40)])
+def test_packed_linear_matches_float32(m, n, k):
+    """The packed bf16 GEMM (8-row x 48-output tiles, lone 16-output blocks, N padded to 16, row
+    remainders) against float32 on the same bf16 inputs; only the output's bf16 rounding differs."""
+    from forkllm.kernels import pack_weight, unpack_weight
+
     g = torch.Generator().manual_seed(m * n + k)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     b = torch.randn(n, generator=g).to(torch.bfloat16)
-    ref = F.linear(x.float(), w.float(), b.float())
-    out = kernels.small_linear(x, w, b)
-    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    # bf16 output rounding (2^-8 relative) on top of float32 accumulation
-    assert ((out.float() - ref).abs() <= ref.abs() / 128 + 1e-2 * ref.abs().max()).all()
-    assert kernels.small_linear_rows(False) == 8
+    p = pack_weight(w)
+    assert p.shape == (-(-n // 16), k // 2, 16, 2) and torch.equal(unpack_weight(p, n), w)
+    for bias in (b, None):
+        ref = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        out = kernels.packed_linear(x, p, n, bias)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        assert torch.allclose(out.float(), ref, rtol=2**-8, atol=1e-3 * ref.abs().max().item())
+
+
+@packed
+def test_packed_linear_rejects_mismatched_shapes():
+    from forkllm.kernels import pack_weight
+
+    p = pack_weight(torch.randn(32, 64).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="packed .* weight for x's K and N"):
+        kernels.packed_linear(torch.randn(2, 62).to(torch.bfloat16), p, 32, None)
+    with pytest.raises(RuntimeError, match="packed .* weight for x's K and N"):
+        kernels.packed_linear(torch.randn(2, 64).to(torch.bfloat16), p, 33, None)
+    with pytest.raises(ValueError, match="even input size"):
+        pack_weight(torch.randn(4, 5))
+
+
+@packed
+def test_linear_packs_bf16_and_restores_without_kernels():
+    """A bf16 Linear drops its row-major weight when packed, computes the same as F.linear, and
+    gets the exact weight back when the kernels are turned off."""
+    from forkllm.models.llama import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(96, 50, bias=True).to(torch.bfloat16)
+    w = lin.weight.detach().clone()
+    x = torch.randn(20, 96).to(torch.bfloat16)
+    ref = F.linear(x.float(), w.float(), lin.bias.float())
+    lin.set_kernels(kernels)
+    assert lin.packed is not None and lin.weight.numel() == 0
+    assert torch.allclose(lin(x).float(), ref, rtol=2**-8, atol=1e-3 * ref.abs().max().item())
+    lin.set_kernels(None)
+    assert lin.packed is None and torch.equal(lin.weight, w)
 
 
 def test_small_linear_rejects_too_many_rows():

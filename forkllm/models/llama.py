@@ -26,13 +26,20 @@ class AttentionContext(Protocol):
         ...
 
 
-def small_rows(kernels: Any, w: torch.Tensor) -> int:
-    """Up to how many rows a matmul with `w` goes to the C++ kernel (0: never). The kernel
-    streams the weights once for all rows: 8 rows in float32, up to ~96 in bfloat16 on
-    AVX512-BF16 CPUs without AMX, where it beats oneDNN's GEMM (measured, see gemv.cpp)."""
-    if kernels is None or w.device.type != "cpu":
-        return 0
-    return int(kernels.small_linear_rows(w.dtype == torch.bfloat16))
+SMALL_BATCH_ROWS = 8  # up to this many rows, matmuls stream the weights with the C++ GEMV kernel
+
+
+def packs(kernels: Any, w: torch.Tensor) -> bool:
+    """Whether `w` is repacked for the bf16 packed-GEMM kernel (AVX512-BF16 CPUs without AMX,
+    where it beats oneDNN's bf16 GEMM at every batch size measured: see csrc/packed_gemm.cpp)."""
+    return (
+        kernels is not None
+        and w.dtype == torch.bfloat16
+        and w.device.type == "cpu"
+        and w.dim() == 2
+        and w.shape[1] % 2 == 0
+        and bool(kernels.packed_linear_supported())
+    )
 
 
 # oneDNN's float32 GEMM, called on plain dense tensors. On this AMD CPU it runs 2.2x torch's
@@ -47,13 +54,28 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, once given the CPU kernels, routes decode-sized inputs to a multi-threaded GEMV."""
+    """nn.Linear that, once given the CPU kernels, routes decode-sized inputs to a multi-threaded
+    GEMV, or, for bf16 weights on CPUs with AVX512-BF16 and no AMX, every input to the packed GEMM.
+    A packed layer drops its row-major weight (memory is not doubled); `set_kernels(None)` restores it."""
 
     kernels: Any = None
-    small_rows = 0  # set by use_cpu_kernels
+    packed: torch.Tensor | None = None
+
+    def set_kernels(self, kernels: Any) -> None:
+        from forkllm.kernels import pack_weight, unpack_weight
+
+        if self.packed is not None and not (kernels is not None and kernels.packed_linear_supported()):
+            self.weight = nn.Parameter(unpack_weight(self.packed, self.out_features), requires_grad=False)
+            self.packed = None
+        self.kernels = kernels
+        if self.packed is None and packs(kernels, self.weight):
+            self.packed = pack_weight(self.weight.detach())
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if 0 < x.shape[0] <= self.small_rows:
+        if self.packed is not None:
+            return self.kernels.packed_linear(x.contiguous(), self.packed, self.out_features, self.bias)
+        if self.kernels is not None and 0 < x.shape[0] <= SMALL_BATCH_ROWS:
             return self.kernels.small_linear(x.contiguous(), self.weight, self.bias)
         return dense_linear(x, self.weight, self.bias)
 
@@ -149,26 +171,33 @@ class LlamaForCausalLM(nn.Module):
             x, delta = layer(x, delta, rope, attn)
         return self.norm.add_forward(x, delta)[1]
 
-    def output_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
     def use_cpu_kernels(self, kernels: Any) -> None:
         """Route small-batch matmuls (decode) through the C++ GEMV kernel and the norms, MLP
         activation and rotary embedding through the fused elementwise kernels (None: PyTorch)."""
+        from forkllm.kernels import pack_weight
+
         self.kernels = kernels
         for m in self.modules():
-            if isinstance(m, (Linear, RMSNorm, DecoderLayer)):
-                m.kernels = kernels
             if isinstance(m, Linear):
-                m.small_rows = small_rows(kernels, m.weight)
-        self.logits_rows = small_rows(kernels, self.output_weight())
+                m.set_kernels(kernels)
+            elif isinstance(m, (RMSNorm, DecoderLayer)):
+                m.kernels = kernels
+        # Tied embeddings: the table stays row-major for lookups, the logits get a packed copy.
+        tied = self.lm_head is None and packs(kernels, self.embed_tokens.weight)
+        self.packed_logits = pack_weight(self.embed_tokens.weight.detach()) if tied else None
 
     kernels: Any = None
-    logits_rows = 0
+    packed_logits: torch.Tensor | None = None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits in float32 for the selected rows only."""
-        w = self.output_weight()
-        if 0 < hidden.shape[0] <= self.logits_rows:
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        w = self.embed_tokens.weight
+        if self.packed_logits is not None:
+            return self.kernels.packed_linear(
+                hidden.contiguous(), self.packed_logits, w.shape[0], None
+            ).float()
+        if self.kernels is not None and 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
             return self.kernels.small_linear(hidden.contiguous(), w, None).float()
         return dense_linear(hidden, w).float()

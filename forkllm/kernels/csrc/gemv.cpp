@@ -1,8 +1,8 @@
-// y[M, N] = x[M, K] @ w[N, K]^T (+ bias) for decode-sized M: 1..8 rows for float32/float16,
-// 1..small_linear_rows(true) for bfloat16 on AVX512-BF16 CPUs. Each weight row is streamed once
-// from memory for all M rows of x, and rows are split across threads. MKL's fp32 GEMV at M=1 runs
-// on one thread at ~16 GB/s here; this reaches the machine's two-thread bandwidth. Accumulation
-// is in float32 whatever the weight dtype.
+// y[M, N] = x[M, K] @ w[N, K]^T (+ bias) for small M (1..8): the decode-time matmul on weights
+// in their row-major layout. Each weight row is streamed once from memory for all M rows of x,
+// and rows are split across threads. MKL's fp32 GEMV at M=1 runs on one thread at ~16 GB/s here;
+// this reaches the machine's two-thread bandwidth. Accumulation is in float32 whatever the weight
+// dtype. (bf16 weights on AVX512-BF16 CPUs without AMX are repacked and go to packed_gemm.cpp.)
 #include "common.h"
 #include <cstring>
 #include <type_traits>
@@ -11,17 +11,7 @@
 #include <immintrin.h>
 #endif
 
-int64_t small_linear_rows(bool bf16);
-
 namespace {
-
-#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
-// Measured crossover with oneDNN's bf16 GEMM on a 2-core Zen 4 (AVX512-BF16, no AMX): the kernel
-// is 1.1-1.8x faster up to ~96 rows and slower beyond. With AMX, oneDNN wins from ~16 rows.
-constexpr int64_t kBf16GemmRows = 96;
-#elif defined(__AVX512BF16__)
-constexpr int64_t kBf16GemmRows = 8;
-#endif
 
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -91,11 +81,10 @@ void gemv(const torch::Tensor& x, const torch::Tensor& w, const T* bias, torch::
 }
 
 #if defined(__AVX512BF16__)
-// Decode-batch GEMM (9..64 rows), bf16 x bf16 with vdpbf16ps: tiles of 4 weight rows x 4 input
-// rows give 16 float32 dot-product accumulators (8 loads per 16 vdpbf16ps), reduced together by
-// one transpose-add tree. A task keeps its 4 weight rows in L1 across every input row, so the
-// weights stream from memory once per call; oneDNN's bf16 GEMM reads them at ~15 GB/s below
-// 32 rows here.
+// bf16 x bf16 with vdpbf16ps: tiles of 4 weight rows x up to 4 input rows give 16 float32
+// dot-product accumulators, reduced together by one transpose-add tree. A task keeps its 4 weight
+// rows in L1 across every input row and prefetches the next 4, so the weights stream from memory
+// once per call at full bandwidth (oneDNN's bf16 GEMM reads them at ~15 GB/s below 16 rows here).
 template <int R, int MB>
 static inline __m512 tile_dot(const c10::BFloat16* __restrict x, const c10::BFloat16* __restrict w, int64_t K) {
   __m512 acc[16];
@@ -174,7 +163,7 @@ template <typename T>
 void dispatch(const torch::Tensor& x, const torch::Tensor& w, const T* bias, torch::Tensor& y) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (x.size(0) <= kBf16GemmRows) return gemm_bf16(x, w, bias, y);
+    if (x.size(0) <= 8) return gemm_bf16(x, w, bias, y);
   }
 #endif
   switch (x.size(0)) {
@@ -188,18 +177,10 @@ void dispatch(const torch::Tensor& x, const torch::Tensor& w, const T* bias, tor
     case 8: return gemv<8, T>(x, w, bias, y);
   }
 
-  TORCH_CHECK(false, "small_linear: M must be 1..", small_linear_rows(x.scalar_type() == torch::kBFloat16));
+  TORCH_CHECK(false, "small_linear: M must be 1..8");
 }
 
 }  // namespace
-
-int64_t small_linear_rows(bool bf16) {
-#if defined(__AVX512BF16__)
-  if (bf16) return kBf16GemmRows;
-#endif
-  (void)bf16;
-  return 8;
-}
 
 // x [M, K] contiguous, w [N, K] contiguous, same dtype; bias [N] or empty.
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {

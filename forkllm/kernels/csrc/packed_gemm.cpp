@@ -1,0 +1,126 @@
+// y[M, N] = x[M, K] @ w[N, K]^T (+ bias) in bf16 for any M, on weights repacked once at load into
+// the layout vdpbf16ps wants: P[N/16][K/2][16][2], so one 64-byte load holds 16 outputs x one
+// pair of k, and each x row contributes its (k, k+1) pair by a 32-bit broadcast. A register tile
+// of 8 rows x 48 outputs is 24 float32 accumulators fed by 3 weight loads and 8 broadcasts per
+// 24 vdpbf16ps, with no horizontal reductions. On a 2-core Zen 4 (AVX512-BF16, no AMX) this runs
+// at the weights' streaming rate for decode batches (oneDNN's bf16 GEMM reads them at ~15 GB/s
+// below 16 rows) and at 0.85-0.9 of the measured bf16 peak from ~128 rows (oneDNN: 0.7-0.8).
+// CPUs with AMX keep oneDNN, which uses the tile unit.
+#include "common.h"
+#include <cstring>
+
+namespace {
+
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+#define FORKLLM_PACKED_GEMM 1
+
+constexpr int kRows = 8;    // x rows per register tile
+constexpr int kBlocks = 3;  // 16-output weight blocks per register tile
+
+static inline int32_t pair_at(const c10::BFloat16* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// One tile: MB rows of x against NB 16-output blocks of P, over every k pair. `prefetch`: pull
+// the weights ahead while streaming them the first time (later tiles find them in L1/L2).
+template <int MB, int NB, bool prefetch>
+static inline void tile(const c10::BFloat16* __restrict x, int64_t K, const c10::BFloat16* __restrict P, int64_t K2,
+                        const c10::BFloat16* __restrict bias, int64_t N, int64_t n0, c10::BFloat16* __restrict y) {
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  const int64_t stride = K2 * 32;  // elements per 16-output block
+  for (int64_t p = 0; p < K2; ++p) {
+    __m512bh wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(P + j * stride + (p + 16) * 32), _MM_HINT_T0);
+      wv[j] = as_bh(_mm512_loadu_si512(P + j * stride + p * 32));
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xb = as_bh(_mm512_set1_epi32(pair_at(x + m * K + 2 * p)));
+      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, wv[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const int64_t n = n0 + 16 * j;
+    const __mmask16 k = tail(N - n);
+    const __m512 b = bias ? ld(bias + n, k) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) st(y + m * N + n, _mm512_add_ps(acc[m][j], b), k);
+  }
+}
+
+// Every row of x against NB blocks starting at output n0.
+template <int NB>
+static void column(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* P, int64_t K2,
+                   const c10::BFloat16* bias, int64_t N, int64_t n0, c10::BFloat16* y) {
+  constexpr int T = NB == kBlocks ? kRows : 12;  // a lone block has registers for 12 rows
+  int64_t m = 0;
+  if (M >= T) {
+    tile<T, NB, true>(x, K, P, K2, bias, N, n0, y);
+    m = T;
+  }
+  for (; m + T <= M; m += T) tile<T, NB, false>(x + m * K, K, P, K2, bias, N, n0, y + m * N);
+  const bool first = m == 0;
+  switch (M - m) {
+#define FORKLLM_REST(r)                                                                          \
+  case r:                                                                                        \
+    if constexpr (r < T) {                                                                       \
+      if (first)                                                                                 \
+        tile<r, NB, true>(x + m * K, K, P, K2, bias, N, n0, y + m * N);                          \
+      else                                                                                       \
+        tile<r, NB, false>(x + m * K, K, P, K2, bias, N, n0, y + m * N);                         \
+    }                                                                                            \
+    break;
+    FORKLLM_REST(1) FORKLLM_REST(2) FORKLLM_REST(3) FORKLLM_REST(4) FORKLLM_REST(5) FORKLLM_REST(6)
+    FORKLLM_REST(7) FORKLLM_REST(8) FORKLLM_REST(9) FORKLLM_REST(10) FORKLLM_REST(11)
+#undef FORKLLM_REST
+  }
+}
+#endif
+
+}  // namespace
+
+bool packed_linear_supported() {
+#ifdef FORKLLM_PACKED_GEMM
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x [M, K] bf16 contiguous; P [ceil(N/16), K/2, 16, 2] bf16 from forkllm.kernels.pack_weight;
+// bias [N] or none.
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(packed_linear_supported(), "packed_linear: needs AVX512-BF16 (and is not used with AMX)");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
+              "packed_linear: expected contiguous bfloat16 x [M, K]");
+  TORCH_CHECK(P.dim() == 4 && P.is_contiguous() && P.scalar_type() == torch::kBFloat16 && P.size(2) == 16 &&
+                  P.size(3) == 2 && 2 * P.size(1) == x.size(1) && (N + 15) / 16 == P.size(0),
+              "packed_linear: P must be the packed [ceil(N/16), K/2, 16, 2] weight for x's K and N");
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->numel() == N && bias->is_contiguous() && bias->scalar_type() == torch::kBFloat16),
+              "packed_linear: bias must be a contiguous bfloat16 [N]");
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+#ifdef FORKLLM_PACKED_GEMM
+  const int64_t K = x.size(1), K2 = P.size(1), NB16 = P.size(0);
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  const auto* pp = P.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* bp = has_bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
+  auto* yp = y.data_ptr<c10::BFloat16>();
+  if (M == 0) return y;
+  at::parallel_for(0, (NB16 + kBlocks - 1) / kBlocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g) {
+      int64_t blk = kBlocks * g;
+      if (blk + kBlocks <= NB16) {
+        column<kBlocks>(xp, M, K, pp + blk * K2 * 32, K2, bp, N, blk * 16, yp);
+        continue;
+      }
+      for (; blk < NB16; ++blk) column<1>(xp, M, K, pp + blk * K2 * 32, K2, bp, N, blk * 16, yp);
+    }
+  });
+#endif
+  return y;
+}
