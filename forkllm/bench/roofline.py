@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from forkllm.models.config import ModelConfig
-from forkllm.models.llama import dense_linear
+from forkllm.models.llama import Linear, dense_linear
 
 
 @dataclass
@@ -40,14 +40,24 @@ def _best(fn, reps: int = 5) -> float:
 def measure_limits() -> MachineLimits:
     a = torch.ones(64 << 20)  # 256 MB of float32
     bw = a.numel() * 4 / _best(lambda: a.sum()) / 1e9
+    from forkllm.kernels import ops
+
     rates: dict[str, float] = {}
+    with torch.inference_mode():
+        _measure_gemms(rates, ops())
+    return MachineLimits(bw, rates)
+
+
+def _measure_gemms(rates: dict[str, float], kernels: object) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(1536, 576).to(dtype)
+        lin = Linear(576, 1536, bias=False).to(dtype)
+        lin.set_kernels(kernels)  # bf16 on AVX512-BF16 without AMX: the packed kernel
         for m in (64, 1024):
             x = torch.randn(m, 576).to(dtype)
-            t = _best(lambda x=x, w=w: dense_linear(x, w))  # the fastest GEMM path forkllm itself uses
+            # The best of oneDNN and the path forkllm's model takes: the limit is the machine's.
+            t = min(_best(lambda x=x, w=w: dense_linear(x, w)), _best(lambda x=x, lin=lin: lin(x)))
             rates[f"{str(dtype).removeprefix('torch.')}@{m}"] = 2 * m * 576 * 1536 / t / 1e9
-    return MachineLimits(bw, rates)
 
 
 def flops_per_token(cfg: ModelConfig, context: int) -> float:
