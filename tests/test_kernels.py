@@ -162,3 +162,35 @@ def test_shared_prefix_attention_bf16_matches_reference(d, hkv, group):
             ref = torch.softmax(scores, dim=-1) @ v
             assert (out[i].float().view(hkv, group, d) - ref).abs().max().item() < 2e-2
             assert torch.allclose(lse[i].view(hkv, group), torch.logsumexp(scores, -1), atol=1e-3)
+
+
+@packed
+def test_bf16_engine_with_packed_gemm_matches_pytorch_path():
+    """A bf16 engine whose matmuls go through the packed GEMM (tied logits included) scores the
+    prompt like the same engine on oneDNN/PyTorch ops, to bf16 rounding; turning the kernels off
+    restores every row-major weight exactly."""
+    from conftest import tiny_llm
+
+    from forkllm import SamplingParams
+
+    prompts = [[100 + i, 7, 8, 9] * (3 * i + 1) for i in range(4)]  # 4..40 tokens: several row counts
+    sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    fast = tiny_llm(dtype="bfloat16")
+    model = fast.engine.runner.model
+    assert model.packed_logits is not None
+    assert all(
+        layer.qkv_proj.packed is not None and layer.qkv_proj.weight.numel() == 0 for layer in model.layers
+    )
+    plain = tiny_llm(dtype="bfloat16")
+    plain.engine.runner.model.use_cpu_kernels(None)
+    a = fast.generate(prompts, sp, use_tqdm=False)
+    b = plain.generate(prompts, sp, use_tqdm=False)
+    for x, y in zip(a, b):
+        lx = [next(iter(p.values())).logprob for p in x.prompt_logprobs[1:]]
+        ly = [next(iter(p.values())).logprob for p in y.prompt_logprobs[1:]]
+        assert max(abs(u - v) for u, v in zip(lx, ly)) < 0.02  # seen: <= 0.0044
+    model.use_cpu_kernels(None)
+    ref = plain.engine.runner.model
+    assert model.packed_logits is None
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), ref.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
