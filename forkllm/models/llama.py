@@ -43,7 +43,7 @@ def packs(kernels: Any, w: torch.Tensor) -> bool:
 
 
 # oneDNN's float32 GEMM, called on plain dense tensors. On this AMD CPU it runs 2.2x torch's
-# default (MKL) sgemm at 64+ rows; bf16 matmuls already go to oneDNN through F.linear.
+# default (MKL) sgemm at 64+ rows; unpacked bf16 matmuls go to oneDNN through F.linear.
 _ONEDNN_F32 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -172,8 +172,10 @@ class LlamaForCausalLM(nn.Module):
         return self.norm.add_forward(x, delta)[1]
 
     def use_cpu_kernels(self, kernels: Any) -> None:
-        """Route small-batch matmuls (decode) through the C++ GEMV kernel and the norms, MLP
-        activation and rotary embedding through the fused elementwise kernels (None: PyTorch)."""
+        """Route matmuls through the C++ kernels (bf16 weights repacked for the packed GEMM where
+        it is compiled in, else the GEMV for decode-sized batches) and the norms, MLP activation
+        and rotary embedding through the fused elementwise kernels (None: PyTorch, weights
+        restored to their row-major layout)."""
         from forkllm.kernels import pack_weight
 
         self.kernels = kernels

@@ -176,7 +176,6 @@ void dispatch(const torch::Tensor& x, const torch::Tensor& w, const T* bias, tor
     case 7: return gemv<7, T>(x, w, bias, y);
     case 8: return gemv<8, T>(x, w, bias, y);
   }
-
   TORCH_CHECK(false, "small_linear: M must be 1..8");
 }
 
