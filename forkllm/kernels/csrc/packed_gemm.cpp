@@ -25,9 +25,10 @@ static inline int32_t pair_at(const c10::BFloat16* p) {
 
 // One tile: MB rows of x against NB 16-output blocks of P, over every k pair. `prefetch`: pull
 // the weights ahead while streaming them the first time (later tiles find them in L1/L2).
-template <int MB, int NB, bool prefetch>
+template <int MB, int NB>
 static inline void tile(const c10::BFloat16* __restrict x, int64_t K, const c10::BFloat16* __restrict P, int64_t K2,
-                        const c10::BFloat16* __restrict bias, int64_t N, int64_t n0, c10::BFloat16* __restrict y) {
+                        const c10::BFloat16* __restrict bias, int64_t N, int64_t n0, c10::BFloat16* __restrict y,
+                        bool prefetch) {
   __m512 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -57,21 +58,14 @@ static void column(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFlo
                    const c10::BFloat16* bias, int64_t N, int64_t n0, c10::BFloat16* y) {
   constexpr int T = NB == kBlocks ? kRows : 12;  // a lone block has registers for 12 rows
   int64_t m = 0;
-  if (M >= T) {
-    tile<T, NB, true>(x, K, P, K2, bias, N, n0, y);
-    m = T;
-  }
-  for (; m + T <= M; m += T) tile<T, NB, false>(x + m * K, K, P, K2, bias, N, n0, y + m * N);
+  for (; m + T <= M; m += T) tile<T, NB>(x + m * K, K, P, K2, bias, N, n0, y + m * N, m == 0);
   const bool first = m == 0;
+  x += m * K;
+  y += m * N;
   switch (M - m) {
-#define FORKLLM_REST(r)                                                                          \
-  case r:                                                                                        \
-    if constexpr (r < T) {                                                                       \
-      if (first)                                                                                 \
-        tile<r, NB, true>(x + m * K, K, P, K2, bias, N, n0, y + m * N);                          \
-      else                                                                                       \
-        tile<r, NB, false>(x + m * K, K, P, K2, bias, N, n0, y + m * N);                         \
-    }                                                                                            \
+#define FORKLLM_REST(r)                                              \
+  case r:                                                            \
+    if constexpr (r < T) tile<r, NB>(x, K, P, K2, bias, N, n0, y, first); \
     break;
     FORKLLM_REST(1) FORKLLM_REST(2) FORKLLM_REST(3) FORKLLM_REST(4) FORKLLM_REST(5) FORKLLM_REST(6)
     FORKLLM_REST(7) FORKLLM_REST(8) FORKLLM_REST(9) FORKLLM_REST(10) FORKLLM_REST(11)
