@@ -137,16 +137,18 @@ def test_engine_same_tokens_without_kernels():
     kernels is None or not kernels.shared_prefix_supported(64), reason="no AVX512-BF16 on this CPU"
 )
 @pytest.mark.parametrize("d, hkv, group", [(64, 3, 3), (32, 2, 2), (128, 1, 4), (16, 2, 2)])
-def test_shared_prefix_attention_bf16_matches_reference(d, hkv, group):
+@pytest.mark.parametrize("bs", [16, 5])
+def test_shared_prefix_attention_bf16_matches_reference(d, hkv, group, bs):
     """The fused bf16 kernel against fp32 softmax attention over each group's shared pages: groups
-    of 1, 5 and 23 members (23 x group rows spans several 64-row tasks), lengths off the 32-key chunk."""
+    of 1, 5 and 23 members (23 x group rows spans several 64-row tasks), lengths off the 16-key
+    chunk, pages of 16 and of 5 tokens (the kernel walks page boundaries inside a chunk)."""
     g = torch.Generator().manual_seed(d * hkv)
-    bs, nblocks = 16, 64
+    nblocks = 64
     kc = torch.randn(hkv, nblocks * bs, d, generator=g).to(torch.bfloat16)
     vc = torch.randn(hkv, nblocks * bs, d, generator=g).to(torch.bfloat16)
     members = [1, 5, 23]
     lens = torch.tensor([16, 37, 200])
-    pages = torch.stack([torch.randperm(nblocks, generator=g)[:13] for _ in members])
+    pages = torch.stack([torch.randperm(nblocks, generator=g)[: -(-200 // bs)] for _ in members])
     n = sum(members) + 3  # three decode rows belong to no group
     rows = torch.randperm(n, generator=g)[: sum(members)]
     offsets = torch.tensor([0, 1, 6, 29])

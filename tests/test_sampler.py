@@ -171,7 +171,14 @@ def test_prompt_logprobs_with_chunked_prefill():
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, min_p=0.05), SamplingParams(top_p=0.9)],
+    [
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=1.3, min_p=0.05),
+        SamplingParams(top_p=0.9),
+        SamplingParams(temperature=0.8, top_p=0.95),
+        SamplingParams(top_k=50),
+        SamplingParams(temperature=1.2, top_k=2000, top_p=0.8),
+    ],
 )
 def test_kernel_draws_the_pytorch_tokens(params):
     """The C++ sampler (every random row on CPU) draws the PyTorch path's token for the same

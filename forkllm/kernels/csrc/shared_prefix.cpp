@@ -2,7 +2,7 @@
 // for bf16 caches on CPUs with AVX512-BF16 (vdpbf16ps: two bf16 products per fp32 lane).
 // A group = decode rows whose block tables start with the same pages (forked samples, or
 // requests sharing a system prompt). One task = (group, kv head, up to 64 query rows): it streams
-// the shared keys in place, 32 at a time, for all its rows. Scores are kept as [key][16 rows] so
+// the shared keys in place, 16 at a time, for all its rows. Scores are kept as [key][16 rows] so
 // the online softmax is vertical (no horizontal reductions); probabilities and values are
 // repacked as bf16 pairs along the key axis so P.V is vdpbf16ps too. No score matrix, no gather.
 // Outputs each row's partial result and log-sum-exp for merging with the row's own keys.
@@ -15,13 +15,27 @@
 
 namespace {
 
-constexpr int CT = 32;     // keys per chunk
+constexpr int CT = 16;     // keys per chunk (16 beats 32 and 64: the working set stays in L1)
+
+// 2^x for finite x <= 0 (softmax weights in the log2 domain: the score scale carries log2 e):
+// degree-5 polynomial for the fraction (relative error 1.6e-7), scalef for the integer part.
+inline __m512 exp2_neg(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.327647129e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675541893e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402212024e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000119f));
+  return _mm512_scalef_ps(p, n);
+}
 constexpr int RMAX = 64;   // query rows per task (four vectors of 16)
 
 // S[t][row] = scale * q_row . k_t for NK keys and NB vectors of 16 rows (NK * NB accumulators).
 template <int NB, int NK>
 inline void qk_tile(const uint32_t* __restrict qt2, const uint32_t* const* kp, int npairs, float scale,
-                    float* __restrict s) {
+                    float* __restrict s, __m512* mx, int valid) {
   __m512 acc[NK][NB];
   for (int k = 0; k < NK; ++k)
     for (int j = 0; j < NB; ++j) acc[k][j] = _mm512_setzero_ps();
@@ -35,12 +49,20 @@ inline void qk_tile(const uint32_t* __restrict qt2, const uint32_t* const* kp, i
   }
   const __m512 sc = _mm512_set1_ps(scale);
   for (int k = 0; k < NK; ++k)
-    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(s + k * RMAX + j * 16, _mm512_mul_ps(acc[k][j], sc));
+    for (int j = 0; j < NB; ++j) {
+      const __m512 v = _mm512_mul_ps(acc[k][j], sc);
+      _mm512_storeu_ps(s + k * RMAX + j * 16, v);
+      if (k < valid) mx[j] = _mm512_max_ps(mx[j], v);  // keys past the chunk's end are ignored
+    }
 }
 
 template <int NB, int NK>
-inline void qk_chunk(const uint32_t* qt2, const uint32_t* const* kp, int nv, int npairs, float scale, float* s) {
-  for (int t0 = 0; t0 < nv; t0 += NK) qk_tile<NB, NK>(qt2, kp + t0, npairs, scale, s + t0 * RMAX);
+inline void qk_chunk(const uint32_t* qt2, const uint32_t* const* kp, int nv, int npairs, float scale, float* s,
+                     float* mxo) {
+  __m512 mx[NB];
+  for (int j = 0; j < NB; ++j) mx[j] = _mm512_set1_ps(-INFINITY);
+  for (int t0 = 0; t0 < nv; t0 += NK) qk_tile<NB, NK>(qt2, kp + t0, npairs, scale, s + t0 * RMAX, mx, nv - t0);
+  for (int j = 0; j < NB; ++j) _mm512_storeu_ps(mxo + j * 16, mx[j]);
 }
 
 // O[row] = O[row] * corr[row] + sum_t p[t][row] v[t] for NR rows, keys in bf16 pairs.
@@ -78,6 +100,7 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
           const int64_t* __restrict pages, int64_t ntok, int64_t block_size, float scale,
           c10::BFloat16* __restrict obase, float* __restrict lbase, int64_t h) {
   constexpr int NP = D / 2;  // bf16 pairs per head vector
+  const float scale2 = scale * 1.44269504088896341f;  // scores in log2 units: softmax by exp2
   const int R = (int)nr_rows, RV = (R + 15) / 16;
   alignas(64) uint32_t qt2[NP * RMAX];
   alignas(64) float s[(CT + 8) * RMAX];  // key tiles may run past CT
@@ -103,12 +126,21 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
   const uint32_t* kp[CT + 8];  // padded so the last key tile may run past nv
   const uint16_t* vp[CT];
   for (int t = CT; t < CT + 8; ++t) kp[t] = reinterpret_cast<const uint32_t*>(zeros);
-  for (int64_t c = 0; c < ntok; c += CT) {
+  // Key slots, walked page by page (no divisions): slots[cur] this chunk, slots[cur ^ 1] the next.
+  int64_t page = 0, in_page = 0;
+  auto next_slot = [&]() {
+    const int64_t slot = pages[page] * block_size + in_page;
+    if (++in_page == block_size) in_page = 0, ++page;
+    return slot;
+  };
+  alignas(64) int64_t slots[2][CT];
+  for (int t = 0; t < std::min<int64_t>(CT, ntok); ++t) slots[0][t] = next_slot();
+  alignas(64) float mxc[RMAX];
+  for (int64_t c = 0, cur = 0; c < ntok; c += CT, cur ^= 1) {
     const int nv = (int)std::min<int64_t>(CT, ntok - c);
     for (int t = 0; t < CT; ++t) {
       if (t < nv) {
-        const int64_t pos = c + t;
-        const int64_t slot = pages[pos / block_size] * block_size + pos % block_size;
+        const int64_t slot = slots[cur][t];
         kp[t] = reinterpret_cast<const uint32_t*>(kc + slot * D);
         vp[t] = reinterpret_cast<const uint16_t*>(vc + slot * D);
       } else {
@@ -117,33 +149,33 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
       }
     }
     // The next chunk's keys and values are fetched from memory while this one computes.
-    for (int64_t pos = c + CT; pos < std::min<int64_t>(c + 2 * CT, ntok); ++pos) {
-      const int64_t slot = pages[pos / block_size] * block_size + pos % block_size;
+    const int nn = (int)std::min<int64_t>(CT, ntok - c - CT);
+    for (int t = 0; t < nn; ++t) {
+      const int64_t slot = slots[cur ^ 1][t] = next_slot();
       for (int b = 0; b < D * 2; b += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(kc + slot * D) + b, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(vc + slot * D) + b, _MM_HINT_T0);
       }
     }
     switch (RV) {
-      case 1: qk_chunk<1, 8>(qt2, kp, nv, NP, scale, s); break;
-      case 2: qk_chunk<2, 8>(qt2, kp, nv, NP, scale, s); break;
-      case 3: qk_chunk<3, 8>(qt2, kp, nv, NP, scale, s); break;
-      default: qk_chunk<4, 6>(qt2, kp, nv, NP, scale, s); break;
+      case 1: qk_chunk<1, 8>(qt2, kp, nv, NP, scale2, s, mxc); break;
+      case 2: qk_chunk<2, 8>(qt2, kp, nv, NP, scale2, s, mxc); break;
+      case 3: qk_chunk<3, 8>(qt2, kp, nv, NP, scale2, s, mxc); break;
+      default: qk_chunk<4, 6>(qt2, kp, nv, NP, scale2, s, mxc); break;
     }
     // Online softmax, 16 rows per vector; keys past nv get probability 0.
     for (int rv = 0; rv < RV; ++rv) {
-      __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (int t = 0; t < nv; ++t) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + t * RMAX + rv * 16));
       const __m512 mo = _mm512_loadu_ps(m + rv * 16);
-      const __m512 mn = _mm512_max_ps(mo, mx);
-      const __m512 cr = exp512(_mm512_sub_ps(mo, mn));
+      const __m512 mn = _mm512_max_ps(mo, _mm512_loadu_ps(mxc + rv * 16));
+      // mo is -inf before the first chunk: the clamp makes its weight 2^-126 * 0 terms, i.e. 0.
+      const __m512 cr = exp2_neg(_mm512_max_ps(_mm512_sub_ps(mo, mn), _mm512_set1_ps(-126.f)));
       __m512 sum = _mm512_setzero_ps();
-      for (int t = 0; t < CT; ++t) {
-        __m512 p = _mm512_setzero_ps();
-        if (t < nv) p = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t * RMAX + rv * 16), mn));
+      for (int t = 0; t < nv; ++t) {
+        const __m512 p = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(s + t * RMAX + rv * 16), mn));
         sum = _mm512_add_ps(sum, p);
         _mm512_storeu_ps(s + t * RMAX + rv * 16, p);
       }
+      for (int t = nv; t < CT; ++t) _mm512_storeu_ps(s + t * RMAX + rv * 16, _mm512_setzero_ps());
       _mm512_storeu_ps(m + rv * 16, mn);
       _mm512_storeu_ps(l + rv * 16, _mm512_fmadd_ps(_mm512_loadu_ps(l + rv * 16), cr, sum));
       _mm512_storeu_ps(corr + rv * 16, cr);
@@ -175,7 +207,7 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
     c10::BFloat16* out = obase + (member * hq + hh) * D;  // outputs are in member order
     for (int d = 0; d < D; ++d) out[d] = static_cast<c10::BFloat16>(o[r * D + d] * inv);
-    lbase[member * hq + hh] = l[r] > 0.f ? m[r] + std::log(l[r]) : -INFINITY;
+    lbase[member * hq + hh] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * 0.693147180559945309f : -INFINITY;
   }
 }
 
