@@ -53,6 +53,10 @@ def test_packed_linear_matches_float32(m, n, k):
         out = kernels.packed_linear(x, p, n, bias)
         assert out.dtype == torch.bfloat16 and out.shape == (m, n)
         assert torch.allclose(out.float(), ref, rtol=2**-8, atol=1e-3 * ref.abs().max().item())
+        # float_out (the logits) keeps the accumulators: the bf16 result is exactly its rounding.
+        out32 = kernels.packed_linear(x, p, n, bias, True)
+        assert out32.dtype == torch.float32 and torch.equal(out32.to(torch.bfloat16), out)
+        assert torch.allclose(out32, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 @packed
@@ -196,3 +200,24 @@ def test_bf16_engine_with_packed_gemm_matches_pytorch_path():
     assert model.packed_logits is None
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), ref.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+@pytest.mark.skipif(kernels is None, reason="C++ kernels could not be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_matches_index_copy(dtype):
+    """The cache write kernel stores strided k / v head vectors (views of a fused qkv output)
+    exactly where index_copy_ does, and rejects slots outside the cache."""
+    g = torch.Generator().manual_seed(5)
+    t, hq, hkv, d, slots_total = 37, 6, 2, 32, 200
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    slots = torch.randperm(slots_total, generator=g)[:t]
+    ref = torch.zeros(2, hkv, slots_total, d, dtype=dtype)
+    ref[0].index_copy_(1, slots, k.transpose(0, 1))
+    ref[1].index_copy_(1, slots, v.transpose(0, 1))
+    out = torch.zeros_like(ref)
+    kernels.kv_write_(out, slots, k, v)
+    assert torch.equal(out, ref)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernels.kv_write_(out, torch.full((t,), slots_total), k, v)

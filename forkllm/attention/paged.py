@@ -70,13 +70,18 @@ class PagedAttention:
         self.meta = meta
         self.block_size = block_size
         self.scale = scale
+        # Looked up once per step, not per layer; None on GPUs or when the kernels are off.
+        self.kernels = ops() if kv_caches and kv_caches[0].device.type == "cpu" else None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
         cache = self.kv_caches[layer]
         slots = meta.slot_mapping
-        cache[0].index_copy_(1, slots, k.transpose(0, 1))
-        cache[1].index_copy_(1, slots, v.transpose(0, 1))
+        if self.kernels is not None:
+            self.kernels.kv_write_(cache, slots, k, v)
+        else:
+            cache[0].index_copy_(1, slots, k.transpose(0, 1))
+            cache[1].index_copy_(1, slots, v.transpose(0, 1))
         nd = meta.num_decode
         if nd == q.shape[0]:
             return self._decode(cache, q)
@@ -100,7 +105,7 @@ class PagedAttention:
         assert lse is not None
         p_out, p_lse = self._shared_prefix(cache, q, shared)
         rows = shared.member_rows
-        kernels = ops() if shared.kernel else None
+        kernels = self.kernels if shared.kernel else None
         if kernels is not None:
             kernels.merge_attention_(out, lse, rows, p_out.contiguous(), p_lse.contiguous())
             return out
@@ -118,7 +123,7 @@ class PagedAttention:
         meta = self.meta
         assert meta.decode_tables is not None and meta.decode_ctx_lens is not None
         if meta.decode_kernel:
-            kernels = ops()
+            kernels = self.kernels
             assert kernels is not None
             res = kernels.paged_decode(
                 q.contiguous(),
@@ -158,7 +163,7 @@ class PagedAttention:
         several times the FMA rate of per-row attention code).
         Returns (out [members, hq, d], lse [members, hq]) in member order."""
         if g.fused:
-            kernels = ops()
+            kernels = self.kernels
             assert kernels is not None
             out, lse = kernels.shared_prefix_attention(
                 q.contiguous(),
@@ -183,7 +188,7 @@ class PagedAttention:
         q_pad = torch.cat([q * self.scale, q.new_zeros(1, hq, d)])[g.rows]  # [ng, mmax, hq, d]
         qg = q_pad.view(ng, mmax, hkv, group, d).permute(2, 0, 1, 3, 4).reshape(hkv * ng, rows, d)
         scores = torch.bmm(qg, kv[0].transpose(1, 2))  # [hkv*ng, rows, keys]
-        kernels = ops() if g.kernel else None
+        kernels = self.kernels if g.kernel else None
         if kernels is not None:
             lse = kernels.softmax_lse_(scores, g.lens.repeat(hkv))
             probs = scores

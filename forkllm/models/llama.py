@@ -193,13 +193,14 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits in float32 for the selected rows only."""
-        if self.lm_head is not None:
-            return self.lm_head(hidden).float()
+        head = self.lm_head
+        if head is not None and head.packed is not None:  # float32 straight from the accumulators
+            return self.kernels.packed_linear(hidden.contiguous(), head.packed, head.out_features, head.bias, True)
+        if head is not None:
+            return head(hidden).float()
         w = self.embed_tokens.weight
         if self.packed_logits is not None:
-            return self.kernels.packed_linear(
-                hidden.contiguous(), self.packed_logits, w.shape[0], None
-            ).float()
+            return self.kernels.packed_linear(hidden.contiguous(), self.packed_logits, w.shape[0], None, True)
         if self.kernels is not None and 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
             return self.kernels.small_linear(hidden.contiguous(), w, None).float()
         return dense_linear(hidden, w).float()

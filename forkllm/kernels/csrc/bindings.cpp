@@ -18,9 +18,11 @@ torch::Tensor sample_filtered(torch::Tensor logits, torch::Tensor temps, torch::
 torch::Tensor add_rms_norm_(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor w, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
 void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
+void kv_write_(torch::Tensor cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v);
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool packed_linear_supported();
-torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias);
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias,
+                            bool float_out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged attention for single-query rows over [start, ctx)");
@@ -33,7 +35,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "x += delta (optional, in place); returns rms_norm(x) * w");
   m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused [T, 2I] gate_up");
   m.def("rope_", &rope_, "rotary embedding in place from float32 cos/sin tables");
+  m.def("kv_write_", &kv_write_, "the step's keys and values into their cache slots (strided k, v allowed)");
   m.def("small_linear", &small_linear, "x @ w.T (+ bias) for 1..8 rows, multi-threaded");
-  m.def("packed_linear", &packed_linear, "bf16 x @ w.T (+ bias), any rows, w packed by pack_weight");
+  m.def("packed_linear", &packed_linear, "bf16 x @ w.T (+ bias), any rows, w packed by pack_weight", py::arg("x"),
+        py::arg("P"), py::arg("N"), py::arg("bias"), py::arg("float_out") = false);
   m.def("packed_linear_supported", &packed_linear_supported, "whether packed_linear is compiled in (AVX512-BF16, no AMX)");
 }

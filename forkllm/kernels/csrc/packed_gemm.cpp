@@ -25,9 +25,9 @@ static inline int32_t pair_at(const c10::BFloat16* p) {
 
 // One tile: MB rows of x against NB 16-output blocks of P, over every k pair. `prefetch`: pull
 // the weights ahead while streaming them the first time (later tiles find them in L1/L2).
-template <int MB, int NB>
+template <int MB, int NB, typename OutT>
 static inline void tile(const c10::BFloat16* __restrict x, int64_t K, const c10::BFloat16* __restrict P, int64_t K2,
-                        const c10::BFloat16* __restrict bias, int64_t N, int64_t n0, c10::BFloat16* __restrict y,
+                        const c10::BFloat16* __restrict bias, int64_t N, int64_t n0, OutT* __restrict y,
                         bool prefetch) {
   __m512 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
@@ -53,19 +53,19 @@ static inline void tile(const c10::BFloat16* __restrict x, int64_t K, const c10:
 }
 
 // Every row of x against NB blocks starting at output n0.
-template <int NB>
+template <int NB, typename OutT>
 static void column(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* P, int64_t K2,
-                   const c10::BFloat16* bias, int64_t N, int64_t n0, c10::BFloat16* y) {
+                   const c10::BFloat16* bias, int64_t N, int64_t n0, OutT* y) {
   constexpr int T = NB == kBlocks ? kRows : 12;  // a lone block has registers for 12 rows
   int64_t m = 0;
-  for (; m + T <= M; m += T) tile<T, NB>(x + m * K, K, P, K2, bias, N, n0, y + m * N, m == 0);
+  for (; m + T <= M; m += T) tile<T, NB, OutT>(x + m * K, K, P, K2, bias, N, n0, y + m * N, m == 0);
   const bool first = m == 0;
   x += m * K;
   y += m * N;
   switch (M - m) {
 #define FORKLLM_REST(r)                                              \
   case r:                                                            \
-    if constexpr (r < T) tile<r, NB>(x, K, P, K2, bias, N, n0, y, first); \
+    if constexpr (r < T) tile<r, NB, OutT>(x, K, P, K2, bias, N, n0, y, first); \
     break;
     FORKLLM_REST(1) FORKLLM_REST(2) FORKLLM_REST(3) FORKLLM_REST(4) FORKLLM_REST(5) FORKLLM_REST(6)
     FORKLLM_REST(7) FORKLLM_REST(8) FORKLLM_REST(9) FORKLLM_REST(10) FORKLLM_REST(11)
@@ -85,8 +85,9 @@ bool packed_linear_supported() {
 }
 
 // x [M, K] bf16 contiguous; P [ceil(N/16), K/2, 16, 2] bf16 from forkllm.kernels.pack_weight;
-// bias [N] or none.
-torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias) {
+// bias [N] or none. float_out: y in float32 (the logits: no bf16 rounding, no conversion pass).
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias,
+                            bool float_out) {
   TORCH_CHECK(packed_linear_supported(), "packed_linear: needs AVX512-BF16 (and is not used with AMX)");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
               "packed_linear: expected contiguous bfloat16 x [M, K]");
@@ -97,24 +98,27 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::op
   TORCH_CHECK(!has_bias || (bias->numel() == N && bias->is_contiguous() && bias->scalar_type() == torch::kBFloat16),
               "packed_linear: bias must be a contiguous bfloat16 [N]");
   const int64_t M = x.size(0);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = torch::empty({M, N}, x.options().dtype(float_out ? torch::kFloat : torch::kBFloat16));
 #ifdef FORKLLM_PACKED_GEMM
+  if (M == 0) return y;
   const int64_t K = x.size(1), K2 = P.size(1), NB16 = P.size(0);
   const auto* xp = x.data_ptr<c10::BFloat16>();
   const auto* pp = P.data_ptr<c10::BFloat16>();
   const c10::BFloat16* bp = has_bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
-  auto* yp = y.data_ptr<c10::BFloat16>();
-  if (M == 0) return y;
-  at::parallel_for(0, (NB16 + kBlocks - 1) / kBlocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t g = b; g < e; ++g) {
-      int64_t blk = kBlocks * g;
-      if (blk + kBlocks <= NB16) {
-        column<kBlocks>(xp, M, K, pp + blk * K2 * 32, K2, bp, N, blk * 16, yp);
-        continue;
+  auto run = [&](auto* yp) {
+    at::parallel_for(0, (NB16 + kBlocks - 1) / kBlocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t g = b; g < e; ++g) {
+        int64_t blk = kBlocks * g;
+        if (blk + kBlocks <= NB16) {
+          column<kBlocks>(xp, M, K, pp + blk * K2 * 32, K2, bp, N, blk * 16, yp);
+          continue;
+        }
+        for (; blk < NB16; ++blk) column<1>(xp, M, K, pp + blk * K2 * 32, K2, bp, N, blk * 16, yp);
       }
-      for (; blk < NB16; ++blk) column<1>(xp, M, K, pp + blk * K2 * 32, K2, bp, N, blk * 16, yp);
-    }
-  });
+    });
+  };
+  if (float_out) run(y.data_ptr<float>());
+  else run(y.data_ptr<c10::BFloat16>());
 #endif
   return y;
 }
