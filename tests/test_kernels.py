@@ -221,3 +221,54 @@ def test_kv_write_matches_index_copy(dtype):
     assert torch.equal(out, ref)
     with pytest.raises(RuntimeError, match="slot out of range"):
         kernels.kv_write_(out, torch.full((t,), slots_total), k, v)
+
+
+@pytest.mark.skipif(
+    kernels is None or not kernels.shared_prefix_supported(64), reason="no AVX512-BF16 on this CPU"
+)
+@pytest.mark.parametrize("d, hkv, group", [(64, 3, 3), (16, 2, 2), (128, 1, 4)])
+@pytest.mark.parametrize("bs", [16, 5])
+def test_shared_prefix_decode_complete_matches_reference(d, hkv, group, bs):
+    """The in-place variant: each grouped row attends to its group's shared pages and then to its
+    own pages (0 to 40 own keys, ending mid-page), and gets the full softmax attention written to
+    its decode row; rows outside every group are left untouched."""
+    g = torch.Generator().manual_seed(d + bs)
+    nblocks = 200
+    kc = torch.randn(hkv, nblocks * bs, d, generator=g).to(torch.bfloat16)
+    vc = torch.randn(hkv, nblocks * bs, d, generator=g).to(torch.bfloat16)
+    members, shared_pages = [2, 23], [3, -(-70 // bs)]
+    n = sum(members) + 2
+    perm = torch.randperm(nblocks, generator=g).tolist()
+    shared = [perm[:3], perm[3 : 3 + shared_pages[1]]]
+    free = perm[3 + shared_pages[1] :]
+    rows = torch.randperm(n, generator=g)[: sum(members)]
+    own_len = torch.randint(0, 41, (n,), generator=g)
+    npages = max(shared_pages) + -(-40 // bs) + 1
+    tables = torch.zeros(n, npages, dtype=torch.long)
+    ctx = torch.zeros(n, dtype=torch.long)
+    offsets = [0, members[0], sum(members)]
+    for gi in range(2):
+        for i in range(offsets[gi], offsets[gi + 1]):
+            r = rows[i].item()
+            own_pages = [free.pop() for _ in range(-(-own_len[r].item() // bs))]
+            tables[r, : shared_pages[gi] + len(own_pages)] = torch.tensor(shared[gi] + own_pages)
+            ctx[r] = shared_pages[gi] * bs + own_len[r]
+    pages = torch.zeros(2, max(shared_pages), dtype=torch.long)
+    for gi in range(2):
+        pages[gi, : shared_pages[gi]] = torch.tensor(shared[gi])
+    lens = torch.tensor([sp * bs for sp in shared_pages])
+    q = (torch.randn(n, hkv * group, d, generator=g) * 3).to(torch.bfloat16)
+    out = torch.full_like(q, 7.0)
+    kernels.shared_prefix_decode_(
+        out, q, kc, vc, pages, lens, rows, torch.tensor(offsets), tables, ctx, bs, d**-0.5
+    )
+    grouped = set(rows.tolist())
+    for r in range(n):
+        if r not in grouped:
+            assert (out[r] == 7.0).all()
+            continue
+        slots = (tables[r][:, None] * bs + torch.arange(bs)).reshape(-1)[: ctx[r]]
+        k, v = kc[:, slots].float(), vc[:, slots].float()
+        qq = q[r].float().view(hkv, group, d)
+        ref = torch.softmax(qq @ k.transpose(-1, -2) * d**-0.5, dim=-1) @ v
+        assert (out[r].float().view(hkv, group, d) - ref).abs().max().item() < 2e-2

@@ -48,6 +48,10 @@ class SharedPrefixGroups:
     offsets: torch.Tensor  # [groups + 1] where each group's members start in member_rows
     kernel: bool = False  # C++ softmax and merge kernels around the gather + matmul path
     fused: bool = False  # one C++ kernel (bf16, AVX512-BF16) reading the shared pages in place
+    # The fused kernel also runs each member's own keys and writes final outputs (no merge); the
+    # per-row decode kernel then only sees ungrouped rows (grouped rows start at their context end).
+    complete: bool = False
+    all_rows: bool = False  # every decode row is grouped: no per-row pass at all
 
 
 @dataclass
@@ -99,6 +103,25 @@ class PagedAttention:
     def _decode(self, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         meta = self.meta
         shared = meta.shared
+        if shared is not None and shared.complete:
+            assert self.kernels is not None and meta.decode_tables is not None
+            q = q.contiguous()
+            out = torch.empty_like(q) if shared.all_rows else self._decode_own(cache, q, want_lse=False)[0]
+            self.kernels.shared_prefix_decode_(
+                out,
+                q,
+                cache[0],
+                cache[1],
+                shared.pages,
+                shared.lens,
+                shared.member_rows,
+                shared.offsets,
+                meta.decode_tables,
+                meta.decode_ctx_lens,
+                self.block_size,
+                self.scale,
+            )
+            return out
         out, lse = self._decode_own(cache, q, want_lse=shared is not None)
         if shared is None:
             return out

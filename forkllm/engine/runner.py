@@ -213,7 +213,8 @@ class ModelRunner:
             for j, r in enumerate(rows):
                 member_index.append(gi * max_members + j)
                 member_rows.append(r)
-                starts[r] = sh * bs
+                # complete (fused) groups run the row's own keys too: nothing left for the row pass
+                starts[r] = ctx_lens[r] if self.shared_fused else sh * bs
         offsets = [0]
         for rows, _ in groups:
             offsets.append(offsets[-1] + len(rows))
@@ -227,6 +228,8 @@ class ModelRunner:
             torch.tensor(offsets, dtype=torch.long),
             kernel=self.shared_kernel,
             fused=self.shared_fused,
+            complete=self.shared_fused,
+            all_rows=len(member_rows) == n,
         )
         return starts
 

@@ -9,6 +9,9 @@ bool paged_decode_supports(int64_t d, int64_t g);
 std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
                                                    torch::Tensor pages, torch::Tensor lens, torch::Tensor rows,
                                                    torch::Tensor offsets, int64_t block_size, double scale);
+void shared_prefix_decode_(torch::Tensor out, torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
+                           torch::Tensor pages, torch::Tensor lens, torch::Tensor rows, torch::Tensor offsets,
+                           torch::Tensor tables, torch::Tensor ctx_lens, int64_t block_size, double scale);
 bool shared_prefix_supported(int64_t d);
 torch::Tensor softmax_lse_(torch::Tensor scores, torch::Tensor valid);
 void merge_attention_(torch::Tensor out, torch::Tensor s_lse, torch::Tensor rows, torch::Tensor p_out,
@@ -28,6 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged attention for single-query rows over [start, ctx)");
   m.def("paged_decode_supports", &paged_decode_supports, "whether (head_dim, group) is compiled in");
   m.def("shared_prefix_attention", &shared_prefix_attention, "many query rows over one shared run of pages");
+  m.def("shared_prefix_decode_", &shared_prefix_decode_, "complete decode attention of grouped rows, in place");
   m.def("shared_prefix_supported", &shared_prefix_supported, "whether head_dim is compiled in");
   m.def("softmax_lse_", &softmax_lse_, "in-place softmax with masking past valid lengths; returns lse");
   m.def("sample_filtered", &sample_filtered, "temperature + min-p + top-k/top-p + inverse-CDF draw per row");

@@ -10,6 +10,17 @@
 #include <algorithm>
 #include <type_traits>
 #include <vector>
+
+// Where a task's rows end up. Partial (own == nullptr): attention over the shared keys only, with
+// its log-sum-exp, in member order, for merging with each row's own keys later. Complete: each
+// row also runs over its own keys (decode row rows[member]'s table from lens[group] to its
+// context length) and the final output goes straight to out[rows[member]].
+struct OwnKeys {
+  const int64_t* tables;  // [decode rows, stride]
+  int64_t stride;
+  const int64_t* ctx;  // [decode rows]
+};
+
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 
@@ -94,11 +105,103 @@ void pv_rows(float* o, const float* corr, const uint32_t* p2, const uint32_t* v2
   for (; nr > 0; ++r0, --nr) pv_tile<D, 1>(o + r0 * D, corr + r0, p2 + r0, v2);
 }
 
+// Own keys after the shared prefix, for the G query heads of one member that share a kv head:
+// continues each row's online-softmax state (o [G][D] unnormalised fp32, m and l in log2 units)
+// over positions [start, ctx) of the member's block table, 16 keys per step. Each key and value
+// is loaded once for the G heads; 16 scores per head come from one transpose-add tree, exp2 runs
+// on all 16 at once, p.v is vdpbf16ps on (v[t], v[t+1]) pairs. A few dozen keys per member, so
+// no blocking across members.
+template <int D, int G>
+void own_rows(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict kc,
+              const c10::BFloat16* __restrict vc, const int64_t* __restrict table, int64_t start, int64_t ctx,
+              int64_t block_size, float scale2, float* __restrict o, float* m, float* l) {
+  if (start >= ctx) return;
+  constexpr int DZ = (D + 31) / 32, DV = D / 16;
+  constexpr __mmask32 last = D % 32 ? (__mmask32)((1u << (D % 32)) - 1u) : ~(__mmask32)0;
+  alignas(64) static const uint16_t zeros[D] = {};
+  __m512i qv[G][DZ];
+  __m512 acc[G][DV];
+  for (int g = 0; g < G; ++g) {
+    for (int j = 0; j < DZ; ++j) qv[g][j] = _mm512_maskz_loadu_epi16(j + 1 < DZ ? ~(__mmask32)0 : last, q + g * D + j * 32);
+    for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_loadu_ps(o + g * D + j * 16);
+  }
+  __m512 part[G][16];
+  const uint16_t* vrow[16];
+  alignas(64) uint32_t pp[G][8];
+  int64_t page = start / block_size, in_page = start % block_size;
+  for (int64_t c = start; c < ctx; c += 16) {
+    const int nv = (int)std::min<int64_t>(16, ctx - c);
+    for (int t = 0; t < 16; ++t) {
+      if (t >= nv) {
+        for (int g = 0; g < G; ++g) part[g][t] = _mm512_setzero_ps();
+        vrow[t] = zeros;
+        continue;
+      }
+      const int64_t slot = table[page] * block_size + in_page;
+      if (++in_page == block_size) in_page = 0, ++page;
+      const c10::BFloat16* k = kc + slot * D;
+      vrow[t] = reinterpret_cast<const uint16_t*>(vc + slot * D);
+      __m512i kv[DZ];
+      for (int j = 0; j < DZ; ++j) kv[j] = _mm512_maskz_loadu_epi16(j + 1 < DZ ? ~(__mmask32)0 : last, k + j * 32);
+      for (int g = 0; g < G; ++g) {
+        __m512 d = _mm512_setzero_ps();
+        for (int j = 0; j < DZ; ++j) d = _mm512_dpbf16_ps(d, as_bh(qv[g][j]), as_bh(kv[j]));
+        part[g][t] = d;
+      }
+    }
+    const __mmask16 live = (__mmask16)((1u << nv) - 1u);
+    for (int g = 0; g < G; ++g) {
+      const __m512 sv = _mm512_mul_ps(hsum16(part[g]), _mm512_set1_ps(scale2));
+      const float nm = std::max(m[g], _mm512_reduce_max_ps(_mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sv)));
+      const float corr = m[g] == -INFINITY ? 0.f : std::exp2(m[g] - nm);
+      for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_mul_ps(acc[g][j], _mm512_set1_ps(corr));
+      const __m512 pv = _mm512_maskz_mov_ps(live, exp2_neg(_mm512_min_ps(_mm512_sub_ps(sv, _mm512_set1_ps(nm)), _mm512_setzero_ps())));
+      l[g] = l[g] * corr + _mm512_reduce_add_ps(pv);
+      m[g] = nm;
+      const __m256bh pb = _mm512_cvtneps_pbh(pv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), reinterpret_cast<const __m256i&>(pb));
+    }
+    for (int tp = 0; tp < (nv + 1) / 2; ++tp) {
+      __m512i vv[DV];  // (v[t][d], v[t+1][d]) pairs, 16 dimensions per zmm
+      for (int j = 0; j < DZ; ++j) {
+        const __mmask32 mk = j + 1 < DZ ? ~(__mmask32)0 : last;
+        const __m512i a = _mm512_maskz_loadu_epi16(mk, vrow[2 * tp] + j * 32);
+        const __m512i b = _mm512_maskz_loadu_epi16(mk, vrow[2 * tp + 1] + j * 32);
+        vv[2 * j] = pair_lo(a, b);
+        if (2 * j + 1 < DV) vv[2 * j + 1] = pair_hi(a, b);
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m512bh pt = as_bh(_mm512_set1_epi32((int)pp[g][tp]));
+        for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], pt, as_bh(vv[j]));
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < DV; ++j) _mm512_storeu_ps(o + g * D + j * 16, acc[g][j]);
+}
+
+// own_rows for n consecutive heads of one member: all n at once where compiled (the usual GQA
+// group sizes), else one at a time.
+template <int D>
+void own_heads(int n, const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
+               const int64_t* table, int64_t start, int64_t ctx, int64_t block_size, float scale2, float* o,
+               float* m, float* l) {
+  switch (n) {
+#define FORKLLM_OWN(G) \
+  case G: return own_rows<D, G>(q, kc, vc, table, start, ctx, block_size, scale2, o, m, l);
+    FORKLLM_OWN(2) FORKLLM_OWN(3) FORKLLM_OWN(4) FORKLLM_OWN(6) FORKLLM_OWN(8)
+#undef FORKLLM_OWN
+    default:
+      for (int g = 0; g < n; ++g)
+        own_rows<D, 1>(q + g * D, kc, vc, table, start, ctx, block_size, scale2, o + g * D, m + g, l + g);
+  }
+}
+
 template <int D>
 void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, const int64_t* rows, int64_t r_first,
           int64_t nr_rows, const c10::BFloat16* __restrict kc, const c10::BFloat16* __restrict vc,
           const int64_t* __restrict pages, int64_t ntok, int64_t block_size, float scale,
-          c10::BFloat16* __restrict obase, float* __restrict lbase, int64_t h) {
+          c10::BFloat16* __restrict obase, float* __restrict lbase, int64_t h, const OwnKeys* own) {
   constexpr int NP = D / 2;  // bf16 pairs per head vector
   const float scale2 = scale * 1.44269504088896341f;  // scores in log2 units: softmax by exp2
   const int R = (int)nr_rows, RV = (R + 15) / 16;
@@ -202,7 +305,21 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
       }
     pv_rows<D>(o, corr, p2, v2, 0, R);
   }
-  for (int r = 0; r < R; ++r) {
+  if (own)  // complete: each member's own keys (its heads in this task together), then final outputs
+    for (int r = 0; r < R;) {
+      const int64_t fr = r_first + r, member = fr / group, head = fr % group;
+      const int n = (int)std::min<int64_t>(group - head, R - r);  // this member's heads in the task
+      const int64_t row = rows[member];
+      own_heads<D>(n, qbase + (row * hq + h * group + head) * D, kc, vc, own->tables + row * own->stride, ntok,
+                   own->ctx[row], block_size, scale2, o + r * D, m + r, l + r);
+      for (int g = 0; g < n; ++g) {
+        const float inv = l[r + g] > 0.f ? 1.f / l[r + g] : 0.f;
+        c10::BFloat16* out = obase + (row * hq + h * group + head + g) * D;
+        for (int d = 0; d < D; ++d) out[d] = static_cast<c10::BFloat16>(o[(r + g) * D + d] * inv);
+      }
+      r += n;
+    }
+  for (int r = 0; r < R && !own; ++r) {
     const int64_t fr = r_first + r, member = fr / group, hh = h * group + fr % group;
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
     c10::BFloat16* out = obase + (member * hq + hh) * D;  // outputs are in member order
@@ -214,7 +331,7 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
 template <int D>
 void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const torch::Tensor& pages,
          const torch::Tensor& lens, const torch::Tensor& rows, const torch::Tensor& offsets, int64_t block_size,
-         double scale, torch::Tensor& out, torch::Tensor& lse) {
+         double scale, torch::Tensor& out, float* lp, const OwnKeys* own) {
   const int64_t hq = q.size(1), hkv = kc.size(0), group = hq / hkv, slots = kc.size(1);
   const int64_t ng = pages.size(0);
   const auto* qp = q.data_ptr<c10::BFloat16>();
@@ -225,7 +342,6 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
   const int64_t* rw = rows.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   auto* op = out.data_ptr<c10::BFloat16>();
-  float* lp = lse.data_ptr<float>();
   // Tasks: (group, kv head, block of <= RMAX query rows); a group's rows are member * group + head.
   std::vector<int64_t> task_group, task_first;
   for (int64_t g = 0; g < ng; ++g)
@@ -240,7 +356,8 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
       const int64_t first = off[g], count = off[g + 1] - off[g];
       const int64_t nrows = std::min<int64_t>(RMAX, count * group - task_first[t]);
       task<D>(qp, hq, group, rw + first, task_first[t], nrows, kp + h * slots * D, vp + h * slots * D,
-              pg + g * pages.size(1), ln[g], block_size, (float)scale, op + first * hq * D, lp + first * hq, h);
+              pg + g * pages.size(1), ln[g], block_size, (float)scale, own ? op : op + first * hq * D,
+              own ? nullptr : lp + first * hq, h, own);
     }
   });
 }
@@ -248,28 +365,57 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
 }  // namespace
 #endif
 
+namespace {
+void check(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc) {
+  TORCH_CHECK(q.is_contiguous() && kc.is_contiguous() && vc.is_contiguous(), "contiguous inputs expected");
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && kc.scalar_type() == torch::kBFloat16 &&
+                  vc.scalar_type() == torch::kBFloat16,
+              "shared_prefix_attention: bf16 queries and cache expected");
+}
+
+void dispatch(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const torch::Tensor& pages,
+              const torch::Tensor& lens, const torch::Tensor& rows, const torch::Tensor& offsets, int64_t block_size,
+              double scale, torch::Tensor& out, float* lse, const void* own) {
+#if defined(__AVX512BF16__)
+  const auto* ok = static_cast<const OwnKeys*>(own);
+  const int64_t d = q.size(2);
+  if (d == 64) run<64>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse, ok);
+  else if (d == 128) run<128>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse, ok);
+  else if (d == 32) run<32>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse, ok);
+  else if (d == 16) run<16>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse, ok);
+  else TORCH_CHECK(false, "shared_prefix_attention: unsupported head_dim ", d);
+#else
+  TORCH_CHECK(false, "shared_prefix_attention needs AVX512-BF16");
+#endif
+}
+}  // namespace
+
 // q [n, hq, d] bf16 decode queries; kc/vc [hkv, slots, d] bf16; pages [groups, max_pages] shared
 // pages; lens [groups] shared tokens; rows [members] decode rows, grouped; offsets [groups + 1].
 // Returns (out [members, hq, d] bf16, lse [members, hq] float32), members in `rows` order.
 std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
                                                    torch::Tensor pages, torch::Tensor lens, torch::Tensor rows,
                                                    torch::Tensor offsets, int64_t block_size, double scale) {
-  TORCH_CHECK(q.is_contiguous() && kc.is_contiguous() && vc.is_contiguous(), "contiguous inputs expected");
-  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && kc.scalar_type() == torch::kBFloat16,
-              "shared_prefix_attention: bf16 queries and cache expected");
+  check(q, kc, vc);
   auto out = torch::empty({rows.size(0), q.size(1), q.size(2)}, q.options());
   auto lse = torch::empty({rows.size(0), q.size(1)}, q.options().dtype(torch::kFloat));
-#if defined(__AVX512BF16__)
-  const int64_t d = q.size(2);
-  if (d == 64) run<64>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);
-  else if (d == 128) run<128>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);
-  else if (d == 32) run<32>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);
-  else if (d == 16) run<16>(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse);
-  else TORCH_CHECK(false, "shared_prefix_attention: unsupported head_dim ", d);
-#else
-  TORCH_CHECK(false, "shared_prefix_attention needs AVX512-BF16");
-#endif
+  dispatch(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, lse.data_ptr<float>(), nullptr);
   return {out, lse};
+}
+
+// Complete decode attention for every grouped row, in place: the shared pages as above, then the
+// row's own keys [lens[group], ctx_lens[row]) from tables[row]; out[row] (out [n, hq, d], the
+// step's attention output) gets the final result. No partial outputs, log-sum-exps or merge.
+void shared_prefix_decode_(torch::Tensor out, torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
+                           torch::Tensor pages, torch::Tensor lens, torch::Tensor rows, torch::Tensor offsets,
+                           torch::Tensor tables, torch::Tensor ctx_lens, int64_t block_size, double scale) {
+  check(q, kc, vc);
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == torch::kBFloat16,
+              "shared_prefix_decode_: out must be a contiguous bf16 tensor shaped like q");
+  TORCH_CHECK(tables.is_contiguous() && tables.size(0) == q.size(0) && ctx_lens.size(0) == q.size(0),
+              "shared_prefix_decode_: one block table and context length per decode row");
+  const OwnKeys own{tables.data_ptr<int64_t>(), tables.size(1), ctx_lens.data_ptr<int64_t>()};
+  dispatch(q, kc, vc, pages, lens, rows, offsets, block_size, scale, out, nullptr, &own);
 }
 
 // Whether the fused bf16 kernel is compiled in for this head size (AVX512-BF16 CPUs).
