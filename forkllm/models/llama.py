@@ -195,7 +195,9 @@ class LlamaForCausalLM(nn.Module):
         """Vocabulary logits in float32 for the selected rows only."""
         head = self.lm_head
         if head is not None and head.packed is not None:  # float32 straight from the accumulators
-            return self.kernels.packed_linear(hidden.contiguous(), head.packed, head.out_features, head.bias, True)
+            return self.kernels.packed_linear(
+                hidden.contiguous(), head.packed, head.out_features, head.bias, True
+            )
         if head is not None:
             return head(hidden).float()
         w = self.embed_tokens.weight
