@@ -272,3 +272,40 @@ def test_shared_prefix_decode_complete_matches_reference(d, hkv, group, bs):
         qq = q[r].float().view(hkv, group, d)
         ref = torch.softmax(qq @ k.transpose(-1, -2) * d**-0.5, dim=-1) @ v
         assert (out[r].float().view(hkv, group, d) - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.skipif(
+    kernels is None or not kernels.shared_prefix_supported(64), reason="no AVX512-BF16 on this CPU"
+)
+@pytest.mark.parametrize("bs", [16, 5])
+def test_shared_prefix_kernel_exact_when_scores_keep_rising(bs):
+    """The fused kernel keeps a reference max per row that moves only when a score passes it by a
+    margin: scores that climb in steps through the shared run (and drop back) must move it in the
+    middle of a 16-key chunk, after probabilities are buffered but before their P.V ran, and in
+    both tiles of a chunk; the results stay those of fp32 softmax attention."""
+    g = torch.Generator().manual_seed(11 + bs)
+    d, hkv, group, length, members = 64, 1, 3, 300, 7
+    nblocks = -(-length // bs) + 4
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    steps = torch.zeros(nblocks * bs)
+    steps[:length] = torch.cat([torch.linspace(0, 12, 150), torch.linspace(12, 3, 150)])
+    steps[[21, 77, 140]] += torch.tensor([9.0, 14.0, 30.0])  # sudden peaks mid-chunk
+    k = torch.randn(hkv, nblocks * bs, d, generator=g) * 0.3 + steps[None, :, None] * u
+    kc = k.to(torch.bfloat16)
+    vc = torch.randn(hkv, nblocks * bs, d, generator=g).to(torch.bfloat16)
+    pages = torch.arange(-(-length // bs))[None]
+    q = (torch.randn(members, hkv * group, d, generator=g) * 0.5 + 2.5 * u).to(torch.bfloat16)
+    rows, offsets, lens = torch.arange(members), torch.tensor([0, members]), torch.tensor([length])
+    out, lse = kernels.shared_prefix_attention(q, kc, vc, pages, lens, rows, offsets, bs, d**-0.5 * 8)
+    kk, vv = kc[0, :length].float(), vc[0, :length].float()
+    scores = q.float() @ kk.T * d**-0.5 * 8  # [members, heads, keys]: spans ~300 log2 units
+    assert (scores.amax(-1) - scores[..., :16].amax(-1)).min() > 20  # the max moves well past the margin
+    ref = torch.softmax(scores, -1) @ vv
+    assert (out.float() - ref).abs().max().item() < 2e-2
+    assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-3)
+    complete = torch.empty_like(q)
+    tables, ctx = pages.expand(members, -1).contiguous(), torch.full((members,), length)
+    kernels.shared_prefix_decode_(
+        complete, q, kc, vc, pages, lens, rows, offsets, tables, ctx, bs, d**-0.5 * 8
+    )
+    assert (complete.float() - ref).abs().max().item() < 2e-2

@@ -2,10 +2,10 @@
 // for bf16 caches on CPUs with AVX512-BF16 (vdpbf16ps: two bf16 products per fp32 lane).
 // A group = decode rows whose block tables start with the same pages (forked samples, or
 // requests sharing a system prompt). One task = (group, kv head, up to 64 query rows): it streams
-// the shared keys in place, 16 at a time, for all its rows. Scores are kept as [key][16 rows] so
-// the online softmax is vertical (no horizontal reductions); probabilities and values are
-// repacked as bf16 pairs along the key axis so P.V is vdpbf16ps too. No score matrix, no gather.
-// Outputs each row's partial result and log-sum-exp for merging with the row's own keys.
+// the shared keys in place, 16 at a time, for all its rows. Scores come out as [key][16 rows], so
+// the softmax is vertical (no horizontal reductions); probabilities go from the q.k accumulators
+// straight to bf16 pairs along the key axis, and values are repacked the same way, so P.V is
+// vdpbf16ps too. No score matrix, no gather.
 #include "common.h"
 #include <algorithm>
 #include <type_traits>
@@ -26,9 +26,11 @@ struct OwnKeys {
 
 namespace {
 
-constexpr int CT = 16;     // keys per chunk (16 beats 32 and 64: the working set stays in L1)
+constexpr int CT = 16;      // keys per chunk: one q.k pass, then probabilities straight from registers
+constexpr int RMAX = 64;    // query rows per task (four vectors of 16)
+constexpr float TAU = 8.f;  // probabilities may reach 2^TAU before a row's reference max moves
 
-// 2^x for finite x <= 0 (softmax weights in the log2 domain: the score scale carries log2 e):
+// 2^x for finite x (softmax weights in the log2 domain: the score scale carries log2 e):
 // degree-5 polynomial for the fraction (relative error 1.6e-7), scalef for the integer part.
 inline __m512 exp2_neg(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -41,52 +43,30 @@ inline __m512 exp2_neg(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000119f));
   return _mm512_scalef_ps(p, n);
 }
-constexpr int RMAX = 64;   // query rows per task (four vectors of 16)
 
-// S[t][row] = scale * q_row . k_t for NK keys and NB vectors of 16 rows (NK * NB accumulators).
-template <int NB, int NK>
-inline void qk_tile(const uint32_t* __restrict qt2, const uint32_t* const* kp, int npairs, float scale,
-                    float* __restrict s, __m512* mx, int valid) {
-  __m512 acc[NK][NB];
-  for (int k = 0; k < NK; ++k)
-    for (int j = 0; j < NB; ++j) acc[k][j] = _mm512_setzero_ps();
-  for (int i = 0; i < npairs; ++i) {
-    __m512i qv[NB];
-    for (int j = 0; j < NB; ++j) qv[j] = _mm512_loadu_si512(qt2 + i * RMAX + j * 16);
-    for (int k = 0; k < NK; ++k) {
-      const __m512bh b = as_bh(_mm512_set1_epi32((int)kp[k][i]));
-      for (int j = 0; j < NB; ++j) acc[k][j] = _mm512_dpbf16_ps(acc[k][j], as_bh(qv[j]), b);
-    }
-  }
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int k = 0; k < NK; ++k)
-    for (int j = 0; j < NB; ++j) {
-      const __m512 v = _mm512_mul_ps(acc[k][j], sc);
-      _mm512_storeu_ps(s + k * RMAX + j * 16, v);
-      if (k < valid) mx[j] = _mm512_max_ps(mx[j], v);  // keys past the chunk's end are ignored
-    }
-}
+// One task's softmax state. Rows keep a reference max m (log2 units) that moves only when a score
+// exceeds it by TAU, so the usual per-chunk rescale of O disappears: probabilities are formed in
+// registers right after q.k and buffered as bf16 pairs with their values for GP key pairs, and
+// P.V runs once per GP pairs (O is loaded and stored once per 64 keys instead of once per 16).
+template <int D>
+struct State {
+  static constexpr int GP = (D >= 128 ? 32 : 64) / 2;  // key pairs buffered before P.V
+  alignas(64) float o[RMAX * D];  // unnormalised output, relative to m
+  alignas(64) float m[RMAX], l[RMAX];
+  alignas(64) uint32_t p2[(GP + 4) * RMAX];  // (p[t][r], p[t+1][r]) bf16 pairs; a 6-key tile may run 1 pair over
+  alignas(64) uint32_t v2[GP * D];           // (v[t][d], v[t+1][d]) bf16 pairs
+  int pstart = 0, pend = 0;                  // pairs [pstart, pend) await P.V
+  int R = 0;
+};
 
-template <int NB, int NK>
-inline void qk_chunk(const uint32_t* qt2, const uint32_t* const* kp, int nv, int npairs, float scale, float* s,
-                     float* mxo) {
-  __m512 mx[NB];
-  for (int j = 0; j < NB; ++j) mx[j] = _mm512_set1_ps(-INFINITY);
-  for (int t0 = 0; t0 < nv; t0 += NK) qk_tile<NB, NK>(qt2, kp + t0, npairs, scale, s + t0 * RMAX, mx, nv - t0);
-  for (int j = 0; j < NB; ++j) _mm512_storeu_ps(mxo + j * 16, mx[j]);
-}
-
-// O[row] = O[row] * corr[row] + sum_t p[t][row] v[t] for NR rows, keys in bf16 pairs.
+// O[row] += sum_t p[t][row] v[t] for NR rows over np key pairs.
 template <int D, int NR>
-inline void pv_tile(float* __restrict o, const float* corr, const uint32_t* __restrict p2,
-                    const uint32_t* __restrict v2) {
+inline void pv_tile(float* __restrict o, const uint32_t* __restrict p2, const uint32_t* __restrict v2, int np) {
   constexpr int DV = D / 16;
   __m512 acc[NR][DV];
-  for (int r = 0; r < NR; ++r) {
-    const __m512 c = _mm512_set1_ps(corr[r]);
-    for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_mul_ps(_mm512_loadu_ps(o + r * D + j * 16), c);
-  }
-  for (int tp = 0; tp < CT / 2; ++tp) {
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_loadu_ps(o + r * D + j * 16);
+  for (int tp = 0; tp < np; ++tp) {
     __m512i vv[DV];
     for (int j = 0; j < DV; ++j) vv[j] = _mm512_loadu_si512(v2 + (tp * DV + j) * 16);
     for (int r = 0; r < NR; ++r) {
@@ -98,11 +78,100 @@ inline void pv_tile(float* __restrict o, const float* corr, const uint32_t* __re
     for (int j = 0; j < DV; ++j) _mm512_storeu_ps(o + r * D + j * 16, acc[r][j]);
 }
 
+// P.V over the pending pairs, all rows.
 template <int D>
-void pv_rows(float* o, const float* corr, const uint32_t* p2, const uint32_t* v2, int r0, int nr) {
+void flush(State<D>& a) {
   constexpr int RB = D >= 128 ? 2 : D >= 64 ? 6 : 8;  // RB * D / 16 accumulators
-  for (; nr >= RB; r0 += RB, nr -= RB) pv_tile<D, RB>(o + r0 * D, corr + r0, p2 + r0, v2);
-  for (; nr > 0; ++r0, --nr) pv_tile<D, 1>(o + r0 * D, corr + r0, p2 + r0, v2);
+  const int np = a.pend - a.pstart;
+  if (np > 0) {
+    const uint32_t* p2 = a.p2 + a.pstart * RMAX;
+    const uint32_t* v2 = a.v2 + a.pstart * D;
+    int r = 0;
+    for (; r + RB <= a.R; r += RB) pv_tile<D, RB>(a.o + r * D, p2 + r, v2, np);
+    for (; r < a.R; ++r) pv_tile<D, 1>(a.o + r * D, p2 + r, v2, np);
+  }
+  a.pstart = a.pend;
+}
+
+// A score passed its row's reference by more than TAU (always so on the first tile, where m is
+// -inf): apply the pending P.V under the old references, then move them up to the tile maxima
+// tm (log2 units) and rescale O and l. Rare after the first tile.
+template <int D>
+__attribute__((noinline)) void rebase(State<D>& a, int upto, const float* tm, int nrows) {
+  a.pend = upto;
+  flush(a);
+  for (int r = 0; r < nrows; ++r) {
+    if (!(tm[r] > a.m[r])) continue;
+    float* o = a.o + r * D;
+    if (a.m[r] == -INFINITY) {
+      std::fill(o, o + D, 0.f);
+      a.l[r] = 0.f;
+    } else {
+      const float c = std::exp2(a.m[r] - tm[r]);
+      for (int d = 0; d < D; ++d) o[d] *= c;
+      a.l[r] *= c;
+    }
+    a.m[r] = tm[r];
+  }
+}
+
+// Scores of NK keys for NB vectors of 16 rows (NK * NB accumulators), then their probabilities
+// 2^(s - m) straight from the accumulators into p2 at pair `pair0`, summed into l. Keys from
+// `valid` on (past the chunk's end) get probability 0.
+template <int D, int NB, int NK>
+inline void qk_tile(State<D>& a, const uint32_t* __restrict qt2, const uint32_t* const* kp, float scale2, int valid,
+                    int pair0) {
+  static_assert(NK % 2 == 0, "keys are paired");
+  constexpr int NP = D / 2;
+  __m512 acc[NK][NB];
+  for (int k = 0; k < NK; ++k)
+    for (int j = 0; j < NB; ++j) acc[k][j] = _mm512_setzero_ps();
+  for (int i = 0; i < NP; ++i) {
+    __m512i qv[NB];
+    for (int j = 0; j < NB; ++j) qv[j] = _mm512_loadu_si512(qt2 + i * RMAX + j * 16);
+    for (int k = 0; k < NK; ++k) {
+      const __m512bh b = as_bh(_mm512_set1_epi32((int)kp[k][i]));
+      for (int j = 0; j < NB; ++j) acc[k][j] = _mm512_dpbf16_ps(acc[k][j], as_bh(qv[j]), b);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale2);
+  __mmask16 up = 0;
+  __m512 mx[NB];
+  for (int j = 0; j < NB; ++j) {
+    mx[j] = acc[0][j];
+    for (int k = 1; k < NK; ++k)
+      if (k < valid) mx[j] = _mm512_max_ps(mx[j], acc[k][j]);
+    mx[j] = _mm512_mul_ps(mx[j], sc);
+    up |= _mm512_cmp_ps_mask(mx[j], _mm512_add_ps(_mm512_loadu_ps(a.m + j * 16), _mm512_set1_ps(TAU)), _CMP_GT_OQ);
+  }
+  if (up) {
+    alignas(64) float tm[NB * 16];
+    for (int j = 0; j < NB; ++j) _mm512_store_ps(tm + j * 16, mx[j]);
+    rebase(a, pair0, tm, NB * 16);
+  }
+  alignas(64) static const uint16_t pidx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pi = _mm512_load_si512(pidx);
+  for (int j = 0; j < NB; ++j) {
+    const __m512 nm = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(a.m + j * 16));
+    __m512 sum = _mm512_setzero_ps();
+    for (int kq = 0; kq < NK / 2; ++kq) {
+      __m512 p0 = exp2_neg(_mm512_fmadd_ps(acc[2 * kq][j], sc, nm));
+      __m512 p1 = exp2_neg(_mm512_fmadd_ps(acc[2 * kq + 1][j], sc, nm));
+      if (2 * kq >= valid) p0 = _mm512_setzero_ps();
+      if (2 * kq + 1 >= valid) p1 = _mm512_setzero_ps();
+      sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+      const __m512bh pk = _mm512_cvtne2ps_pbh(p1, p0);
+      _mm512_storeu_si512(a.p2 + (pair0 + kq) * RMAX + j * 16,
+                          _mm512_permutexvar_epi16(pi, reinterpret_cast<const __m512i&>(pk)));
+    }
+    _mm512_storeu_ps(a.l + j * 16, _mm512_add_ps(_mm512_loadu_ps(a.l + j * 16), sum));
+  }
+}
+
+template <int D, int NB, int NK>
+inline void qk_chunk(State<D>& a, const uint32_t* qt2, const uint32_t* const* kp, int nv, float scale2, int pair0) {
+  for (int t0 = 0; t0 < nv; t0 += NK) qk_tile<D, NB, NK>(a, qt2, kp + t0, scale2, nv - t0, pair0 + t0 / 2);
 }
 
 // Own keys after the shared prefix, for the G query heads of one member that share a kv head:
@@ -197,20 +266,57 @@ void own_heads(int n, const c10::BFloat16* q, const c10::BFloat16* kc, const c10
   }
 }
 
+// Prefetches each task member's own keys (scattered private pages, read after the shared loop)
+// a few lines per chunk over the last chunks: early enough to hide DRAM latency, late enough that
+// the shared stream does not evict them first.
+template <int D>
+struct OwnPrefetch {
+  static constexpr int LINES = D * 2 / 64 > 0 ? D * 2 / 64 : 1;  // cache lines per key vector
+  const OwnKeys* own = nullptr;
+  const int64_t* rows = nullptr;
+  const c10::BFloat16 *kc = nullptr, *vc = nullptr;
+  int64_t member = 0, member_end = 0, pos = 0, end = 0, start = 0, block_size = 1;
+  int64_t per_chunk = 0;
+
+  void init(const OwnKeys* o, const int64_t* rw, int64_t m0, int64_t m1, int64_t ntok, int64_t bs,
+            const c10::BFloat16* k, const c10::BFloat16* v, int64_t chunks_left) {
+    own = o, rows = rw, member = m0, member_end = m1, start = ntok, block_size = bs, kc = k, vc = v;
+    int64_t keys = 0;
+    for (int64_t i = m0; i < m1; ++i) keys += std::max<int64_t>(0, std::min<int64_t>(own->ctx[rows[i]] - ntok, 64));
+    per_chunk = (keys + chunks_left - 1) / std::max<int64_t>(1, chunks_left);
+    seek();
+  }
+  void seek() {  // first own position of the current member (at most 64 keys each)
+    for (; member < member_end; ++member) {
+      pos = start, end = std::min<int64_t>(own->ctx[rows[member]], start + 64);
+      if (pos < end) return;
+    }
+  }
+  void step() {
+    for (int64_t i = 0; i < per_chunk && member < member_end; ++i) {
+      const int64_t slot = own->tables[rows[member] * own->stride + pos / block_size] * block_size + pos % block_size;
+      for (int b = 0; b < LINES; ++b) {
+        _mm_prefetch(reinterpret_cast<const char*>(kc + slot * D) + b * 64, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vc + slot * D) + b * 64, _MM_HINT_T0);
+      }
+      if (++pos == end) ++member, seek();
+    }
+  }
+};
+
 template <int D>
 void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, const int64_t* rows, int64_t r_first,
           int64_t nr_rows, const c10::BFloat16* __restrict kc, const c10::BFloat16* __restrict vc,
           const int64_t* __restrict pages, int64_t ntok, int64_t block_size, float scale,
           c10::BFloat16* __restrict obase, float* __restrict lbase, int64_t h, const OwnKeys* own) {
   constexpr int NP = D / 2;  // bf16 pairs per head vector
+  constexpr int DV = D / 16;
   const float scale2 = scale * 1.44269504088896341f;  // scores in log2 units: softmax by exp2
   const int R = (int)nr_rows, RV = (R + 15) / 16;
+  State<D> a;
+  a.R = R;
+  std::fill(a.m, a.m + RMAX, -INFINITY);
   alignas(64) uint32_t qt2[NP * RMAX];
-  alignas(64) float s[(CT + 8) * RMAX];  // key tiles may run past CT
-  alignas(64) uint32_t p2[CT / 2 * RMAX];
-  alignas(64) uint32_t v2[CT / 2 * D];
-  alignas(64) float o[RMAX * D];
-  alignas(64) float m[RMAX], l[RMAX], corr[RMAX];
   alignas(64) static const uint16_t zeros[D] = {};
   // Queries transposed to [pair][row]: one load feeds 16 rows of one pair of head dimensions.
   for (int r = 0; r < RMAX; ++r) {
@@ -219,13 +325,6 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
                               : nullptr;
     for (int i = 0; i < NP; ++i) qt2[i * RMAX + r] = q ? q[i] : 0u;
   }
-  std::fill(o, o + RMAX * D, 0.f);
-  std::fill(m, m + RMAX, -INFINITY);
-  std::fill(l, l + RMAX, 0.f);
-  // (p[t][r], p[t+1][r]) pairs from the two 16-row halves cvtne2ps produces.
-  alignas(64) static const uint16_t pidx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i pi = _mm512_load_si512(pidx);
   const uint32_t* kp[CT + 8];  // padded so the last key tile may run past nv
   const uint16_t* vp[CT];
   for (int t = CT; t < CT + 8; ++t) kp[t] = reinterpret_cast<const uint32_t*>(zeros);
@@ -238,8 +337,10 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
   };
   alignas(64) int64_t slots[2][CT];
   for (int t = 0; t < std::min<int64_t>(CT, ntok); ++t) slots[0][t] = next_slot();
-  alignas(64) float mxc[RMAX];
-  for (int64_t c = 0, cur = 0; c < ntok; c += CT, cur ^= 1) {
+  const int64_t nchunks = (ntok + CT - 1) / CT;
+  constexpr int64_t OWN_PF_CHUNKS = 16;  // own keys are prefetched over the last 16 chunks
+  OwnPrefetch<D> opf;
+  for (int64_t c = 0, cur = 0, ci = 0; c < ntok; c += CT, cur ^= 1, ++ci) {
     const int nv = (int)std::min<int64_t>(CT, ntok - c);
     for (int t = 0; t < CT; ++t) {
       if (t < nv) {
@@ -260,51 +361,44 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
         _mm_prefetch(reinterpret_cast<const char*>(vc + slot * D) + b, _MM_HINT_T0);
       }
     }
-    switch (RV) {
-      case 1: qk_chunk<1, 8>(qt2, kp, nv, NP, scale2, s, mxc); break;
-      case 2: qk_chunk<2, 8>(qt2, kp, nv, NP, scale2, s, mxc); break;
-      case 3: qk_chunk<3, 8>(qt2, kp, nv, NP, scale2, s, mxc); break;
-      default: qk_chunk<4, 6>(qt2, kp, nv, NP, scale2, s, mxc); break;
+    if (own) {
+      if (ci == std::max<int64_t>(0, nchunks - OWN_PF_CHUNKS))
+        opf.init(own, rows, r_first / group, (r_first + R + group - 1) / group, ntok, block_size, kc, vc,
+                 nchunks - ci);
+      if (ci >= nchunks - OWN_PF_CHUNKS) opf.step();
     }
-    // Online softmax, 16 rows per vector; keys past nv get probability 0.
-    for (int rv = 0; rv < RV; ++rv) {
-      const __m512 mo = _mm512_loadu_ps(m + rv * 16);
-      const __m512 mn = _mm512_max_ps(mo, _mm512_loadu_ps(mxc + rv * 16));
-      // mo is -inf before the first chunk: the clamp makes its weight 2^-126 * 0 terms, i.e. 0.
-      const __m512 cr = exp2_neg(_mm512_max_ps(_mm512_sub_ps(mo, mn), _mm512_set1_ps(-126.f)));
-      __m512 sum = _mm512_setzero_ps();
-      for (int t = 0; t < nv; ++t) {
-        const __m512 p = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(s + t * RMAX + rv * 16), mn));
-        sum = _mm512_add_ps(sum, p);
-        _mm512_storeu_ps(s + t * RMAX + rv * 16, p);
-      }
-      for (int t = nv; t < CT; ++t) _mm512_storeu_ps(s + t * RMAX + rv * 16, _mm512_setzero_ps());
-      _mm512_storeu_ps(m + rv * 16, mn);
-      _mm512_storeu_ps(l + rv * 16, _mm512_fmadd_ps(_mm512_loadu_ps(l + rv * 16), cr, sum));
-      _mm512_storeu_ps(corr + rv * 16, cr);
-      for (int tp = 0; tp < CT / 2; ++tp) {
-        const __m512bh pk = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + (2 * tp + 1) * RMAX + rv * 16),
-                                                _mm512_loadu_ps(s + 2 * tp * RMAX + rv * 16));
-        const __m512i pr = _mm512_permutexvar_epi16(pi, reinterpret_cast<const __m512i&>(pk));
-        _mm512_storeu_si512(p2 + tp * RMAX + rv * 16, pr);
-      }
+    if (a.pend + CT / 2 > State<D>::GP) {
+      flush(a);
+      a.pstart = a.pend = 0;
     }
-    // Values as (v[t][d], v[t+1][d]) pairs.
+    // Values as (v[t][d], v[t+1][d]) pairs, after the pending ones.
+    uint32_t* v2 = a.v2 + a.pend * D;
     for (int tp = 0; tp < CT / 2; ++tp)
       for (int c32 = 0; c32 < D / 32; ++c32) {
-        const __m512i a = _mm512_loadu_si512(vp[2 * tp] + 32 * c32);
-        const __m512i b = _mm512_loadu_si512(vp[2 * tp + 1] + 32 * c32);
-        _mm512_storeu_si512(v2 + (tp * (D / 16) + 2 * c32) * 16, pair_lo(a, b));
-        _mm512_storeu_si512(v2 + (tp * (D / 16) + 2 * c32 + 1) * 16, pair_hi(a, b));
+        const __m512i x = _mm512_loadu_si512(vp[2 * tp] + 32 * c32);
+        const __m512i y = _mm512_loadu_si512(vp[2 * tp + 1] + 32 * c32);
+        _mm512_storeu_si512(v2 + (tp * DV + 2 * c32) * 16, pair_lo(x, y));
+        _mm512_storeu_si512(v2 + (tp * DV + 2 * c32 + 1) * 16, pair_hi(x, y));
       }
     if constexpr (D % 32 == 16)  // last 16 dimensions: half-width loads, the low interleave only
       for (int tp = 0; tp < CT / 2; ++tp) {
-        const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[2 * tp] + D - 16)));
-        const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[2 * tp + 1] + D - 16)));
-        _mm512_storeu_si512(v2 + (tp * (D / 16) + D / 16 - 1) * 16, pair_lo(a, b));
+        const __m512i x = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[2 * tp] + D - 16)));
+        const __m512i y = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[2 * tp + 1] + D - 16)));
+        _mm512_storeu_si512(v2 + (tp * DV + DV - 1) * 16, pair_lo(x, y));
       }
-    pv_rows<D>(o, corr, p2, v2, 0, R);
+    const int pair0 = a.pend;  // a rebase inside the chunk moves a.pend back to its tile
+    switch (RV) {
+      case 1: qk_chunk<D, 1, 8>(a, qt2, kp, nv, scale2, pair0); break;
+      case 2: qk_chunk<D, 2, 8>(a, qt2, kp, nv, scale2, pair0); break;
+      case 3: qk_chunk<D, 3, 8>(a, qt2, kp, nv, scale2, pair0); break;
+      default: qk_chunk<D, 4, 6>(a, qt2, kp, nv, scale2, pair0); break;
+    }
+    a.pend = pair0 + (nv + 1) / 2;
   }
+  flush(a);
+  float* o = a.o;
+  float* m = a.m;
+  float* l = a.l;
   if (own)  // complete: each member's own keys (its heads in this task together), then final outputs
     for (int r = 0; r < R;) {
       const int64_t fr = r_first + r, member = fr / group, head = fr % group;
@@ -313,17 +407,17 @@ void task(const c10::BFloat16* __restrict qbase, int64_t hq, int64_t group, cons
       own_heads<D>(n, qbase + (row * hq + h * group + head) * D, kc, vc, own->tables + row * own->stride, ntok,
                    own->ctx[row], block_size, scale2, o + r * D, m + r, l + r);
       for (int g = 0; g < n; ++g) {
-        const float inv = l[r + g] > 0.f ? 1.f / l[r + g] : 0.f;
+        const __m512 inv = _mm512_set1_ps(l[r + g] > 0.f ? 1.f / l[r + g] : 0.f);
         c10::BFloat16* out = obase + (row * hq + h * group + head + g) * D;
-        for (int d = 0; d < D; ++d) out[d] = static_cast<c10::BFloat16>(o[(r + g) * D + d] * inv);
+        for (int d = 0; d < D; d += 16) st(out + d, _mm512_mul_ps(_mm512_loadu_ps(o + (r + g) * D + d), inv), 0xffff);
       }
       r += n;
     }
   for (int r = 0; r < R && !own; ++r) {
     const int64_t fr = r_first + r, member = fr / group, hh = h * group + fr % group;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const __m512 inv = _mm512_set1_ps(l[r] > 0.f ? 1.f / l[r] : 0.f);
     c10::BFloat16* out = obase + (member * hq + hh) * D;  // outputs are in member order
-    for (int d = 0; d < D; ++d) out[d] = static_cast<c10::BFloat16>(o[r * D + d] * inv);
+    for (int d = 0; d < D; d += 16) st(out + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), inv), 0xffff);
     lbase[member * hq + hh] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * 0.693147180559945309f : -INFINITY;
   }
 }
