@@ -44,6 +44,18 @@ inline __m512 exp2_neg(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 2^x for the probabilities fed to P.V, which are rounded to bf16 (relative step 2^-8): a degree-3
+// polynomial (relative error 7.5e-5, 27x below bf16's half step) instead of degree 5.
+inline __m512 exp2_p(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(5.518639278e-02f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.426123537e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932582768e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999279215e-01f));
+  return _mm512_scalef_ps(p, n);
+}
+
 // One task's softmax state. Rows keep a reference max m (log2 units) that moves only when a score
 // exceeds it by TAU, so the usual per-chunk rescale of O disappears: probabilities are formed in
 // registers right after q.k and buffered as bf16 pairs with their values for GP key pairs, and
@@ -156,8 +168,8 @@ inline void qk_tile(State<D>& a, const uint32_t* __restrict qt2, const uint32_t*
     const __m512 nm = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(a.m + j * 16));
     __m512 sum = _mm512_setzero_ps();
     for (int kq = 0; kq < NK / 2; ++kq) {
-      __m512 p0 = exp2_neg(_mm512_fmadd_ps(acc[2 * kq][j], sc, nm));
-      __m512 p1 = exp2_neg(_mm512_fmadd_ps(acc[2 * kq + 1][j], sc, nm));
+      __m512 p0 = exp2_p(_mm512_fmadd_ps(acc[2 * kq][j], sc, nm));
+      __m512 p1 = exp2_p(_mm512_fmadd_ps(acc[2 * kq + 1][j], sc, nm));
       if (2 * kq >= valid) p0 = _mm512_setzero_ps();
       if (2 * kq + 1 >= valid) p1 = _mm512_setzero_ps();
       sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
