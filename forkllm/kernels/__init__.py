@@ -77,6 +77,23 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(nb, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
+def pack_gate_up(w: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """A fused [2I, K] gate/up weight (gate rows first) packed with gate block i followed by up
+    block i, the layout `packed_silu_linear` reads (one tile holds both halves of 16 outputs)."""
+    k = w.shape[1]
+    if intermediate % 16:
+        raise ValueError(f"pack_gate_up needs an intermediate size divisible by 16, got {intermediate}")
+    g, u = w[:intermediate].view(-1, 16, k), w[intermediate:].view(-1, 16, k)
+    return pack_weight(torch.stack([g, u], dim=1).reshape(2 * intermediate, k))
+
+
+def unpack_gate_up(packed: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """Inverse of `pack_gate_up`: the [2I, K] weight with gate rows first."""
+    w = unpack_weight(packed, 2 * intermediate)
+    pairs = w.view(-1, 2, 16, w.shape[1])
+    return torch.cat([pairs[:, 0].reshape(intermediate, -1), pairs[:, 1].reshape(intermediate, -1)])
+
+
 def unpack_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of `pack_weight`: the row-major [n, K] weight."""
     nb, k2 = packed.shape[:2]

@@ -80,6 +80,46 @@ class Linear(nn.Linear):
         return dense_linear(x, self.weight, self.bias)
 
 
+class GateUpLinear(Linear):
+    """The fused [2I, K] gate/up projection of a SwiGLU MLP. Where the packed GEMM runs, its weight
+    is packed gate-block / up-block interleaved and `silu_forward` gets silu(gate) * up straight
+    from the GEMM's accumulators (no [T, 2I] intermediate, one bf16 rounding)."""
+
+    interleaved = False  # self.packed is pack_gate_up's layout, not pack_weight's
+
+    def set_kernels(self, kernels: Any) -> None:
+        from forkllm.kernels import pack_gate_up, pack_weight, unpack_gate_up, unpack_weight
+
+        i = self.out_features // 2
+        if self.interleaved and self.packed is not None:  # back to the plain layout: Linear handles that
+            self.packed = pack_weight(unpack_gate_up(self.packed, i))
+            self.interleaved = False
+        super().set_kernels(kernels)
+        if (
+            self.packed is not None
+            and self.bias is None
+            and i % 16 == 0
+            and hasattr(kernels, "packed_silu_linear")
+        ):
+            self.packed = pack_gate_up(unpack_weight(self.packed, self.out_features), i)
+            self.interleaved = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            raise RuntimeError("gate_up_proj is packed for the fused activation: call silu_forward")
+        return super().forward(x)
+
+    def silu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for rows x."""
+        i = self.out_features // 2
+        if self.interleaved:
+            return self.kernels.packed_silu_linear(x.contiguous(), self.packed, i)
+        gate_up = self(x)
+        if self.kernels is not None:
+            return self.kernels.silu_mul(gate_up)
+        return F.silu(gate_up[:, :i]) * gate_up[:, i:]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -115,7 +155,7 @@ class DecoderLayer(nn.Module):
         self.o_proj = Linear(q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.gate_up_proj = GateUpLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.intermediate_size = cfg.intermediate_size
 
@@ -138,12 +178,7 @@ class DecoderLayer(nn.Module):
         q, k = qk[:, :hq], qk[:, hq:]
         o = attn.attend(self.layer_idx, q, k, v)
         x, h = self.post_attention_layernorm.add_forward(x, self.o_proj(o.reshape(t, self.q_size)))
-        gate_up = self.gate_up_proj(h)
-        if self.kernels is not None:
-            h = self.kernels.silu_mul(gate_up)
-        else:
-            h = F.silu(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :]
-        return x, self.down_proj(h)
+        return x, self.down_proj(self.gate_up_proj.silu_forward(h))
 
 
 class LlamaForCausalLM(nn.Module):

@@ -24,6 +24,7 @@ void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::T
 void kv_write_(torch::Tensor cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v);
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool packed_linear_supported();
+torch::Tensor packed_silu_linear(torch::Tensor x, torch::Tensor P, int64_t I);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias,
                             bool float_out);
 
@@ -43,5 +44,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_linear", &small_linear, "x @ w.T (+ bias) for 1..8 rows, multi-threaded");
   m.def("packed_linear", &packed_linear, "bf16 x @ w.T (+ bias), any rows, w packed by pack_weight", py::arg("x"),
         py::arg("P"), py::arg("N"), py::arg("bias"), py::arg("float_out") = false);
+  m.def("packed_silu_linear", &packed_silu_linear, "silu(x @ wg.T) * (x @ wu.T), bf16, weights from pack_gate_up");
   m.def("packed_linear_supported", &packed_linear_supported, "whether packed_linear is compiled in (AVX512-BF16, no AMX)");
 }

@@ -102,6 +102,66 @@ static void column(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFlo
 #undef FORKLLM_REST
   }
 }
+
+// SwiGLU MLP input: gate and up packed block-interleaved (gate block i, then up block i; see
+// forkllm.kernels.pack_gate_up), so one tile holds both halves of 16 outputs and writes
+// silu(gate) * up straight from the float32 accumulators: no [M, 2I] intermediate, no second
+// pass, one bf16 rounding. MB rows x (gate, up) = 2 * MB accumulators.
+template <int MB>
+static inline void silu_tile(const c10::BFloat16* __restrict x, int64_t K, const c10::BFloat16* __restrict P,
+                             int64_t K2, int64_t I, int64_t n0, c10::BFloat16* __restrict y, bool prefetch,
+                             const char* pf, int64_t npf) {
+  __m512 g[MB], u[MB];
+  for (int m = 0; m < MB; ++m) g[m] = u[m] = _mm512_setzero_ps();
+  const c10::BFloat16* Pu = P + K2 * 32;
+  for (int64_t p = 0; p < K2; ++p) {
+    if (p < npf) _mm_prefetch(pf + p * 64, _MM_HINT_T0);
+    if (prefetch) {
+      _mm_prefetch(reinterpret_cast<const char*>(P + (p + 16) * 32), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(Pu + (p + 16) * 32), _MM_HINT_T0);
+    }
+    const __m512bh wg = as_bh(_mm512_loadu_si512(P + p * 32)), wu = as_bh(_mm512_loadu_si512(Pu + p * 32));
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xb = as_bh(_mm512_set1_epi32(pair_at(x + m * K + 2 * p)));
+      g[m] = _mm512_dpbf16_ps(g[m], xb, wg);
+      u[m] = _mm512_dpbf16_ps(u[m], xb, wu);
+    }
+  }
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int m = 0; m < MB; ++m) {
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g[m]))));
+    st(y + m * I + n0, _mm512_mul_ps(_mm512_mul_ps(g[m], sig), u[m]), (__mmask16)0xffff);
+  }
+}
+
+static void silu_column(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* P, int64_t K2, int64_t I,
+                        int64_t n0, c10::BFloat16* y, const char* next, int64_t next_lines) {
+  constexpr int T = 12;
+  const int64_t tiles = (M + T - 1) / T;
+  const int64_t per = next ? (next_lines + tiles - 1) / tiles : 0;
+  int64_t done = 0, m = 0;
+  auto lines = [&]() {
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(per, next_lines - done));
+    const char* p = next ? next + done * 64 : nullptr;
+    done += n;
+    return std::make_pair(p, n);
+  };
+  for (; m + T <= M; m += T) {
+    const auto [p, n] = lines();
+    silu_tile<T>(x + m * K, K, P, K2, I, n0, y + m * I, m == 0, p, n);
+  }
+  const bool first = m == 0;
+  const auto [p, n] = lines();
+  x += m * K;
+  y += m * I;
+  switch (M - m) {
+#define FORKLLM_REST(r) \
+  case r: silu_tile<r>(x, K, P, K2, I, n0, y, first, p, n); break;
+    FORKLLM_REST(1) FORKLLM_REST(2) FORKLLM_REST(3) FORKLLM_REST(4) FORKLLM_REST(5) FORKLLM_REST(6)
+    FORKLLM_REST(7) FORKLLM_REST(8) FORKLLM_REST(9) FORKLLM_REST(10) FORKLLM_REST(11)
+#undef FORKLLM_REST
+  }
+}
 #endif
 
 }  // namespace
@@ -153,6 +213,33 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::op
   };
   if (float_out) run(y.data_ptr<float>());
   else run(y.data_ptr<c10::BFloat16>());
+#endif
+  return y;
+}
+
+// silu(x @ Wg^T) * (x @ Wu^T) [M, I] in bf16, from P = pack_gate_up(Wg, Wu) [2I/16, K/2, 16, 2]
+// (I a multiple of 16).
+torch::Tensor packed_silu_linear(torch::Tensor x, torch::Tensor P, int64_t I) {
+  TORCH_CHECK(packed_linear_supported(), "packed_silu_linear: needs AVX512-BF16 (and is not used with AMX)");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
+              "packed_silu_linear: expected contiguous bfloat16 x [M, K]");
+  TORCH_CHECK(I % 16 == 0 && P.dim() == 4 && P.is_contiguous() && P.scalar_type() == torch::kBFloat16 &&
+                  P.size(0) == 2 * I / 16 && P.size(2) == 16 && P.size(3) == 2 && 2 * P.size(1) == x.size(1),
+              "packed_silu_linear: P must be pack_gate_up's [2I/16, K/2, 16, 2] for x's K");
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, I}, x.options());
+#ifdef FORKLLM_PACKED_GEMM
+  if (M == 0) return y;
+  const int64_t K = x.size(1), K2 = P.size(1), pairs = I / 16;
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  const auto* pp = P.data_ptr<c10::BFloat16>();
+  auto* yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, pairs, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const char* next = i + 1 < e ? reinterpret_cast<const char*>(pp + (i + 1) * 2 * K2 * 32) : nullptr;
+      silu_column(xp, M, K, pp + i * 2 * K2 * 32, K2, I, i * 16, yp, next, next ? 2 * K2 : 0);
+    }
+  });
 #endif
   return y;
 }
