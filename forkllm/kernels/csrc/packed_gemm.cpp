@@ -30,6 +30,20 @@ static inline int32_t pair_at(const c10::BFloat16* p) {
   return v;
 }
 
+// The weight block a thread runs after the current one (`lines` cache lines from `next`), handed
+// out to the current block's row tiles in equal slices: each tile prefetches one line per k step.
+struct NextBlock {
+  const char* next;
+  int64_t lines, per, done = 0;
+  NextBlock(const char* nx, int64_t nl, int64_t tiles) : next(nx), lines(nx ? nl : 0), per((lines + tiles - 1) / tiles) {}
+  std::pair<const char*, int64_t> slice() {
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(per, lines - done));
+    const char* p = next ? next + done * 64 : nullptr;
+    done += n;
+    return {p, n};
+  }
+};
+
 // One tile: MB rows of x against NB 16-output blocks of P, over every k pair. `prefetch`: pull
 // the weights ahead while streaming them the first time (later tiles find them in L1/L2).
 template <int MB, int NB, typename OutT>
@@ -74,22 +88,14 @@ template <int NB, typename OutT>
 static void column(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* P, int64_t K2,
                    const c10::BFloat16* bias, int64_t N, int64_t n0, OutT* y, const char* next, int64_t next_lines) {
   constexpr int T = NB == kBlocks ? kRows : 12;  // a lone block has registers for 12 rows
-  const int64_t tiles = (M + T - 1) / T;
-  const int64_t per = next ? (next_lines + tiles - 1) / tiles : 0;  // lines per tile, one per k step
-  int64_t done = 0;
-  auto pf = [&]() {
-    const int64_t n = std::min<int64_t>(per, next_lines - done);
-    const char* p = next ? next + done * 64 : nullptr;
-    done += n > 0 ? n : 0;
-    return std::make_pair(p, n > 0 ? n : 0);
-  };
+  NextBlock nb(next, next_lines, (M + T - 1) / T);
   int64_t m = 0;
   for (; m + T <= M; m += T) {
-    const auto [p, n] = pf();
+    const auto [p, n] = nb.slice();
     tile<T, NB, OutT>(x + m * K, K, P, K2, bias, N, n0, y + m * N, m == 0, p, n);
   }
   const bool first = m == 0;
-  const auto [p, n] = pf();
+  const auto [p, n] = nb.slice();
   x += m * K;
   y += m * N;
   switch (M - m) {
@@ -137,21 +143,14 @@ static inline void silu_tile(const c10::BFloat16* __restrict x, int64_t K, const
 static void silu_column(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* P, int64_t K2, int64_t I,
                         int64_t n0, c10::BFloat16* y, const char* next, int64_t next_lines) {
   constexpr int T = 12;
-  const int64_t tiles = (M + T - 1) / T;
-  const int64_t per = next ? (next_lines + tiles - 1) / tiles : 0;
-  int64_t done = 0, m = 0;
-  auto lines = [&]() {
-    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(per, next_lines - done));
-    const char* p = next ? next + done * 64 : nullptr;
-    done += n;
-    return std::make_pair(p, n);
-  };
+  NextBlock nb(next, next_lines, (M + T - 1) / T);
+  int64_t m = 0;
   for (; m + T <= M; m += T) {
-    const auto [p, n] = lines();
+    const auto [p, n] = nb.slice();
     silu_tile<T>(x + m * K, K, P, K2, I, n0, y + m * I, m == 0, p, n);
   }
   const bool first = m == 0;
-  const auto [p, n] = lines();
+  const auto [p, n] = nb.slice();
   x += m * K;
   y += m * I;
   switch (M - m) {

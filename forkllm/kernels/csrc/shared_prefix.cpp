@@ -30,31 +30,25 @@ constexpr int CT = 16;      // keys per chunk: one q.k pass, then probabilities 
 constexpr int RMAX = 64;    // query rows per task (four vectors of 16)
 constexpr float TAU = 8.f;  // probabilities may reach 2^TAU before a row's reference max moves
 
-// 2^x for finite x (softmax weights in the log2 domain: the score scale carries log2 e):
-// degree-5 polynomial for the fraction (relative error 1.6e-7), scalef for the integer part.
-inline __m512 exp2_neg(__m512 x) {
+// 2^x = 2^n p(f) with n = round(x), f in [-0.5, 0.5]: a polynomial for the fraction (coefficients
+// highest first), scalef for the integer part. Softmax weights are in the log2 domain (the score
+// scale carries log2 e).
+template <size_t N>
+inline __m512 exp2_poly(__m512 x, const float (&c)[N]) {
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.327647129e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675541893e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402212024e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000119f));
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (size_t i = 1; i < N; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
   return _mm512_scalef_ps(p, n);
 }
-
-// 2^x for the probabilities fed to P.V, which are rounded to bf16 (relative step 2^-8): a degree-3
-// polynomial (relative error 7.5e-5, 27x below bf16's half step) instead of degree 5.
-inline __m512 exp2_p(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(5.518639278e-02f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.426123537e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932582768e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999279215e-01f));
-  return _mm512_scalef_ps(p, n);
-}
+// Degree 5, relative error 1.6e-7: softmax state (l, rescales) and the own-key pass.
+constexpr float kExp2Deg5[] = {1.327647129e-3f, 9.675541893e-3f, 5.550713092e-2f,
+                               2.402212024e-1f, 6.931469440e-1f, 1.000000119f};
+// Degree 3, relative error 7.5e-5 (27x below bf16's half step): the probabilities fed to P.V,
+// which are rounded to bf16 anyway.
+constexpr float kExp2Deg3[] = {5.518639278e-02f, 2.426123537e-01f, 6.932582768e-01f, 9.999279215e-01f};
+inline __m512 exp2_neg(__m512 x) { return exp2_poly(x, kExp2Deg5); }
+inline __m512 exp2_p(__m512 x) { return exp2_poly(x, kExp2Deg3); }
 
 // One task's softmax state. Rows keep a reference max m (log2 units) that moves only when a score
 // exceeds it by TAU, so the usual per-chunk rescale of O disappears: probabilities are formed in
