@@ -282,13 +282,14 @@ def test_shared_prefix_kernel_exact_when_scores_keep_rising(bs):
     """The fused kernel keeps a reference max per row that moves only when a score passes it by a
     margin: scores that climb in steps through the shared run (and drop back) must move it in the
     middle of a 16-key chunk, after probabilities are buffered but before their P.V ran, and in
-    both tiles of a chunk; the results stay those of fp32 softmax attention."""
+    both tiles of a chunk, and in a member's own keys after the shared pages; the results stay those
+    of fp32 softmax attention."""
     g = torch.Generator().manual_seed(11 + bs)
-    d, hkv, group, length, members = 64, 1, 3, 300, 7
-    nblocks = -(-length // bs) + 4
+    d, hkv, group, length, members = 64, 1, 3, 320, 7  # whole pages of 16 and of 5
+    nblocks = -(-length // bs) + 4 + members
     u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
     steps = torch.zeros(nblocks * bs)
-    steps[:length] = torch.cat([torch.linspace(0, 12, 150), torch.linspace(12, 3, 150)])
+    steps[:length] = torch.cat([torch.linspace(0, 12, 160), torch.linspace(12, 3, 160)])
     steps[[21, 77, 140]] += torch.tensor([9.0, 14.0, 30.0])  # sudden peaks mid-chunk
     k = torch.randn(hkv, nblocks * bs, d, generator=g) * 0.3 + steps[None, :, None] * u
     kc = k.to(torch.bfloat16)
@@ -303,12 +304,29 @@ def test_shared_prefix_kernel_exact_when_scores_keep_rising(bs):
     ref = torch.softmax(scores, -1) @ vv
     assert (out.float() - ref).abs().max().item() < 2e-2
     assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-3)
+    # Complete variant: each member also has 1-5 own keys on a private page, half of them far above
+    # the shared maximum (the own pass moves the reference too).
+    n_shared_pages = pages.shape[1]
+    own_len = [m % 5 + 1 for m in range(members)]
+    tables = torch.zeros(members, n_shared_pages + 1, dtype=torch.long)
+    ctx = torch.tensor([length + n for n in own_len])
+    own_k = k.clone()
+    for m in range(members):
+        own_page = -(-length // bs) + m  # past the shared pages (nblocks has room for 4 + members)
+        tables[m, :n_shared_pages] = pages[0]
+        tables[m, n_shared_pages] = own_page
+        for t in range(own_len[m]):
+            own_k[0, own_page * bs + t] = torch.randn(d, generator=g) * 0.3 + (60.0 if m % 2 else 2.0) * u
+    kc2 = own_k.to(torch.bfloat16)
     complete = torch.empty_like(q)
-    tables, ctx = pages.expand(members, -1).contiguous(), torch.full((members,), length)
     kernels.shared_prefix_decode_(
-        complete, q, kc, vc, pages, lens, rows, offsets, tables, ctx, bs, d**-0.5 * 8
+        complete, q, kc2, vc, pages, lens, rows, offsets, tables, ctx, bs, d**-0.5 * 8
     )
-    assert (complete.float() - ref).abs().max().item() < 2e-2
+    for m in range(members):
+        slots = torch.cat([torch.arange(length), tables[m, n_shared_pages] * bs + torch.arange(own_len[m])])
+        s_m = q[m].float() @ kc2[0, slots].float().T * d**-0.5 * 8
+        ref_m = torch.softmax(s_m, -1) @ vc[0, slots].float()
+        assert (complete[m].float() - ref_m).abs().max().item() < 2e-2
 
 
 @packed

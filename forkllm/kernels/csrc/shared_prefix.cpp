@@ -201,6 +201,8 @@ void own_rows(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict
     for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_loadu_ps(o + g * D + j * 16);
   }
   __m512 part[G][16];
+  __m512 lv[G];  // per-lane partial sums of this pass's probabilities, added to l at the end
+  for (int g = 0; g < G; ++g) lv[g] = _mm512_setzero_ps();
   const uint16_t* vrow[16];
   alignas(64) uint32_t pp[G][8];
   int64_t page = start / block_size, in_page = start % block_size;
@@ -227,12 +229,17 @@ void own_rows(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict
     const __mmask16 live = (__mmask16)((1u << nv) - 1u);
     for (int g = 0; g < G; ++g) {
       const __m512 sv = _mm512_mul_ps(hsum16(part[g]), _mm512_set1_ps(scale2));
-      const float nm = std::max(m[g], _mm512_reduce_max_ps(_mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sv)));
-      const float corr = m[g] == -INFINITY ? 0.f : std::exp2(m[g] - nm);
-      for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_mul_ps(acc[g][j], _mm512_set1_ps(corr));
-      const __m512 pv = _mm512_maskz_mov_ps(live, exp2_neg(_mm512_min_ps(_mm512_sub_ps(sv, _mm512_set1_ps(nm)), _mm512_setzero_ps())));
-      l[g] = l[g] * corr + _mm512_reduce_add_ps(pv);
-      m[g] = nm;
+      // As in the shared loop, m is a reference that moves only when a score passes it by TAU.
+      if (_mm512_mask_cmp_ps_mask(live, sv, _mm512_set1_ps(m[g] + TAU), _CMP_GT_OQ)) {
+        const float nm = _mm512_reduce_max_ps(_mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sv));
+        const float corr = m[g] == -INFINITY ? 0.f : std::exp2(m[g] - nm);
+        for (int j = 0; j < DV; ++j) acc[g][j] = _mm512_mul_ps(acc[g][j], _mm512_set1_ps(corr));
+        l[g] = (l[g] + _mm512_reduce_add_ps(lv[g])) * corr;
+        lv[g] = _mm512_setzero_ps();
+        m[g] = nm;
+      }
+      const __m512 pv = _mm512_maskz_mov_ps(live, exp2_neg(_mm512_sub_ps(sv, _mm512_set1_ps(m[g]))));
+      lv[g] = _mm512_add_ps(lv[g], pv);
       const __m256bh pb = _mm512_cvtneps_pbh(pv);
       _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), reinterpret_cast<const __m256i&>(pb));
     }
@@ -251,8 +258,10 @@ void own_rows(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict
       }
     }
   }
-  for (int g = 0; g < G; ++g)
+  for (int g = 0; g < G; ++g) {
+    l[g] += _mm512_reduce_add_ps(lv[g]);
     for (int j = 0; j < DV; ++j) _mm512_storeu_ps(o + g * D + j * 16, acc[g][j]);
+  }
 }
 
 // own_rows for n consecutive heads of one member: all n at once where compiled (the usual GQA
