@@ -44,6 +44,30 @@ struct NextBlock {
   }
 };
 
+// Runs tile(rows, m, first, prefetch lines, count) over the row tiles of M rows: full tiles of T
+// rows, then one of the remaining M % T (rows is a std::integral_constant, so each size is its
+// own register-tiled instantiation), each with its slice of the next block's prefetch.
+template <int T, typename Tile>
+static void row_tiles(int64_t M, const char* next, int64_t next_lines, Tile&& tile) {
+  NextBlock nb(next, next_lines, (M + T - 1) / T);
+  int64_t m = 0;
+  for (; m + T <= M; m += T) {
+    const auto [p, n] = nb.slice();
+    tile(std::integral_constant<int, T>{}, m, m == 0, p, n);
+  }
+  const bool first = m == 0;
+  const auto [p, n] = nb.slice();
+  switch (M - m) {
+#define FORKLLM_REST(r)                                                                  \
+  case r:                                                                                \
+    if constexpr (r < T) tile(std::integral_constant<int, r>{}, m, first, p, n);         \
+    break;
+    FORKLLM_REST(1) FORKLLM_REST(2) FORKLLM_REST(3) FORKLLM_REST(4) FORKLLM_REST(5) FORKLLM_REST(6)
+    FORKLLM_REST(7) FORKLLM_REST(8) FORKLLM_REST(9) FORKLLM_REST(10) FORKLLM_REST(11)
+#undef FORKLLM_REST
+  }
+}
+
 // One tile: MB rows of x against NB 16-output blocks of P, over every k pair. `prefetch`: pull
 // the weights ahead while streaming them the first time (later tiles find them in L1/L2).
 template <int MB, int NB, typename OutT>
@@ -88,25 +112,9 @@ template <int NB, typename OutT>
 static void column(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* P, int64_t K2,
                    const c10::BFloat16* bias, int64_t N, int64_t n0, OutT* y, const char* next, int64_t next_lines) {
   constexpr int T = NB == kBlocks ? kRows : 12;  // a lone block has registers for 12 rows
-  NextBlock nb(next, next_lines, (M + T - 1) / T);
-  int64_t m = 0;
-  for (; m + T <= M; m += T) {
-    const auto [p, n] = nb.slice();
-    tile<T, NB, OutT>(x + m * K, K, P, K2, bias, N, n0, y + m * N, m == 0, p, n);
-  }
-  const bool first = m == 0;
-  const auto [p, n] = nb.slice();
-  x += m * K;
-  y += m * N;
-  switch (M - m) {
-#define FORKLLM_REST(r)                                              \
-  case r:                                                            \
-    if constexpr (r < T) tile<r, NB, OutT>(x, K, P, K2, bias, N, n0, y, first, p, n); \
-    break;
-    FORKLLM_REST(1) FORKLLM_REST(2) FORKLLM_REST(3) FORKLLM_REST(4) FORKLLM_REST(5) FORKLLM_REST(6)
-    FORKLLM_REST(7) FORKLLM_REST(8) FORKLLM_REST(9) FORKLLM_REST(10) FORKLLM_REST(11)
-#undef FORKLLM_REST
-  }
+  row_tiles<T>(M, next, next_lines, [&](auto rows, int64_t m, bool first, const char* p, int64_t n) {
+    tile<decltype(rows)::value, NB, OutT>(x + m * K, K, P, K2, bias, N, n0, y + m * N, first, p, n);
+  });
 }
 
 // SwiGLU MLP input: gate and up packed block-interleaved (gate block i, then up block i; see
@@ -142,24 +150,9 @@ static inline void silu_tile(const c10::BFloat16* __restrict x, int64_t K, const
 
 static void silu_column(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* P, int64_t K2, int64_t I,
                         int64_t n0, c10::BFloat16* y, const char* next, int64_t next_lines) {
-  constexpr int T = 12;
-  NextBlock nb(next, next_lines, (M + T - 1) / T);
-  int64_t m = 0;
-  for (; m + T <= M; m += T) {
-    const auto [p, n] = nb.slice();
-    silu_tile<T>(x + m * K, K, P, K2, I, n0, y + m * I, m == 0, p, n);
-  }
-  const bool first = m == 0;
-  const auto [p, n] = nb.slice();
-  x += m * K;
-  y += m * I;
-  switch (M - m) {
-#define FORKLLM_REST(r) \
-  case r: silu_tile<r>(x, K, P, K2, I, n0, y, first, p, n); break;
-    FORKLLM_REST(1) FORKLLM_REST(2) FORKLLM_REST(3) FORKLLM_REST(4) FORKLLM_REST(5) FORKLLM_REST(6)
-    FORKLLM_REST(7) FORKLLM_REST(8) FORKLLM_REST(9) FORKLLM_REST(10) FORKLLM_REST(11)
-#undef FORKLLM_REST
-  }
+  row_tiles<12>(M, next, next_lines, [&](auto rows, int64_t m, bool first, const char* p, int64_t n) {
+    silu_tile<decltype(rows)::value>(x + m * K, K, P, K2, I, n0, y + m * I, first, p, n);
+  });
 }
 #endif
 
