@@ -1,4 +1,4 @@
-"""forkllm command line: generate | chat | bench (| serve)."""
+"""forkllm command line: generate | chat | solve | eval | serve | bench (nothing imports this module)."""
 
 from __future__ import annotations
 
@@ -7,79 +7,11 @@ import logging
 import sys
 from typing import Any
 
-ENGINE_FLAGS = (
-    "model",
-    "tokenizer",
-    "load_format",
-    "dtype",
-    "device",
-    "block_size",
-    "kv_cache_memory",
-    "num_kv_blocks",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "max_model_len",
-    "seed",
-    "num_threads",
-)
-
-
-def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
-    g = p.add_argument_group("engine")
-    if positional_model:
-        g.add_argument(
-            "model",
-            nargs="?",
-            default=None,
-            help="a .gguf file or an HF folder (config.json + safetensors + tokenizer.json); "
-            "default: the embedded SmolLM2-135M-Instruct",
-        )
-    else:
-        g.add_argument(
-            "--model",
-            "-m",
-            default=None,
-            help="a .gguf file or an HF folder (config.json + safetensors + tokenizer.json); "
-            "default: the embedded SmolLM2-135M-Instruct",
-        )
-    g.add_argument("--tokenizer", default=None, help="folder with tokenizer.json, if not the model's own")
-    g.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "gguf", "safetensors", "dummy"],
-        help="how to read --model; 'dummy' = random weights from a config or preset name "
-        "(smollm2-135m, tiny, llama-0.5b, llama-1b, llama-8b)",
-    )
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        help="float32 | bfloat16 | float16 | auto (CPU: bfloat16 when the CPU has AVX512-BF16/AMX, "
-        "else float32; FORKLLM_CPU_DTYPE overrides; CUDA: bfloat16)",
-    )
-    g.add_argument("--device", default="auto", help="cpu | cuda[:N] | auto (CUDA when available)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
-    g.add_argument(
-        "--kv-cache-memory",
-        default=None,
-        help="KV cache size, e.g. 4GiB or 512MiB (CPU default 4GiB; CUDA: from --gpu-memory-utilization)",
-    )
-    g.add_argument(
-        "--num-kv-blocks", type=int, default=None, help="exact number of KV pages (overrides the size)"
-    )
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch")
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=2048,
-        help="token budget of one step (prefill chunks + decodes)",
-    )
-    g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
-    g.add_argument("--seed", type=int, default=0, help="engine seed: seeds of requests that give none")
-    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in ENGINE_FLAGS if hasattr(args, k)}
+from forkllm.bench.eval import add_eval_parsers
+from forkllm.bench.run import add_bench_parser
+from forkllm.engine.args import add_engine_args, engine_kwargs
+from forkllm.engine.sampling_params import SamplingParams
+from forkllm.server.serve import add_serve_parser
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -100,9 +32,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
 
-def sampling_params(args: argparse.Namespace, **overrides: Any) -> Any:
-    from forkllm import SamplingParams
-
+def sampling_params(args: argparse.Namespace, **overrides: Any) -> SamplingParams:
     kw = dict(
         n=args.n,
         temperature=args.temperature,
@@ -203,23 +133,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": tok.decode(ids)})
 
 
-# ---- bench -------------------------------------------------------------------------------------
-def cmd_bench(args: argparse.Namespace) -> int:
-    from forkllm.bench.run import run_bench
-
-    return run_bench(args)
-
-
-def _scaling_cmd(which: str, args: argparse.Namespace) -> int:
-    from forkllm.scaling import eval as scaling_eval
-
-    if which == "solve":
-        return scaling_eval.solve(args)
-    if args.task == "gsm8k" and not args.data:
-        raise ValueError("--task gsm8k needs --data FILE.jsonl")
-    return scaling_eval.run_eval(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="forkllm",
@@ -252,70 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(c, max_tokens=512)
     c.set_defaults(func=cmd_chat)
 
-    sv = sub.add_parser(
-        "solve",
-        help="answer one question with an inference-time scaling strategy, in-engine",
-        description="Self-consistency, best-of-N, beam search or particle filtering run inside "
-        "the engine (one prefill, forks for samples, prunes for losers).",
-    )
-    sv.add_argument("question")
-    sv.add_argument(
-        "--strategy",
-        default="self-consistency",
-        choices=["self-consistency", "best-of-n", "beam-search", "particle-filter"],
-    )
-    sv.add_argument("--n", type=int, default=16, help="samples / particles / expansions per beam")
-    sv.add_argument("--width", type=int, default=4, help="beam-search: beams kept per step")
-    sv.add_argument(
-        "--early-stop", action="store_true", help="self-consistency: stop once the vote is decided"
-    )
-    sv.add_argument(
-        "--scorer",
-        default=None,
-        choices=["mean_logprob", "self_judge", "arithmetic"],
-        help="best-of-n / beam-search scorer",
-    )
-    sv.add_argument("--extract", default="last_number", help="last_number | boxed | regex:<pattern>")
-    sv.add_argument("--budget", type=int, default=None, help="cap on generated tokens (all samples together)")
-    sv.add_argument("--max-tokens", type=int, default=256, help="tokens per sample")
-    sv.add_argument("--sample-seed", type=int, default=0, help="seed of the strategy's sampling")
-    add_engine_args(sv)
-    sv.set_defaults(func=lambda a: _scaling_cmd("solve", a))
-
-    ev = sub.add_parser(
-        "eval",
-        help="accuracy / tokens / time of scaling strategies on a task, with a plot",
-        description="Evaluate strategies at several sample budgets on a seeded arithmetic task "
-        "or a GSM8K-format JSONL file; prints a table and saves markdown, JSON and a PNG plot.",
-    )
-    ev.add_argument("--task", default="arithmetic", choices=["arithmetic", "gsm8k"])
-    ev.add_argument("--data", default=None, help="gsm8k: JSONL file with question / answer ('#### n')")
-    ev.add_argument("--num-questions", type=int, default=200)
-    ev.add_argument("--task-seed", type=int, default=0, help="seed of the arithmetic questions")
-    ev.add_argument(
-        "--strategy",
-        default="greedy,self-consistency,best-of-n,particle-filter",
-        help="comma-separated: greedy, self-consistency, self-consistency-early, best-of-n, "
-        "beam-search, particle-filter",
-    )
-    ev.add_argument("--budgets", default="1,2,4,8,16", help="comma-separated sample budgets")
-    ev.add_argument("--max-tokens", type=int, default=160, help="tokens per sample")
-    ev.add_argument(
-        "--tokens-per-sample",
-        type=int,
-        default=None,
-        help="equal token budgets: every strategy at sample budget b may generate at most "
-        "b x this many tokens per question (exact); default: no token budget",
-    )
-    ev.add_argument("--sample-seed", type=int, default=0)
-    ev.add_argument("--batch", type=int, default=32, help="questions run together")
-    ev.add_argument("--out-dir", default="bench_results")
-    add_engine_args(ev)
-    ev.set_defaults(func=lambda a: _scaling_cmd("eval", a))
-
-    from forkllm.bench.run import add_bench_parser
-    from forkllm.server.serve import add_serve_parser
-
+    add_eval_parsers(sub)
     add_serve_parser(sub)
     add_bench_parser(sub)
     return p

@@ -217,7 +217,7 @@ def test_many_policies_share_the_batch():
 
 @pytest.mark.parametrize("name", ["self-consistency", "best-of-n", "beam-search", "particle-filter"])
 def test_eval_equal_token_budget_caps_every_strategy(name):
-    from forkllm.scaling.eval import policy_for
+    from forkllm.bench.eval import policy_for
 
     llm = tiny_llm()
     policy = policy_for(name, 4, "arithmetic", max_tokens=40, seed=3, tokens_per_sample=10)

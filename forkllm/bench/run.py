@@ -15,14 +15,13 @@ import torch
 
 from forkllm.bench import roofline
 from forkllm.bench.report import Row, machine_info, median, save, table
+from forkllm.engine.args import add_engine_args, engine_kwargs
 
 # vLLM's CPU build on this machine (shared/BENCHMARKS.md): recorded, not re-measured here.
 VLLM_RECORDED = {"batch32_bf16_output_tok_s": 473.7}
 
 
 def add_bench_parser(sub: Any) -> None:
-    from forkllm.cli import add_engine_args
-
     b = sub.add_parser(
         "bench",
         help="benchmarks against peers (W1-W4 of shared/BENCHMARKS.md)",
@@ -118,8 +117,6 @@ def _dtypes(args: argparse.Namespace) -> list[str]:
 
 
 def _engine_kwargs(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
-    from forkllm.cli import engine_kwargs
-
     kw = engine_kwargs(args)
     kw["dtype"] = dtype
     return kw

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 
 from forkllm.bench.report import Row, median, save, table
+from forkllm.engine.args import engine_kwargs
 
 
 def _llm(args: argparse.Namespace, **overrides: Any) -> Any:
     from forkllm import LLM
-    from forkllm.cli import engine_kwargs
 
     kw = engine_kwargs(args)
     kw.update(overrides)

@@ -18,10 +18,11 @@ import time
 from typing import Any
 
 from forkllm.bench.report import machine_info, save
+from forkllm.engine.args import engine_kwargs
 from forkllm.engine.sampler import derive_seed
 from forkllm.scaling import scorers
-from forkllm.scaling.eval import INSTRUCTION, arithmetic_task
 from forkllm.scaling.extract import last_number
+from forkllm.scaling.tasks import INSTRUCTION, arithmetic_task
 
 
 class _Server:
@@ -163,7 +164,6 @@ def bench_w6(args: argparse.Namespace) -> int:
     import httpx
 
     from forkllm import LLM
-    from forkllm.cli import engine_kwargs
     from forkllm.scaling import ParticleFilter, SelfConsistency
 
     kw = engine_kwargs(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,28 +21,63 @@ _DTYPES = {
 DEFAULT_CPU_KV_BYTES = 4 << 30
 
 
+def _flag(default: Any, help: str, **extra: Any) -> Any:
+    """A field with its command-line help: engine/args.py builds every flag from these."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
 @dataclass
 class EngineConfig:
-    model: Any = None  # None: the embedded default; a path; or a preset/config with load_format="dummy"
-    tokenizer: str | None = None
-    load_format: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
-    block_size: int = 16
-    kv_cache_memory: int | float | str | None = None  # bytes, or "2GiB"; CPU default 4 GiB
-    gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + KV
-    num_kv_blocks: int | None = None  # override the computed pool size (tests)
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    enable_shared_prefix_attention: bool = True
+    """Every engine knob, with its one default and its help text (the CLI flags are generated
+    from these fields by engine/args.py)."""
+
+    # None: the embedded default; a path; or a preset/config with load_format="dummy"
+    model: Any = _flag(
+        None,
+        "a .gguf file or an HF folder (config.json + safetensors + tokenizer.json); "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
+    tokenizer: str | None = _flag(None, "folder with tokenizer.json, if not the model's own")
+    load_format: str = _flag(
+        "auto",
+        "how to read --model; 'dummy' = random weights from a config or preset name "
+        "(smollm2-135m, tiny, llama-0.5b, llama-1b, llama-8b)",
+        choices=["auto", "gguf", "safetensors", "dummy"],
+    )
+    dtype: str = _flag(
+        "auto",
+        "float32 | bfloat16 | float16 | auto (CPU: bfloat16 when the CPU has AVX512-BF16/AMX, "
+        "else float32; FORKLLM_CPU_DTYPE overrides; CUDA: bfloat16)",
+    )
+    device: str = _flag("auto", "cpu | cuda[:N] | auto (CUDA when available)")
+    block_size: int = _flag(16, "tokens per KV page (a power of two)")
+    kv_cache_memory: int | float | str | None = _flag(
+        None, "KV cache size, e.g. 4GiB or 512MiB (CPU default 4GiB; CUDA: from --gpu-memory-utilization)"
+    )
+    gpu_memory_utilization: float = _flag(
+        0.9, "CUDA: fraction of device memory for weights + KV cache, in (0, 1]"
+    )
+    num_kv_blocks: int | None = _flag(None, "exact number of KV pages (overrides the size)")
+    max_num_seqs: int = _flag(256, "most sequences in one batch")
+    max_num_batched_tokens: int = _flag(2048, "token budget of one step (prefill chunks + decodes)")
+    max_model_len: int | None = _flag(None, "context limit (default: the model's)")
+    enable_chunked_prefill: bool = _flag(
+        True, "split long prompts into chunks that share steps with decodes (SARATHI)"
+    )
+    enable_prefix_caching: bool = _flag(True, "reuse the KV pages of prompt prefixes seen before")
+    enable_shared_prefix_attention: bool = _flag(
+        True, "decode rows that share leading pages read them once per step (forks, shared prompts)"
+    )
     # Decode rows sharing fewer leading tokens attend separately: below ~256 shared tokens the extra
     # per-layer work of the shared path costs more than it saves (W1 prompts share 32 template tokens).
-    min_shared_prefix_tokens: int = 256
-    seed: int = 0
-    num_threads: int | None = None
+    min_shared_prefix_tokens: int = _flag(
+        256, "shortest common prefix (tokens) for which decode rows attend to it together"
+    )
+    enable_cpu_kernels: bool = _flag(
+        True, "the optional C++ CPU kernels (FORKLLM_KERNELS=0 also turns them off); off = PyTorch ops"
+    )
+    seed: int = _flag(0, "engine seed: seeds of requests that give none")
+    num_threads: int | None = _flag(None, "torch CPU threads (default: all cores)")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

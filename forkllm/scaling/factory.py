@@ -16,7 +16,11 @@ STRATEGIES: dict[str, type[Policy]] = {
     "beam_search": BeamSearch,
     "particle_filter": ParticleFilter,
 }
-_REWARDS = {"arithmetic_steps": scorers.arithmetic_steps, "arithmetic": scorers.arithmetic_check}
+_REWARDS = {
+    "arithmetic_steps": scorers.arithmetic_steps,
+    "arithmetic": scorers.arithmetic_check,
+    "constant": scorers.constant_reward,
+}
 
 
 def make_policy(spec: dict[str, Any]) -> Policy:

@@ -194,6 +194,12 @@ def arithmetic_steps(question: str, text: str) -> float:
     return score
 
 
+def constant_reward(question: str, text: str) -> float:
+    """Every step weighs the same: particle filtering degrades to seeded resampling (a task with
+    no step reward)."""
+    return 0.0
+
+
 def by_name(name: str) -> Scorer:
     """'mean_logprob', 'self_judge', 'arithmetic' (a verifier) for the CLI and the HTTP API."""
     if name == "mean_logprob":

@@ -9,6 +9,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from forkllm.engine.args import add_engine_args, engine_kwargs
+
 logger = logging.getLogger("forkllm.server")
 
 
@@ -21,8 +23,6 @@ def served_name(model: Any, load_format: str) -> str:
 
 
 def add_serve_parser(sub: Any) -> None:
-    from forkllm.cli import add_engine_args
-
     s = sub.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, ...)",
@@ -61,7 +61,6 @@ def add_serve_parser(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from forkllm.cli import engine_kwargs
     from forkllm.engine.async_engine import AsyncEngine
     from forkllm.engine.config import EngineConfig
     from forkllm.engine.llm_engine import LLMEngine
