@@ -7,14 +7,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    500: "internal_server_error",
-    503: "service_unavailable",
-}
+# OpenAI's error `type` by status; anything else is the client's fault.
+_TYPES = {500: "internal_server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -25,7 +19,6 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
-        type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -33,7 +26,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
-        self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.type = _TYPES.get(status, "invalid_request_error")
 
     def response(self) -> JSONResponse:
         return JSONResponse(status_code=self.status, content=self.body(), headers=self.headers)

@@ -6,7 +6,7 @@ abuse tracking only), so a client never silently gets behaviour it did not ask f
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,7 +19,7 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-class _Sampling(BaseModel):
+class SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -73,8 +73,11 @@ class _Sampling(BaseModel):
         )
 
 
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+CompletionPrompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: CompletionPrompt
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -89,7 +92,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -109,14 +112,13 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    # None: the input kind's default (a prompt gets special tokens, rendered messages do not;
+    # add_generation_prompt applies to messages only, True by default).
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     tokens: list[int]
-
-
-FinishReason = Literal["stop", "length", "abort", "pruned"]

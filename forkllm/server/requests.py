@@ -1,4 +1,4 @@
-"""Running one HTTP request's prompts on the AsyncEngine: prompt and max_tokens checks, the
+"""Running one HTTP request's prompts through the EngineClient: prompt and max_tokens checks, the
 interleaved delta stream of all its prompts (with latency metrics), the non-streaming collector
 that aborts on client disconnect, and the guard that turns a mid-stream error into an SSE event."""
 
@@ -7,34 +7,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 
-from forkllm.engine.async_engine import AsyncEngine
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
-from forkllm.server import formatting as fmt
+from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError, from_value_error
+from forkllm.server.logprobs import Decode
+from forkllm.server.protocol import CompletionPrompt, SamplingRequest
+from forkllm.server.responses import sse
 from forkllm.server.state import ServerState
+from forkllm.tokenizer import Tokenizer
 
 logger = logging.getLogger("forkllm.server")
 
 
-def tokenizer_of(engine: AsyncEngine) -> Any:
-    tok = engine.engine.tokenizer
+def tokenizer_of(engine: EngineClient) -> Tokenizer:
+    tok = engine.tokenizer
     if tok is None:
         raise APIError(400, "this model has no tokenizer; send token ids", param="prompt")
     return tok
 
 
-def token_decoder(engine: AsyncEngine) -> Callable[[int], str]:
-    tok = engine.engine.tokenizer
+def token_decoder(engine: EngineClient) -> Decode:
+    tok = engine.tokenizer
     return (lambda t: tok.decode([t], skip_special_tokens=False)) if tok is not None else str
 
 
-def completion_prompts(engine: AsyncEngine, prompt: Any) -> list[tuple[str, list[int]]]:
+def completion_prompts(engine: EngineClient, prompt: CompletionPrompt) -> list[tuple[str, list[int]]]:
     """The request's prompts as (text, token ids)."""
     if isinstance(prompt, str) or (
         isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
@@ -47,20 +50,20 @@ def completion_prompts(engine: AsyncEngine, prompt: Any) -> list[tuple[str, list
     out = []
     for item in items:
         try:
-            text, ids = engine.engine.tokenize_prompt(item)
+            text, ids = engine.tokenize_prompt(item)
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from e
         if text is None:
-            tok = engine.engine.tokenizer
+            tok = engine.tokenizer
             text = tok.decode(ids, skip_special_tokens=False) if tok is not None else ""
         out.append((text, ids))
     return out
 
 
 def max_tokens_for(
-    engine: AsyncEngine, prompt_len: int, asked: int | None, field: str, prompt_field: str
+    engine: EngineClient, prompt_len: int, asked: int | None, field: str, prompt_field: str
 ) -> int:
-    limit = engine.engine.max_model_len
+    limit = engine.max_model_len
     if asked is not None and (not isinstance(asked, int) or asked < 1):
         raise APIError(400, f"{field} must be at least 1, got {asked}", param=field)
     if prompt_len >= limit:
@@ -87,7 +90,7 @@ def max_tokens_for(
 
 async def merged_outputs(
     state: ServerState,
-    engine: AsyncEngine,
+    engine: EngineClient,
     prompts: list[tuple[str, list[int]]],
     params: list[SamplingParams],
     rid: str,
@@ -139,7 +142,7 @@ async def merged_outputs(
 
 async def run_to_completion(
     state: ServerState,
-    engine: AsyncEngine,
+    engine: EngineClient,
     prompts: list[tuple[str, list[int]]],
     params: list[SamplingParams],
     rid: str,
@@ -179,12 +182,18 @@ async def guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
         async for e in events:
             yield e
     except APIError as e:
-        yield fmt.sse(e.body())
-        yield fmt.sse("[DONE]")
+        yield sse(e.body())
+        yield sse("[DONE]")
     except ValueError as e:
-        yield fmt.sse(from_value_error(e).body())
-        yield fmt.sse("[DONE]")
+        yield sse(from_value_error(e).body())
+        yield sse("[DONE]")
     except RuntimeError as e:
         logger.exception("stream failed")
-        yield fmt.sse(APIError(500, str(e), code="internal_error").body())
-        yield fmt.sse("[DONE]")
+        yield sse(APIError(500, str(e), code="internal_error").body())
+        yield sse("[DONE]")
+
+
+def check_stream_options(req: SamplingRequest) -> None:
+    """stream_options only shape a stream; like OpenAI and vLLM, refuse them on a plain request."""
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream=true", param="stream_options")

@@ -14,7 +14,8 @@ from forkllm.engine.args import add_engine_args, engine_kwargs
 logger = logging.getLogger("forkllm.server")
 
 
-def served_name(model: Any, load_format: str) -> str:
+def served_name(model: Any) -> str:
+    """The model id clients send: a GGUF file's stem, a directory's name, or the model string."""
     if model is None:
         return "SmolLM2-135M-Instruct"
     p = Path(str(model))
@@ -67,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from forkllm.server.app import ServerConfig, create_app
 
     kw = engine_kwargs(args)
-    name = args.served_model_name or served_name(kw.get("model"), kw.get("load_format", "auto"))
+    name = args.served_model_name or served_name(kw.get("model"))
     config = ServerConfig(
         served_model_name=name,
         api_key=args.api_key or os.environ.get("FORKLLM_API_KEY") or None,

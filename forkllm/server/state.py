@@ -1,5 +1,5 @@
-"""What the server's routes share: config, the engine (None while loading), metrics, and the
-checks every request passes (ready, capacity, model name)."""
+"""What the server's routes share: config, the engine client (None while loading), metrics, and
+the checks every request passes (ready, capacity, model name)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from forkllm.engine.async_engine import AsyncEngine
+from forkllm.server.client import EngineClient, as_client
 from forkllm.server.errors import APIError
 from forkllm.server.metrics import ServerMetrics
 
@@ -24,17 +28,17 @@ class ServerConfig:
 
 
 class ServerState:
-    """What the routes share: the engine (None while loading), config, metrics."""
+    """What the routes share: the engine client (None while loading), config, metrics."""
 
     def __init__(
         self,
         config: ServerConfig,
-        engine: AsyncEngine | None,
-        engine_factory: Callable[[], AsyncEngine] | None,
+        engine: EngineClient | AsyncEngine | None,
+        engine_factory: Callable[[], EngineClient | AsyncEngine] | None,
     ) -> None:
         self.config = config
         self.metrics = ServerMetrics()
-        self.engine = engine
+        self.engine: EngineClient | None = as_client(engine) if engine is not None else None
         self._factory = engine_factory
         self.load_error: BaseException | None = None
 
@@ -42,14 +46,14 @@ class ServerState:
         def load() -> None:
             try:
                 assert self._factory is not None
-                self.engine = self._factory()
+                self.engine = as_client(self._factory())
             except BaseException as e:  # reported by /health and every request
                 logger.exception("model failed to load")
                 self.load_error = e
 
         threading.Thread(target=load, name="forkllm-load", daemon=True).start()
 
-    def ready(self) -> AsyncEngine:
+    def ready(self) -> EngineClient:
         if self.load_error is not None:
             raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
         if self.engine is None:
@@ -63,7 +67,7 @@ class ServerState:
             raise APIError(503, "the engine is shutting down", code="shutting_down")
         return self.engine
 
-    def check_capacity(self, engine: AsyncEngine) -> None:
+    def check_capacity(self, engine: EngineClient) -> None:
         limit = self.config.max_num_waiting
         if limit is not None and engine.num_waiting >= limit:
             raise APIError(
@@ -81,3 +85,12 @@ class ServerState:
                 param="model",
                 code="model_not_found",
             )
+
+
+def state_of(request: Request) -> ServerState:
+    """The FastAPI dependency routes declare (as `AppState`) to get the shared state."""
+    state: ServerState = request.app.state.forkllm
+    return state
+
+
+AppState = Annotated[ServerState, Depends(state_of)]

@@ -1,0 +1,7 @@
+"""The HTTP routes, one module per group; create_app mounts every router in ROUTERS."""
+
+from __future__ import annotations
+
+from forkllm.server.routes import chat, completions, plain
+
+ROUTERS = (plain.router, completions.router, chat.router)
