@@ -10,6 +10,7 @@ from forkllm.engine.config import EngineConfig
 from forkllm.engine.llm_engine import LLMEngine, PromptInput
 from forkllm.engine.outputs import CompletionOutput, RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
+from forkllm.engine.tree import run_policies
 from forkllm.tokenizer import Tokenizer
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
@@ -88,7 +89,6 @@ class LLM:
         self, prompts: Seq[str | list[int] | Conversation], strategies: Seq[Any], chat: bool = True
     ) -> list[Any]:
         """Several questions at once, one (fresh) strategy object each; all trees share each step."""
-        from forkllm.scaling.base import run_policies
 
         if len(prompts) != len(strategies):
             raise ValueError(

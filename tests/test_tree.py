@@ -124,7 +124,7 @@ def test_n_samples_prefill_once_and_share_pages():
         engine.step()
         peak = max(peak, engine.kv.pool.num_used)
     assert engine.stats.prompt_tokens_computed == 512  # one prefill, not 16
-    assert engine.stats.forks == 15
+    assert engine.tree.num_forks == 15
     unshared = 16 * -(-(512 + 16) // 16)
     assert peak <= unshared / 8, (peak, unshared)
     assert_no_leaks(engine)

@@ -15,21 +15,42 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
-from forkllm.engine.config import EngineConfig
-from forkllm.engine.llm_engine import LLMEngine, PromptInput
+from forkllm.engine.inputs import PromptInput
+from forkllm.engine.llm_engine import LLMEngine
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Request
+from forkllm.engine.tree import PolicyHandle, TreePolicy, cancel, drive
+
+R = TypeVar("R")
 
 logger = logging.getLogger("forkllm")
 
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request: Request
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class CallOnEngine:
+    fn: Callable[[LLMEngine], None]
+
+
+Command = AddRequest | AbortRequest | CallOnEngine
 
 
 @dataclass
@@ -41,7 +62,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, start: bool = True) -> None:
         self.engine = engine
-        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
@@ -57,10 +78,6 @@ class AsyncEngine:
         self._taken_in = 0
         if start:
             self.start()
-
-    @classmethod
-    def from_args(cls, **kwargs: Any) -> AsyncEngine:
-        return cls(LLMEngine(EngineConfig(**kwargs)))
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -99,7 +116,7 @@ class AsyncEngine:
             if rid in self._streams:
                 raise ValueError(f"request_id {rid!r} is already in use")
             self._streams[rid] = stream
-        self._commands.put(("add", req))
+        self._commands.put(AddRequest(req))
         self._handed_over += 1
         self._wakeup.set()
         finished = False
@@ -124,43 +141,37 @@ class AsyncEngine:
         return self._handed_over - self._taken_in + int(self.metrics_snapshot.get("waiting_seqs", 0))
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(AbortRequest(request_id))
         self._wakeup.set()
 
-    async def run_policy(self, policy: Any, prompt_ids: list[int], question: str = "") -> Any:
-        """Run a forkllm.scaling policy on the engine thread (its samples join every step's batch);
-        returns its ScaleResult. Cancelling the caller stops the policy and frees its pages."""
+    async def run_policy(self, policy: TreePolicy[R], prompt_ids: list[int], question: str = "") -> R:
+        """Run a tree policy on the engine thread (its sequences join every step's batch) with the
+        same driver as the synchronous engine; returns its result. Cancelling the caller stops
+        the policy and frees its pages."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+        fut: asyncio.Future[R] = loop.create_future()
+        handle: list[PolicyHandle[R]] = []
 
-        def settle(fn: Any, value: Any) -> None:
-            if not fut.done():
-                fn(value)
+        def settle(outcome: R | BaseException) -> None:
+            if fut.done():
+                return
+            if isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(outcome)
+
+        def report(outcome: R | BaseException) -> None:
+            loop.call_soon_threadsafe(settle, outcome)
 
         def start(engine: LLMEngine) -> None:
             try:
-                policy.start(engine, prompt_ids, question)
+                handle.append(drive(engine, policy, prompt_ids, question, report))
             except BaseException as e:
-                loop.call_soon_threadsafe(settle, fut.set_exception, e)
-                return
-
-            def watch(engine: LLMEngine) -> None:
-                if policy.done:
-                    engine.step_hooks.remove(watch)
-                    try:
-                        result = policy.result()
-                    except BaseException as e:
-                        loop.call_soon_threadsafe(settle, fut.set_exception, e)
-                        return
-                    loop.call_soon_threadsafe(settle, fut.set_result, result)
-
-            engine.step_hooks.append(watch)
+                report(e)
 
         def stop(engine: LLMEngine) -> None:
-            if not policy.done:
-                policy.finish()
-            if policy.tree is not None:
-                engine.abort_request(policy.tree.request.request_id)
+            if handle:
+                cancel(engine, handle[0])
 
         self.call(start)
         try:
@@ -169,31 +180,30 @@ class AsyncEngine:
             self.call(stop)
             raise
 
-    def call(self, fn: Any) -> None:
+    def call(self, fn: Callable[[LLMEngine], None]) -> None:
         """Run fn(engine) on the engine thread before its next step (tree operations, stats)."""
-        self._commands.put(("call", fn))
+        self._commands.put(CallOnEngine(fn))
         self._wakeup.set()
 
     # ---- the engine thread --------------------------------------------------------------------
     def _apply_commands(self) -> None:
         while True:
             try:
-                kind, arg = self._commands.get_nowait()
+                cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
             try:
-                if kind == "add":
-                    assert isinstance(arg, Request)
+                if isinstance(cmd, AddRequest):
                     self._taken_in += 1
-                    self.engine.add_prepared(arg)
-                elif kind == "abort":
-                    self.engine.abort_request(arg)
+                    self.engine.add_prepared(cmd.request)
+                elif isinstance(cmd, AbortRequest):
+                    self.engine.abort_request(cmd.request_id)
                 else:
-                    arg(self.engine)
+                    cmd.fn(self.engine)
             except Exception as e:  # a bad command fails its own request only
-                logger.exception("engine command %s failed", kind)
-                if kind == "add":
-                    self._deliver_error(arg.request_id, e)
+                logger.exception("engine command %s failed", type(cmd).__name__)
+                if isinstance(cmd, AddRequest):
+                    self._deliver_error(cmd.request.request_id, e)
 
     def _loop(self) -> None:
         engine = self.engine

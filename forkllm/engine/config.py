@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-_DTYPES = {
+DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -88,53 +87,15 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(set(_DTYPES))}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(set(DTYPES))}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
 
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
-        if self.torch_device().type == "cuda":
-            return torch.bfloat16
-        return default_cpu_dtype()
-
     def kv_bytes(self) -> int:
         return parse_bytes(self.kv_cache_memory) if self.kv_cache_memory is not None else DEFAULT_CPU_KV_BYTES
-
-
-def default_cpu_dtype() -> torch.dtype:
-    """bfloat16 where the CPU has native bf16 dot products (AVX512-BF16 or AMX), else float32.
-
-    Measured on W1 (README): bf16 is 2.9x float32 in batch and 1.6x at batch 1 on such CPUs.
-    FORKLLM_CPU_DTYPE overrides the choice.
-    """
-    env = os.environ.get("FORKLLM_CPU_DTYPE")
-    if env:
-        if env not in _DTYPES:
-            raise ValueError(f"FORKLLM_CPU_DTYPE must be one of {sorted(set(_DTYPES))}, got {env!r}")
-        return _DTYPES[env]
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
 
 
 _UNITS = {

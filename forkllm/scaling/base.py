@@ -1,21 +1,24 @@
-"""The machinery every strategy shares: a policy drives one request's sequence tree from the
-engine's step hook, so its samples are stepped in the same batch as everything else.
+"""What every scaling strategy shares: the Policy base class (engine/tree.py's TreePolicy
+protocol, run by the engine's one policy driver after every step, so a strategy's samples are
+stepped in the same batch as everything else), candidates and votes.
 
-`TreeRun` is a policy's view of its tree: which sequences are live, paused or finished, how many
-tokens they generated (a fork's inherited tokens are not counted again), tree operations, and the
-token budget, enforced exactly by pruning before a step would overrun it.
+A policy's view of its tree (`TreeRun`: live / paused / finished sequences, tokens generated, the
+exact token budget) and the tree operations live in engine/tree.py.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
-from forkllm.engine.sequence import Request, Sequence, SequenceStatus
+from forkllm.engine.llm_engine import LLMEngine
+from forkllm.engine.sampling_params import SamplingParams
+from forkllm.engine.sequence import Sequence
+from forkllm.engine.tree import TreeRun, run_policies
+
+__all__ = ["Candidate", "Policy", "ScaleResult", "TreeRun", "mean_logprob", "run_policies", "votes_for"]
 
 
 @dataclass
@@ -24,9 +27,16 @@ class Candidate:
     text: str
     answer: str | None
     score: float | None
-    num_tokens: int
+    num_tokens: int  # output tokens of its text (forked-from ancestors' tokens included)
     finish_reason: str | None
     mean_logprob: float | None = None
+
+    @classmethod
+    def of(cls, seq: Sequence, answer: str | None, score: float | None = None) -> Candidate:
+        """The one way a sequence becomes a candidate (every strategy's result uses it)."""
+        return cls(
+            seq.seq_id, seq.text, answer, score, seq.num_output_tokens, seq.finish_reason, mean_logprob(seq)
+        )
 
 
 @dataclass
@@ -43,86 +53,14 @@ class ScaleResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class TreeRun:
-    """One request's sequence tree as a policy sees it."""
-
-    def __init__(
-        self, engine: Any, prompt_ids: list[int], params: SamplingParams, budget: int | None
-    ) -> None:
-        self.engine = engine
-        self.budget = budget
-        params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
-        if budget is not None and params.n > budget:
-            raise ValueError(
-                f"budget ({budget} tokens) is smaller than the {params.n} first tokens of n={params.n}"
-            )
-        rid = engine.add_request(prompt_ids, params)
-        self.request: Request = engine.requests[rid]
-        self.forks = params.n - 1  # the engine forks these at the first sample
-        self.prunes = 0
-
-    @property
-    def seqs(self) -> list[Sequence]:
-        return self.request.seqs
-
-    def live(self) -> list[Sequence]:
-        """Sequences that will generate in the next step (running or waiting)."""
-        return [s for s in self.seqs if s.status in (SequenceStatus.RUNNING, SequenceStatus.WAITING)]
-
-    def paused(self) -> list[Sequence]:
-        return [s for s in self.seqs if s.status is SequenceStatus.PAUSED]
-
-    def finished(self) -> list[Sequence]:
-        return [s for s in self.seqs if s.finished]
-
-    @property
-    def started(self) -> bool:
-        """The prompt is done and the first tokens exist (n > 1 forks happen then)."""
-        return self.request.pending_samples == 0 and self.seqs[0].num_output_tokens > 0
-
-    @property
-    def generated(self) -> int:
-        return sum(s.num_output_tokens - s.num_output_at_fork for s in self.seqs)
-
-    def fork(self, seq: Sequence, k: int, seeds: list[int] | None = None) -> list[Sequence]:
-        ids = self.engine.fork(seq.seq_id, k, seeds)
-        self.forks += k
-        return [self.engine.seqs[i] for i in ids]
-
-    def prune(self, seq: Sequence) -> None:
-        if not seq.finished:
-            self.engine.prune(seq.seq_id)
-            self.prunes += 1
-
-    def pause(self, seq: Sequence) -> None:
-        if seq.status in (SequenceStatus.RUNNING, SequenceStatus.WAITING):
-            self.engine.pause(seq.seq_id)
-
-    def enforce_budget(self, priority: Callable[[Sequence], float] | None = None) -> bool:
-        """Prune live sequences (lowest priority first) so that the next step cannot take the
-        tree past its budget: each live sequence generates at most one token per step. Returns
-        False once the budget is spent."""
-        if self.budget is None:
-            return True
-        remaining = self.budget - self.generated
-        live = self.live()
-        if len(live) > remaining:
-            keep = sorted(live, key=priority, reverse=True) if priority else live
-            for s in keep[max(remaining, 0) :]:
-                self.prune(s)
-        return remaining > 0
-
-    def abort(self) -> None:
-        self.engine.abort_request(self.request.request_id)
-
-
 def mean_logprob(seq: Sequence) -> float | None:
     n = seq.num_output_tokens
     return seq.cumulative_logprob / n if seq.logprobs is not None and n else None
 
 
 class Policy(ABC):
-    """A strategy: `start` creates the tree, `on_step` runs after every engine step."""
+    """A strategy (a TreePolicy): `start` creates the tree, `on_step` runs after every engine
+    step (engine/tree.py's driver calls it), `advance` is what each strategy decides there."""
 
     name = "policy"
 
@@ -141,13 +79,12 @@ class Policy(ABC):
         self.t0 = 0.0
         self.question = ""
 
-    def start(self, engine: Any, prompt_ids: list[int], question: str = "") -> None:
+    def start(self, engine: LLMEngine, prompt_ids: list[int], question: str = "") -> None:
         self.t0 = time.perf_counter()
         self.question = question
         self.tree = TreeRun(engine, prompt_ids, self.sampling_params(), self.budget_tokens())
-        engine.step_hooks.append(self.on_step)
 
-    def on_step(self, engine: Any) -> None:
+    def on_step(self, engine: LLMEngine) -> None:
         if self.done:
             return
         try:
@@ -159,14 +96,19 @@ class Policy(ABC):
             self.finish()
 
     def finish(self) -> None:
-        """Stop: prune whatever still runs and leave the engine's hooks."""
+        """Done: prune whatever still runs (the tree's finished sequences stay for the result)."""
         self.done = True
         tree = self.tree
         if tree is not None:
             for s in tree.live() + tree.paused():
                 tree.prune(s)
-            if self.on_step in tree.engine.step_hooks:
-                tree.engine.step_hooks.remove(self.on_step)
+
+    def stop(self) -> None:
+        """Stop now (the caller went away or the run failed): prune and abort the tree."""
+        if not self.done:
+            self.finish()
+        if self.tree is not None:
+            self.tree.abort()
 
     @abstractmethod
     def sampling_params(self) -> SamplingParams: ...
@@ -194,28 +136,6 @@ class Policy(ABC):
 
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
-
-
-def run_policies(engine: Any, jobs: list[tuple[Policy, list[int], str]]) -> list[ScaleResult]:
-    """Run policies to completion on a synchronous engine (they share every step's batch)."""
-    for policy, ids, question in jobs:
-        policy.start(engine, ids, question)
-    try:
-        while not all(p.done for p, _, _ in jobs):
-            if not engine.has_unfinished_requests():
-                for p, _, _ in jobs:  # nothing left to step: let every policy conclude
-                    p.on_step(engine)
-                if not all(p.done for p, _, _ in jobs):
-                    raise RuntimeError("a scaling policy stalled with nothing to run")
-                break
-            engine.step()
-    finally:
-        for p, _, _ in jobs:
-            if not p.done:
-                p.finish()
-                if p.tree is not None:
-                    p.tree.abort()
-    return [p.result() for p, _, _ in jobs]
 
 
 def votes_for(cands: list[Candidate], weights: list[float] | None = None) -> dict[str, float]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from forkllm.engine.sampler import derive_seed
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence, SequenceStatus
-from forkllm.scaling.base import Candidate, Policy, ScaleResult, TreeRun, mean_logprob, votes_for
+from forkllm.engine.tree import TreeRun
+from forkllm.scaling.base import Candidate, Policy, ScaleResult, votes_for
 from forkllm.scaling.extract import Extractor, last_number
 from forkllm.scaling.scorers import MeanLogprob, ScoreJob, Scorer, arithmetic_steps, softmax
 
@@ -142,18 +143,7 @@ class BeamSearch(Policy):
         tree = self.tree
         assert tree is not None
         pool = self.finals or self.partials
-        cands = [
-            Candidate(
-                s.seq_id,
-                s.text,
-                self.extract(s.text),
-                score,
-                s.num_output_tokens,
-                s.finish_reason,
-                mean_logprob(s),
-            )
-            for s, score in pool
-        ]
+        cands = [Candidate.of(s, self.extract(s.text), score) for s, score in pool]
         best = max(cands, key=lambda c: c.score if c.score is not None else -math.inf, default=None)
         return ScaleResult(
             self.name,
@@ -258,7 +248,7 @@ class ParticleFilter(Policy):
             if c == 0:
                 tree.prune(p.seq)
                 continue
-            tree.engine.resume(p.seq.seq_id)
+            tree.resume(p.seq)
             self.stepper.begin(p.seq)
             nxt.append(Particle(p.seq, p.weight))
             if c > 1:
@@ -274,17 +264,7 @@ class ParticleFilter(Policy):
         seen: dict[str, Particle] = {}
         for p in self.population:
             seen.setdefault(p.seq.seq_id, p)
-        cands = [
-            Candidate(
-                p.seq.seq_id,
-                p.seq.text,
-                self.extract(p.seq.text),
-                p.weight,
-                p.seq.num_output_tokens,
-                p.seq.finish_reason,
-            )
-            for p in seen.values()
-        ]
+        cands = [Candidate.of(p.seq, self.extract(p.seq.text), p.weight) for p in seen.values()]
         probs = (
             softmax([p.weight for p in self.population], self.resample_temperature) if self.population else []
         )

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence
-from forkllm.scaling.base import Candidate, Policy, ScaleResult, mean_logprob, votes_for
+from forkllm.scaling.base import Candidate, Policy, ScaleResult, votes_for
 from forkllm.scaling.extract import Extractor, last_number
 from forkllm.scaling.scorers import MeanLogprob, ScoreJob, Scorer
 
@@ -119,18 +118,7 @@ class SelfConsistency(Policy):
         by_id = {s.seq_id: s for s in tree.seqs}
         cands = []
         for sid, ans in self.answers.items():
-            s = by_id[sid]
-            cands.append(
-                Candidate(
-                    sid,
-                    s.text,
-                    ans,
-                    None,
-                    s.num_output_tokens - s.num_output_at_fork,
-                    s.finish_reason,
-                    mean_logprob(s),
-                )
-            )
+            cands.append(Candidate.of(by_id[sid], ans))
         weights = (
             [math.exp(c.mean_logprob) if c.mean_logprob is not None else 1.0 for c in cands]
             if self.weighted
@@ -198,18 +186,7 @@ class BestOfN(Policy):
     def result(self) -> ScaleResult:
         tree = self.tree
         assert tree is not None
-        cands = [
-            Candidate(
-                s.seq_id,
-                s.text,
-                self.extract(s.text),
-                score,
-                s.num_output_tokens - s.num_output_at_fork,
-                s.finish_reason,
-                mean_logprob(s),
-            )
-            for s, score in self.scored
-        ]
+        cands = [Candidate.of(s, self.extract(s.text), score) for s, score in self.scored]
         best = max(cands, key=lambda c: c.score if c.score is not None else -math.inf, default=None)
         return ScaleResult(
             self.name,
@@ -222,7 +199,3 @@ class BestOfN(Policy):
             tree.forks,
             tree.prunes,
         )
-
-
-def describe(policy: Any) -> str:
-    return getattr(policy, "name", type(policy).__name__)

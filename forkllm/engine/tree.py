@@ -1,0 +1,262 @@
+"""The generation tree: the one API every tree policy (scaling strategies, threads, tools) uses.
+
+- `TreeOps`: fork / pause / resume / prune on the engine's live sequences. A fork shares every
+  page of its parent (copy-on-write on the partial last page), so n samples, beams and particles
+  cost one prefill.
+- `TreeRun`: one request's tree as a policy sees it: its sequences by state, the tokens it
+  generated, its token budget, and the tree operations scoped to it.
+- `TreePolicy`: the protocol a policy implements (start / on_step / stop / result).
+- `drive` / `cancel` / `run_policies`: the one driver that calls a policy after every engine step,
+  used by the synchronous engine (`run_policies`, `LLM.scale`) and by `AsyncEngine.run_policy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from forkllm.engine.sampler import derive_seed
+from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
+from forkllm.engine.scheduler import Scheduler
+from forkllm.engine.sequence import Request, Sequence, SequenceStatus
+from forkllm.kv.manager import KVCacheManager
+
+if TYPE_CHECKING:
+    from forkllm.engine.llm_engine import LLMEngine
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+StepHook = Callable[["LLMEngine"], None]
+
+
+class TreeOps:
+    """Tree operations over the engine's registry of live sequences (`seqs`, by id)."""
+
+    def __init__(self, kv: KVCacheManager, scheduler: Scheduler, seqs: dict[str, Sequence]) -> None:
+        self.kv, self.scheduler, self.seqs = kv, scheduler, seqs
+        self.num_forks = 0
+        self.num_prunes = 0
+
+    def fork(self, parent: Sequence, k: int, seeds: list[int] | None = None) -> list[Sequence]:
+        """k children of a live sequence, scheduled right after it; each samples with its own seed
+        (default: derived from the request's seed and the child's index)."""
+        if parent.finished or self.seqs.get(parent.seq_id) is not parent:
+            raise ValueError(f"no live sequence {parent.seq_id!r} to fork")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if seeds is not None and len(seeds) != k:
+            raise ValueError(f"got {len(seeds)} seeds for {k} children")
+        req = parent.request
+        kids: list[Sequence] = []
+        for j in range(k):
+            idx = len(req.seqs)
+            child = Sequence(
+                seq_id=f"{req.request_id}:{idx}",
+                request=req,
+                index=idx,
+                token_ids=list(parent.token_ids),
+                num_prompt_tokens=parent.num_prompt_tokens,
+                seed=seeds[j] if seeds is not None else derive_seed(req.base_seed, idx),
+                detok=parent.detok.copy(),
+                num_computed_tokens=parent.num_computed_tokens,
+                block_table=self.kv.share(parent.block_table),
+                cache_nodes=list(parent.cache_nodes),
+                num_reused_tokens=parent.num_reused_tokens,
+                num_output_at_fork=parent.num_output_tokens,
+                cumulative_logprob=parent.cumulative_logprob,
+                logprobs=None if parent.logprobs is None else list(parent.logprobs),
+                parent=parent,
+            )
+            req.seqs.append(child)
+            self.seqs[child.seq_id] = child
+            self.scheduler.add_running(child, after=parent if j == 0 else kids[-1])
+            kids.append(child)
+        self.num_forks += k
+        return kids
+
+    def pause(self, seq: Sequence) -> None:
+        """Stop generating for a sequence but keep its pages (to fork or prune it later)."""
+        if seq.finished:
+            raise ValueError(f"no live sequence {seq.seq_id!r} to pause")
+        if seq.status is not SequenceStatus.PAUSED:
+            self.scheduler.pause(seq)
+
+    def resume(self, seq: Sequence) -> None:
+        if seq.status is not SequenceStatus.PAUSED:
+            raise ValueError(f"no paused sequence {seq.seq_id!r} to resume")
+        self.scheduler.resume(seq)
+
+    def prune(self, seq: Sequence) -> None:
+        """Finish a sequence now (finish_reason "pruned") and release the pages only it held."""
+        if seq.finished:
+            raise ValueError(f"no live sequence {seq.seq_id!r} to prune")
+        seq.finish_reason = "pruned"
+        self.finish(seq)
+        self.num_prunes += 1
+
+    def finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.seq_id, None)
+
+
+class TreeRun:
+    """One request's sequence tree as a policy sees it, with an exact token budget."""
+
+    def __init__(
+        self, engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, budget: int | None
+    ) -> None:
+        self.engine = engine
+        self.budget = budget
+        params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+        if budget is not None and params.n > budget:
+            raise ValueError(
+                f"budget ({budget} tokens) is smaller than the {params.n} first tokens of n={params.n}"
+            )
+        rid = engine.add_request(prompt_ids, params)
+        self.request: Request = engine.requests[rid]
+        self.forks = params.n - 1  # the engine forks these at the first sample
+        self.prunes = 0
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return self.request.seqs
+
+    def live(self) -> list[Sequence]:
+        """Sequences that will generate in the next step (running or waiting)."""
+        return [s for s in self.seqs if s.status in (SequenceStatus.RUNNING, SequenceStatus.WAITING)]
+
+    def paused(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.status is SequenceStatus.PAUSED]
+
+    def finished(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.finished]
+
+    @property
+    def started(self) -> bool:
+        """The prompt is done and the first tokens exist (n > 1 forks happen then)."""
+        return self.request.pending_samples == 0 and self.seqs[0].num_output_tokens > 0
+
+    @property
+    def generated(self) -> int:
+        """Tokens the tree generated (a fork's inherited tokens are not counted again)."""
+        return sum(s.num_output_tokens - s.num_output_at_fork for s in self.seqs)
+
+    def fork(self, seq: Sequence, k: int, seeds: list[int] | None = None) -> list[Sequence]:
+        kids = self.engine.tree.fork(seq, k, seeds)
+        self.forks += k
+        return kids
+
+    def prune(self, seq: Sequence) -> None:
+        if not seq.finished:
+            self.engine.prune(seq.seq_id)
+            self.prunes += 1
+
+    def pause(self, seq: Sequence) -> None:
+        if seq.status in (SequenceStatus.RUNNING, SequenceStatus.WAITING):
+            self.engine.tree.pause(seq)
+
+    def resume(self, seq: Sequence) -> None:
+        self.engine.tree.resume(seq)
+
+    def enforce_budget(self, priority: Callable[[Sequence], float] | None = None) -> bool:
+        """Prune live sequences (lowest priority first) so that the next step cannot take the
+        tree past its budget: each live sequence generates at most one token per step. Returns
+        False once the budget is spent."""
+        if self.budget is None:
+            return True
+        remaining = self.budget - self.generated
+        live = self.live()
+        if len(live) > remaining:
+            keep = sorted(live, key=priority, reverse=True) if priority else live
+            for s in keep[max(remaining, 0) :]:
+                self.prune(s)
+        return remaining > 0
+
+    def abort(self) -> None:
+        self.engine.abort_request(self.request.request_id)
+
+
+class TreePolicy(Protocol[R_co]):
+    """What the driver needs of a policy. `on_step` runs on the engine's thread after every step
+    (also after an empty one: a tree of paused sequences waits for its policy's decision)."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def start(self, engine: LLMEngine, prompt_ids: list[int], question: str) -> None:
+        """Create the tree (add its request)."""
+
+    def on_step(self, engine: LLMEngine) -> None:
+        """Look at the tree, fork / prune / pause; set done when finished (pruning what runs)."""
+
+    def stop(self) -> None:
+        """Stop now: prune whatever still runs and abort the tree's requests."""
+
+    def result(self) -> R_co: ...
+
+
+class PolicyHandle(Generic[R]):
+    """A policy the driver runs: its step hook, so it can be cancelled."""
+
+    def __init__(self, policy: TreePolicy[R], hook: StepHook) -> None:
+        self.policy, self.hook = policy, hook
+
+
+def drive(
+    engine: LLMEngine,
+    policy: TreePolicy[R],
+    prompt_ids: list[int],
+    question: str,
+    on_done: Callable[[R | BaseException], None],
+) -> PolicyHandle[R]:
+    """Start `policy` on the engine and call it after every step until it is done; then hand its
+    result (or the error it raised) to `on_done`, once. Runs on the engine's thread."""
+    policy.start(engine, prompt_ids, question)
+
+    def hook(eng: LLMEngine) -> None:
+        try:
+            if not policy.done:
+                policy.on_step(eng)
+            if not policy.done:
+                return
+            eng.remove_step_hook(hook)
+            outcome: R | BaseException = policy.result()
+        except BaseException as e:  # a failing policy fails its own caller only
+            eng.remove_step_hook(hook)
+            policy.stop()
+            outcome = e
+        on_done(outcome)
+
+    engine.add_step_hook(hook)
+    return PolicyHandle(policy, hook)
+
+
+def cancel(engine: LLMEngine, handle: PolicyHandle[R]) -> None:
+    """Stop a driven policy now and free its pages (its caller went away)."""
+    engine.remove_step_hook(handle.hook)
+    handle.policy.stop()
+
+
+def run_policies(engine: LLMEngine, jobs: list[tuple[TreePolicy[R], list[int], str]]) -> list[R]:
+    """Run policies to completion on a synchronous engine (they share every step's batch)."""
+    outcomes: dict[int, R | BaseException] = {}
+    handles = []
+    try:
+        for i, (policy, ids, question) in enumerate(jobs):
+            handles.append(drive(engine, policy, ids, question, lambda r, i=i: outcomes.__setitem__(i, r)))
+        while len(outcomes) < len(jobs):
+            idle = not engine.has_unfinished_requests()
+            engine.step()  # runs the hooks even when nothing is scheduled
+            if idle and len(outcomes) < len(jobs) and not engine.has_unfinished_requests():
+                raise RuntimeError("a tree policy stalled with nothing to run")
+    finally:
+        for h in handles:
+            if not h.policy.done or h.hook in engine.step_hooks:
+                cancel(engine, h)
+    results = []
+    for i in range(len(jobs)):
+        r = outcomes[i]
+        if isinstance(r, BaseException):
+            raise r
+        results.append(r)
+    return results
