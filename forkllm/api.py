@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as Seq
-from typing import Any
+from typing import Any, TypeVar
 
 from forkllm.engine.config import EngineConfig
 from forkllm.engine.llm_engine import LLMEngine, PromptInput
 from forkllm.engine.outputs import CompletionOutput, RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
-from forkllm.engine.tree import run_policies
+from forkllm.engine.tree import TreePolicy, run_policies
 from forkllm.tokenizer import Tokenizer
+
+R = TypeVar("R")
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
@@ -80,14 +82,14 @@ class LLM:
         return self._run(prompts, params, use_tqdm)
 
     # ---- inference-time scaling -----------------------------------------------------------------
-    def scale(self, prompt: str | list[int] | Conversation, strategy: Any, chat: bool = True) -> Any:
+    def scale(self, prompt: str | list[int] | Conversation, strategy: TreePolicy[R], chat: bool = True) -> R:
         """Run an inference-time scaling strategy (forkllm.scaling) on one question inside the
         engine: one prefill, forks for samples, prunes for losers, one batch."""
         return self.scale_batch([prompt], [strategy], chat=chat)[0]
 
     def scale_batch(
-        self, prompts: Seq[str | list[int] | Conversation], strategies: Seq[Any], chat: bool = True
-    ) -> list[Any]:
+        self, prompts: Seq[str | list[int] | Conversation], strategies: Seq[TreePolicy[R]], chat: bool = True
+    ) -> list[R]:
         """Several questions at once, one (fresh) strategy object each; all trees share each step."""
 
         if len(prompts) != len(strategies):

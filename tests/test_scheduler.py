@@ -11,16 +11,19 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
+from forkllm.engine.config import EngineConfig
 from forkllm.engine.detokenizer import IncrementalDetokenizer
 from forkllm.engine.outputs import RequestMetrics
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.scheduler import Scheduler, SchedulerOutput
 from forkllm.engine.sequence import Request, Sequence, SequenceStatus
-from forkllm.kv.manager import KVCacheManager, PageCopy
+from forkllm.engine.startup import resolve_max_model_len
+from forkllm.kv.manager import KVCacheManager, KVCacheSpec, PageCopy
+from forkllm.models.config import preset_config
 
 BS = 4
 _sampled_ids = itertools.count(90_000)  # every sampled token is new: output pages never dedupe
@@ -635,13 +638,10 @@ def test_random_workload_keeps_the_books_and_leaks_nothing(caching, chunked, bud
 # ---- known bug -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chunked prefill off: a waiting sequence longer than max_num_batched_tokens is never "
-    "admitted (here a preempted one that grew past the budget), so the scheduler stalls with work "
-    "waiting and nothing running; nothing validates max_num_batched_tokens >= max_model_len",
-)
-def test_chunking_off_a_preempted_sequence_longer_than_the_budget_is_rescheduled():
+def test_chunking_off_needs_a_budget_of_max_model_len():
+    """Unchunked, the scheduler takes a sequence whole: one longer than the budget (here B, preempted
+    after it grew to 8 tokens) is never admitted again. The engine therefore refuses a budget below
+    max_model_len when chunked prefill is off (engine/startup.py)."""
     sim = Sim(num_blocks=5, budget=7, chunked=False, caching=False)  # 4 usable pages
     a, b = make_seq("A", toks(0, 6)), make_seq("B", toks(100, 6))
     sim.add(a, b)
@@ -651,6 +651,11 @@ def test_chunking_off_a_preempted_sequence_longer_than_the_budget_is_rescheduled
     s4 = sim.step()  # A needs a third page: B (now 8 tokens) is preempted
     assert s4.plan == [("A", 1)] and s4.out.preempted == [b] and b.num_tokens == 8
     sim.sched.finish(a)
-    assert sim.sched.has_unfinished() and sim.sched.running == []
-    # Nothing runs, the whole budget is free, the pool is empty: B must be scheduled now.
-    assert sim.step().plan, "no progress: B (8 tokens) never fits a 7-token step without chunking"
+    assert sim.step().plan == []  # stalled: why the engine validates the budget
+
+    model, kv = preset_config("tiny"), KVCacheSpec(num_blocks=65, block_size=16, bytes_per_block=1)
+    off = EngineConfig(enable_chunked_prefill=False, max_num_batched_tokens=511, max_model_len=512)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=511 is below max_model_len=512"):
+        resolve_max_model_len(off, model, kv)
+    assert resolve_max_model_len(replace(off, max_num_batched_tokens=512), model, kv) == 512
+    assert resolve_max_model_len(replace(off, enable_chunked_prefill=True), model, kv) == 512

@@ -122,14 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         for b in [1] if name == "greedy" else budgets:
-            res = evaluate(
-                llm,
-                problems,
-                lambda name=name, b=b: policy_for(
-                    name, b, args.task, args.max_tokens, args.sample_seed, args.tokens_per_sample
-                ),
-                args.batch,
-            )
+            res = evaluate(llm, problems, _maker(name, b, args), args.batch)
             rows.append({"strategy": name, "budget": b, **res})
             print(
                 f"{name:>24} budget {b:>3}: accuracy {res['accuracy']:.3f}, {res['tokens_per_question']:.0f} "
@@ -157,6 +150,12 @@ def run_eval(args: argparse.Namespace) -> int:
     print("\n" + md)
     print(f"saved {out / f'eval-{args.task}-{stamp}.md'} and {png}")
     return 0
+
+
+def _maker(name: str, budget: int, args: argparse.Namespace) -> Callable[[], Policy]:
+    return lambda: policy_for(
+        name, budget, args.task, args.max_tokens, args.sample_seed, args.tokens_per_sample
+    )
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:

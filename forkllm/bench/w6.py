@@ -15,12 +15,14 @@ import asyncio
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from forkllm.bench.report import machine_info, save
 from forkllm.engine.args import engine_kwargs
 from forkllm.engine.sampler import derive_seed
 from forkllm.scaling import scorers
+from forkllm.scaling.base import Policy
 from forkllm.scaling.extract import last_number
 from forkllm.scaling.tasks import INSTRUCTION, arithmetic_task
 
@@ -170,7 +172,7 @@ def bench_w6(args: argparse.Namespace) -> int:
     problems = arithmetic_task(args.num_prompts or 32, args.workload_seed)
     n = args.n_samples
     prompts = [f"{p.question} {INSTRUCTION}" for p in problems]
-    rows = []
+    rows: list[dict[str, Any]] = []
 
     def score(answers: list[str | None]) -> float:
         return sum(a == p.answer for a, p in zip(answers, problems)) / len(problems)
@@ -178,7 +180,7 @@ def bench_w6(args: argparse.Namespace) -> int:
     # ---- in-engine
     llm = LLM(**kw)
     llm.scale_batch(prompts[:2], [SelfConsistency(n=2, max_tokens=8) for _ in range(2)])  # warm-up
-    in_engine = {
+    in_engine: dict[str, Callable[[], list[Policy]]] = {
         "particle_filter": lambda: [ParticleFilter(n=n, seed=args.workload_seed) for _ in problems],
         "self_consistency": lambda: [SelfConsistency(n=n, seed=args.workload_seed) for _ in problems],
         "self_consistency_early_stop": lambda: [

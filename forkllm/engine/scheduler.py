@@ -7,7 +7,8 @@ as the budget leaves (SARATHI-style piggybacking). A waiting sequence first revi
 run of its leading pages found in the prefix cache and computes only the rest. When the KV pool
 cannot hold a running sequence's next tokens, the newest running sequence is preempted: its
 pages are released and it is recomputed from its tokens later (mostly from the prefix cache),
-ahead of anything still waiting.
+ahead of anything still waiting. With chunked prefill off a sequence is taken whole, so the
+budget must cover max_model_len (engine/startup.py refuses a smaller one).
 """
 
 from __future__ import annotations

@@ -76,6 +76,14 @@ def resolve_max_model_len(config: EngineConfig, model: ModelConfig, kv: KVCacheS
                 "raise kv_cache_memory or lower max_model_len"
             )
         limit = kv.num_tokens  # one sequence must always fit alone, or preemption could not help it
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < limit:
+        # Unchunked, a sequence is scheduled whole: one longer than a step's budget (a long prompt,
+        # or a preempted sequence that grew) would wait forever.
+        raise ValueError(
+            f"max_num_batched_tokens={config.max_num_batched_tokens} is below max_model_len={limit}: "
+            "with enable_chunked_prefill off every sequence must fit one step; raise "
+            "max_num_batched_tokens, lower max_model_len or turn chunked prefill on"
+        )
     return limit
 
 

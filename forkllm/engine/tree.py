@@ -240,10 +240,14 @@ def cancel(engine: LLMEngine, handle: PolicyHandle[R]) -> None:
 def run_policies(engine: LLMEngine, jobs: list[tuple[TreePolicy[R], list[int], str]]) -> list[R]:
     """Run policies to completion on a synchronous engine (they share every step's batch)."""
     outcomes: dict[int, R | BaseException] = {}
-    handles = []
+    handles: list[PolicyHandle[R]] = []
+
+    def reporter(i: int) -> Callable[[R | BaseException], None]:
+        return lambda outcome: outcomes.__setitem__(i, outcome)
+
     try:
         for i, (policy, ids, question) in enumerate(jobs):
-            handles.append(drive(engine, policy, ids, question, lambda r, i=i: outcomes.__setitem__(i, r)))
+            handles.append(drive(engine, policy, ids, question, reporter(i)))
         while len(outcomes) < len(jobs):
             idle = not engine.has_unfinished_requests()
             engine.step()  # runs the hooks even when nothing is scheduled
