@@ -45,7 +45,7 @@ format: $(VENV)/.dev
 	$(BIN)/ruff check --fix forkllm tests
 
 typecheck: $(VENV)/.dev
-	$(BIN)/mypy forkllm/engine forkllm/kv
+	$(BIN)/mypy forkllm
 
 bench-throughput: $(VENV)/.dev
 	$(BIN)/forkllm bench throughput --dtypes float32,bfloat16
