@@ -131,3 +131,33 @@ def test_a_failing_policy_is_stopped_and_its_error_raised():
     assert engine.step_hooks == ()
     assert not engine.has_unfinished_requests()
     assert engine.kv.pool.num_used == 0
+
+
+def test_readme_tree_policy_example():
+    from forkllm.engine.tree import TreeRun
+
+    class FirstToFinish:  # n samples; the first to finish wins, the rest are pruned
+        done = False
+
+        def start(self, engine, prompt_ids, question):
+            self.tree = TreeRun(engine, prompt_ids, SamplingParams(n=8, max_tokens=64), budget=None)
+
+        def on_step(self, engine):
+            if self.tree.finished():
+                for s in self.tree.live():
+                    self.tree.prune(s)
+                self.done = True
+
+        def stop(self):
+            self.tree.abort()
+
+        def result(self):
+            return self.tree.finished()[0].text
+
+    llm = tiny_llm()
+    policy = FirstToFinish()
+    text = llm.scale("Name a prime.", policy)
+    assert isinstance(text, str) and policy.done
+    # the tiny random model never stops early: all 8 reach max_tokens in the same step
+    assert [s.finish_reason for s in policy.tree.seqs] == ["length"] * 8
+    assert not llm.engine.has_unfinished_requests() and llm.engine.kv.pool.num_used == 0
