@@ -6,10 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forkllm.kernels import ops
+from forkllm.kernels import Kernels
 
-kernels = ops()
+# The compiled module itself (None when it cannot be built or FORKLLM_KERNELS=0).
+kernels = Kernels.resolve(True, torch.device("cpu"), torch.float32).ops
 pytestmark = pytest.mark.skipif(kernels is None, reason="C++ kernels could not be built here")
+
+
+def _resolved(dtype: torch.dtype = torch.float32) -> Kernels:
+    """What an engine with a 64-wide head, 3 query heads per KV head and `dtype` would use."""
+    from types import SimpleNamespace
+
+    return Kernels.resolve(
+        True, torch.device("cpu"), dtype, SimpleNamespace(head_dim=64, num_heads=9, num_kv_heads=3)
+    )
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -83,10 +93,10 @@ def test_linear_packs_bf16_and_restores_without_kernels():
     w = lin.weight.detach().clone()
     x = torch.randn(20, 96).to(torch.bfloat16)
     ref = F.linear(x.float(), w.float(), lin.bias.float())
-    lin.set_kernels(kernels)
+    lin.set_kernels(_resolved(torch.bfloat16))
     assert lin.packed is not None and lin.weight.numel() == 0
     assert torch.allclose(lin(x).float(), ref, rtol=2**-8, atol=1e-3 * ref.abs().max().item())
-    lin.set_kernels(None)
+    lin.set_kernels(Kernels.disabled())
     assert lin.packed is None and torch.equal(lin.weight, w)
 
 
@@ -127,11 +137,16 @@ def test_engine_same_tokens_without_kernels():
 
     prompts = [[100 + i, 7, 8, 9] * (i + 1) for i in range(6)]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    from forkllm.attention.paged import TorchAttention
+    from forkllm.attention.shared_prefix import CpuSharedPrefixAttention, SharedPrefixAttention
+
     with_k = tiny_llm()
-    assert with_k.engine.runner.decode_kernel
-    plain = tiny_llm()
-    plain.engine.runner.decode_kernel = False
-    plain.engine.runner.model.use_cpu_kernels(None)
+    assert with_k.engine.runner.kernels.paged_decode
+    assert type(with_k.engine.runner.attention) is CpuSharedPrefixAttention  # float32: not the fused kernel
+    plain = tiny_llm(enable_cpu_kernels=False)
+    assert plain.engine.runner.kernels == Kernels.disabled() and plain.engine.sampler.ops is None
+    attention = plain.engine.runner.attention
+    assert type(attention) is SharedPrefixAttention and type(attention.rows) is TorchAttention
     a = [o.outputs[0].token_ids for o in with_k.generate(prompts, sp, use_tqdm=False)]
     b = [o.outputs[0].token_ids for o in plain.generate(prompts, sp, use_tqdm=False)]
     assert a == b
@@ -188,14 +203,14 @@ def test_bf16_engine_with_packed_gemm_matches_pytorch_path():
         layer.qkv_proj.packed is not None and layer.qkv_proj.weight.numel() == 0 for layer in model.layers
     )
     plain = tiny_llm(dtype="bfloat16")
-    plain.engine.runner.model.use_cpu_kernels(None)
+    plain.engine.runner.model.use_cpu_kernels(Kernels.disabled())
     a = fast.generate(prompts, sp, use_tqdm=False)
     b = plain.generate(prompts, sp, use_tqdm=False)
     for x, y in zip(a, b):
         lx = [next(iter(p.values())).logprob for p in x.prompt_logprobs[1:]]
         ly = [next(iter(p.values())).logprob for p in y.prompt_logprobs[1:]]
         assert max(abs(u - v) for u, v in zip(lx, ly)) < 0.02  # seen: <= 0.0044
-    model.use_cpu_kernels(None)
+    model.use_cpu_kernels(Kernels.disabled())
     ref = plain.engine.runner.model
     assert model.packed_logits is None
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), ref.named_parameters()):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from forkllm import SamplingParams
-from forkllm.attention.paged import AttentionMetadata, PagedAttention, PrefillSpan
+from forkllm.attention.metadata import AttentionMetadata, PrefillSpan
+from forkllm.attention.paged import TorchAttention
 from forkllm.engine.detokenizer import IncrementalDetokenizer
 from forkllm.engine.outputs import RequestMetrics
 from forkllm.engine.sampler import Sampler, derive_seed, uniform
@@ -119,7 +120,9 @@ def _reference_logits(llm, ids: list[int]) -> torch.Tensor:
     scratch = [torch.zeros(2, c.shape[1], (n // 16 + 2) * 16, c.shape[3]) for c in runner.kv_caches]
     meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillSpan(0, n, 0, None, None)])
     with torch.inference_mode():
-        h = runner.model(torch.tensor(ids), torch.arange(n), PagedAttention(scratch, meta, 16, runner.scale))
+        h = runner.model(
+            torch.tensor(ids), torch.arange(n), TorchAttention(16, runner.scale).context(scratch, meta)
+        )
         return runner.model.compute_logits(h)
 
 
@@ -183,10 +186,10 @@ def test_prompt_logprobs_with_chunked_prefill():
 def test_kernel_draws_the_pytorch_tokens(params):
     """The C++ sampler (every random row on CPU) draws the PyTorch path's token for the same
     uniform number: vocabulary order for unfiltered rows, rank order under top-p."""
-    from forkllm.kernels import ops
+    from forkllm.kernels import Kernels
 
-    kernels = ops()
-    if kernels is None:
+    kernels = Kernels.resolve(True, torch.device("cpu"), torch.float32)
+    if kernels.ops is None:
         pytest.skip("C++ kernels could not be built here")
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(300, 49152, generator=g) * 3

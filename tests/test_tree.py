@@ -243,67 +243,84 @@ def test_fork_errors():
 
 
 # ---- shared-prefix attention --------------------------------------------------------------------
+def _spy_groups(backend) -> list[int]:
+    """Members grouped at each step where the backend formed shared-prefix groups."""
+    seen: list[int] = []
+    orig = backend.build_metadata
+
+    def spy(batch):
+        meta = orig(batch)
+        if meta.shared is not None:
+            seen.append(len(meta.shared.member_rows))
+        return meta
+
+    backend.build_metadata = spy
+    return seen
+
+
 def test_shared_prefix_attention_groups_and_matches():
     rng = random.Random(5)
     prompts = _shared_prompts(rng, 5, 100, (2, 9))
     sp = SamplingParams(n=3, temperature=0.9, seed=4, max_tokens=16, ignore_eos=True)
     ref = _ids(tiny_llm(enable_shared_prefix_attention=False), prompts, sp)
     llm = tiny_llm(min_shared_prefix_tokens=32)
-    seen = []
-    runner = llm.engine.runner
-    orig = runner._decode_metadata
-
-    def spy(meta, seqs, ctx_lens):
-        orig(meta, seqs, ctx_lens)
-        if meta.shared is not None:
-            seen.append(len(meta.shared.member_rows))
-
-    runner._decode_metadata = spy
+    seen = _spy_groups(llm.engine.runner.attention)
     assert _ids(llm, prompts, sp) == ref
     assert seen and max(seen) == 15  # all 5 x 3 decode rows share the 100-token system prompt
 
 
 def test_shared_prefix_attention_torch_path_matches():
+    """The PyTorch shared-prefix path (own keys by gather + matmul, softmax and merge in PyTorch)
+    gives the per-sequence path's greedy tokens, and it did run: rows were grouped."""
+    from forkllm.attention.paged import TorchAttention
+    from forkllm.attention.shared_prefix import SharedPrefixAttention
+
     rng = random.Random(6)
     prompts = _shared_prompts(rng, 3, 64, (1, 5))
     sp = SamplingParams(n=2, temperature=0, max_tokens=10, ignore_eos=True)
     ref = _ids(tiny_llm(enable_shared_prefix_attention=False), prompts, sp)
     llm = tiny_llm(min_shared_prefix_tokens=32)
-    llm.engine.runner.decode_kernel = False
-    llm.engine.runner.shared_kernel = False  # PyTorch decode path, with its own lse
+    runner = llm.engine.runner
+    runner.attention = SharedPrefixAttention(
+        TorchAttention(runner.block_size, runner.scale), runner.attention.min_shared_pages
+    )
+    seen = _spy_groups(runner.attention)
     assert _ids(llm, prompts, sp) == ref
+    assert seen and max(seen) == 6  # all 3 x 2 decode rows share the 64-token prompt prefix
 
 
-def test_shared_prefix_attention_fused_bf16_matches(monkeypatch):
+def test_shared_prefix_attention_fused_bf16_matches():
     """bf16 engine: at every decode step, the fused kernel's shared-prefix attention (merged with
     each row's own keys) equals per-sequence attention over the same pages, to bf16 rounding."""
     import dataclasses
 
-    from forkllm.attention.paged import PagedAttention
-    from forkllm.kernels import ops
+    from forkllm.attention.cpu import CpuKernelAttention
+    from forkllm.attention.shared_prefix import FusedSharedPrefixAttention
 
-    kernels = ops()
-    if kernels is None or not kernels.shared_prefix_supported(16):
+    llm = tiny_llm(dtype="bfloat16", min_shared_prefix_tokens=32)
+    runner = llm.engine.runner
+    if not runner.kernels.shared_prefix_fused:
         pytest.skip("no AVX512-BF16 kernel on this CPU")
-    orig = PagedAttention._decode
-    diffs, fused = [], []
+    backend = runner.attention
+    assert isinstance(backend, FusedSharedPrefixAttention)
+    assert runner.kernels.ops is not None
+    per_row = CpuKernelAttention(runner.kernels.ops, runner.block_size, runner.scale)
+    orig = backend.decode
+    diffs = []
 
-    def checked(self, cache, q):
-        out = orig(self, cache, q)
-        if self.meta.shared is not None:
-            fused.append(self.meta.shared.fused)
-            plain = dataclasses.replace(self.meta, shared=None, decode_starts=None)
-            ref = orig(PagedAttention(self.kv_caches, plain, self.block_size, self.scale), cache, q)
+    def checked(cache, q, meta):
+        out = orig(cache, q, meta)
+        if meta.shared is not None:
+            plain = dataclasses.replace(meta, shared=None, decode_starts=None)
+            ref = per_row.decode(cache, q, plain)
             diffs.append(((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
         return out
 
-    monkeypatch.setattr(PagedAttention, "_decode", checked)
+    backend.decode = checked
     rng = random.Random(7)
     prompts = _shared_prompts(rng, 4, 96, (1, 6))
-    llm = tiny_llm(dtype="bfloat16", min_shared_prefix_tokens=32)
-    assert llm.engine.runner.shared_fused
     llm.generate(
         prompts, SamplingParams(n=3, temperature=0.8, seed=2, max_tokens=12, ignore_eos=True), use_tqdm=False
     )
-    assert fused and all(fused)
+    assert diffs
     assert max(diffs) < 2e-2

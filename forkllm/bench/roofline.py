@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forkllm.kernels import Kernels
 from forkllm.models.config import ModelConfig
 from forkllm.models.llama import Linear, dense_linear
 
@@ -40,15 +41,15 @@ def _best(fn, reps: int = 5) -> float:
 def measure_limits() -> MachineLimits:
     a = torch.ones(64 << 20)  # 256 MB of float32
     bw = a.numel() * 4 / _best(lambda: a.sum()) / 1e9
-    from forkllm.kernels import ops
-
+    # The matmul kernels an engine on this CPU would use (no attention: no head shape needed).
+    kernels = Kernels.resolve(True, torch.device("cpu"), torch.bfloat16)
     rates: dict[str, float] = {}
     with torch.inference_mode():
-        _measure_gemms(rates, ops())
+        _measure_gemms(rates, kernels)
     return MachineLimits(bw, rates)
 
 
-def _measure_gemms(rates: dict[str, float], kernels: object) -> None:
+def _measure_gemms(rates: dict[str, float], kernels: Kernels) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(1536, 576).to(dtype)
         lin = Linear(576, 1536, bias=False).to(dtype)

@@ -10,12 +10,13 @@ vLLM.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from forkllm.engine.outputs import Logprob, PositionLogprobs
+from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence
+from forkllm.kernels import KernelOps, Kernels
 
 _MASK64 = (1 << 64) - 1
 
@@ -45,11 +46,14 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int], decode_token: object = None, kernels: object = None) -> None:
+    def __init__(
+        self, eos_token_ids: list[int], decode_token: object = None, kernels: Kernels | None = None
+    ) -> None:
         self.eos_token_ids = eos_token_ids
         self.decode_token = decode_token  # callable(token_id) -> str, for Logprob.decoded_token
-        # C++ CPU kernels (forkllm.kernels): fused top-k/top-p sampling; None = PyTorch only.
-        self.kernels = kernels
+        # The engine's C++ CPU kernels (resolved for its device, so logits are on the CPU when
+        # set): fused temperature / min-p / top-k / top-p sampling. None: PyTorch only.
+        self.ops: KernelOps | None = kernels.ops if kernels is not None else None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         n = len(seqs)
@@ -122,9 +126,12 @@ class Sampler:
             logits[rows] = sub
         return logits
 
-    def _fused(self, logits: torch.Tensor, params: list[Any], u: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _fused(
+        ops: KernelOps, logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor
+    ) -> torch.Tensor:
         """The C++ kernel does temperature, min-p, top-k/top-p and the draw for every row."""
-        return self.kernels.sample_filtered(  # type: ignore[attr-defined]
+        return ops.sample_filtered(
             logits.float().contiguous(),
             torch.tensor([p.temperature for p in params], dtype=torch.float32),
             torch.tensor([p.top_k for p in params], dtype=torch.long),
@@ -136,11 +143,11 @@ class Sampler:
     def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev = logits.device
         params = [s.params for s in seqs]
-        if self.kernels is not None and dev.type == "cpu":
+        if self.ops is not None:
             # One pass per row in C++: filtered rows draw in rank order, unfiltered rows in
             # vocabulary order (as _inverse_cdf), no [rows, vocab] probability matrix.
             u = torch.tensor([uniform(s.seed, s.num_output_tokens) for s in seqs], dtype=torch.float64)
-            return self._fused(logits, params, u)
+            return self._fused(self.ops, logits, params, u)
         temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
         probs = torch.softmax(logits / temps, dim=-1)
         min_p = [p.min_p for p in params]

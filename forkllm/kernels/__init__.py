@@ -1,68 +1,229 @@
 """C++ CPU kernels, compiled on first use with torch's cpp_extension (gcc, 1-2 min once per machine).
 
 - `paged_decode`: attention for single-query rows reading K/V straight from the cache pages.
-- `shared_prefix_attention`: many decode rows over one shared run of pages, K/V read once
-  (bf16, AVX512-BF16 CPUs).
+- `shared_prefix_decode_` / `shared_prefix_attention`: many decode rows over one shared run of
+  pages, K/V read once (bf16, AVX512-BF16 CPUs).
 - `sample_filtered`: temperature / min-p / top-k / top-p sampling without a vocabulary sort.
 - `small_linear`: x @ w.T for 1..8 rows, streaming weights on all threads (decode matmuls).
 - `packed_linear`: bf16 x @ w.T for any rows on weights repacked by `pack_weight` (AVX512-BF16
   CPUs without AMX, where it beats oneDNN's bf16 GEMM at every batch size measured).
-- `add_rms_norm_`, `silu_mul`, `rope_`: the decoder's elementwise ops, one pass each.
+- `add_rms_norm_`, `silu_mul`, `rope_`, `kv_write_`: the decoder's elementwise ops, one pass each.
 
-Everything here is optional: if the build fails (no compiler) or FORKLLM_KERNELS=0 is set,
-`ops()` returns None and callers use plain PyTorch, which computes the same values up to float
-rounding.
+Everything here is optional. An engine resolves one `Kernels` object at start-up
+(`Kernels.resolve`: EngineConfig.enable_cpu_kernels, the FORKLLM_KERNELS=0 override read there
+once, the device, the dtype and the model's head shape) and hands it to the runner, the attention
+backend, the sampler and the model; nothing on a hot path looks the kernels up again. When they
+are off or the build fails, `Kernels.ops` is None and callers use plain PyTorch, which computes the
+same values up to float rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol, cast
 
 import torch
 
 logger = logging.getLogger("forkllm")
 
 _CSRC = Path(__file__).parent / "csrc"
-_lock = threading.Lock()
-_state: dict[str, Any] = {"module": None, "failed": False}
+_SOURCES = (
+    "bindings.cpp",
+    "paged_attention.cpp",
+    "shared_prefix.cpp",
+    "sampler.cpp",
+    "gemv.cpp",
+    "packed_gemm.cpp",
+    "elementwise.cpp",
+)
+ENV_SWITCH = "FORKLLM_KERNELS"  # "0" turns the kernels off whatever the config says
+_BUILD_LOCK = threading.Lock()  # two engines starting on two threads build the extension once
 
 
-def ops() -> Any | None:
-    """The compiled extension module, or None when unavailable or disabled."""
-    if os.environ.get("FORKLLM_KERNELS", "1") == "0":
+class KernelOps(Protocol):
+    """The compiled extension's functions (csrc/bindings.cpp)."""
+
+    def paged_decode(
+        self,
+        q: torch.Tensor,
+        kc: torch.Tensor,
+        vc: torch.Tensor,
+        tables: torch.Tensor,
+        starts: torch.Tensor | None,
+        ctx_lens: torch.Tensor,
+        block_size: int,
+        scale: float,
+        want_lse: bool,
+    ) -> list[torch.Tensor]: ...
+    def paged_decode_supports(self, head_dim: int, group: int) -> bool: ...
+    def shared_prefix_attention(
+        self,
+        q: torch.Tensor,
+        kc: torch.Tensor,
+        vc: torch.Tensor,
+        pages: torch.Tensor,
+        lens: torch.Tensor,
+        rows: torch.Tensor,
+        offsets: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> list[torch.Tensor]: ...
+    def shared_prefix_decode_(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        kc: torch.Tensor,
+        vc: torch.Tensor,
+        pages: torch.Tensor,
+        lens: torch.Tensor,
+        rows: torch.Tensor,
+        offsets: torch.Tensor,
+        tables: torch.Tensor,
+        ctx_lens: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> None: ...
+    def shared_prefix_supported(self, head_dim: int) -> bool: ...
+    def softmax_lse_(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor: ...
+    def merge_attention_(
+        self,
+        out: torch.Tensor,
+        s_lse: torch.Tensor,
+        rows: torch.Tensor,
+        p_out: torch.Tensor,
+        p_lse: torch.Tensor,
+    ) -> None: ...
+    def sample_filtered(
+        self,
+        logits: torch.Tensor,
+        temps: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        min_p: torch.Tensor,
+        u: torch.Tensor,
+    ) -> torch.Tensor: ...
+    def add_rms_norm_(
+        self, x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
+    ) -> torch.Tensor: ...
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+    def rope_(
+        self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> None: ...
+    def kv_write_(
+        self, cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None: ...
+    def small_linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def packed_linear_supported(self) -> bool: ...
+    def packed_silu_linear(self, x: torch.Tensor, P: torch.Tensor, I: int) -> torch.Tensor: ...  # noqa: E741
+    def packed_linear(
+        self, x: torch.Tensor, P: torch.Tensor, N: int, bias: torch.Tensor | None, float_out: bool = False
+    ) -> torch.Tensor: ...
+
+
+class HeadShape(Protocol):
+    """What kernel resolution needs of a model config (models.config.ModelConfig has it)."""
+
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+
+
+def load_extension() -> KernelOps | None:
+    """The compiled extension, or None when it cannot be built (no compiler or headers).
+
+    Builds on the first call on a machine (torch caches the .so) and loads once per process: the
+    shared library is process-global whoever asks, so the result is memoised here; whether an
+    engine *uses* it is decided by `Kernels.resolve`."""
+    with _BUILD_LOCK:
+        return _load()
+
+
+@functools.cache
+def _load() -> KernelOps | None:
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(
+            name="forkllm_cpu_kernels",
+            sources=[str(_CSRC / f) for f in _SOURCES],
+            extra_include_paths=[str(_CSRC)],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler or headers: the PyTorch path still works
+        logger.warning("forkllm: C++ CPU kernels unavailable (%s); using PyTorch ops", e)
         return None
-    with _lock:
-        if _state["module"] is None and not _state["failed"]:
-            try:
-                from torch.utils.cpp_extension import load
+    return cast(KernelOps, module)
 
-                _state["module"] = load(
-                    name="forkllm_cpu_kernels",
-                    sources=[
-                        str(_CSRC / f)
-                        for f in (
-                            "bindings.cpp",
-                            "paged_attention.cpp",
-                            "shared_prefix.cpp",
-                            "sampler.cpp",
-                            "gemv.cpp",
-                            "packed_gemm.cpp",
-                            "elementwise.cpp",
-                        )
-                    ],
-                    extra_include_paths=[str(_CSRC)],
-                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
-            except Exception as e:  # no compiler or headers: the PyTorch path still works
-                logger.warning("forkllm: C++ CPU kernels unavailable (%s); using PyTorch ops", e)
-                _state["failed"] = True
-        return _state["module"]
+
+def env_allows_kernels(environ: Mapping[str, str]) -> bool:
+    """False when FORKLLM_KERNELS=0: the operator's override of EngineConfig.enable_cpu_kernels."""
+    return environ.get(ENV_SWITCH, "1") != "0"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The C++ kernels one engine uses and which of them fit its model, resolved once at start-up.
+
+    `ops` is None when the kernels are off (config, FORKLLM_KERNELS=0, not a CPU, build failed);
+    every flag is then False. With `ops`, the elementwise kernels, the small-batch GEMV, the KV
+    cache write and the sampler kernel always run; the flags say which of the others do."""
+
+    ops: KernelOps | None = None
+    # paged_decode compiled in for this head_dim and GQA group (also gates the shared-prefix
+    # softmax / merge kernels around the matmul path, as they were measured together)
+    paged_decode: bool = False
+    # the fused shared-prefix decode kernel: bf16 cache, AVX512-BF16 CPU, head_dim compiled in
+    shared_prefix_fused: bool = False
+    # the packed bf16 GEMM (AVX512-BF16 CPUs without AMX); bf16 weights only
+    packed_gemm: bool = False
+
+    @classmethod
+    def disabled(cls) -> Kernels:
+        """Plain PyTorch everywhere."""
+        return cls()
+
+    @classmethod
+    def resolve(
+        cls,
+        enabled: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+        heads: HeadShape | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> Kernels:
+        """The kernels an engine on `device` with `dtype` weights and caches and attention heads
+        `heads` (None: no attention kernels) will use; builds the extension if needed."""
+        if not (enabled and device.type == "cpu" and env_allows_kernels(environ)):
+            return cls()
+        ops = load_extension()
+        if ops is None:
+            return cls()
+        paged = heads is not None and bool(
+            ops.paged_decode_supports(heads.head_dim, heads.num_heads // heads.num_kv_heads)
+        )
+        fused = (
+            paged
+            and heads is not None
+            and dtype == torch.bfloat16
+            and bool(ops.shared_prefix_supported(heads.head_dim))
+        )
+        return cls(
+            ops,
+            paged_decode=paged,
+            shared_prefix_fused=fused,
+            packed_gemm=bool(ops.packed_linear_supported()),
+        )
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:

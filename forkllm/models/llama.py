@@ -8,12 +8,13 @@ q/k/v and gate/up projections are fused into one matmul each: fewer, larger ops 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forkllm.kernels import KernelOps, Kernels, pack_gate_up, pack_weight, unpack_gate_up, unpack_weight
 from forkllm.models.config import ModelConfig
 from forkllm.models.rope import RotaryApplier, RotaryEmbedding
 
@@ -29,16 +30,15 @@ class AttentionContext(Protocol):
 SMALL_BATCH_ROWS = 8  # up to this many rows, matmuls stream the weights with the C++ GEMV kernel
 
 
-def packs(kernels: Any, w: torch.Tensor) -> bool:
+def packs(kernels: Kernels, w: torch.Tensor) -> bool:
     """Whether `w` is repacked for the bf16 packed-GEMM kernel (AVX512-BF16 CPUs without AMX,
     where it beats oneDNN's bf16 GEMM at every batch size measured: see csrc/packed_gemm.cpp)."""
     return (
-        kernels is not None
+        kernels.packed_gemm
         and w.dtype == torch.bfloat16
         and w.device.type == "cpu"
         and w.dim() == 2
         and w.shape[1] % 2 == 0
-        and bool(kernels.packed_linear_supported())
     )
 
 
@@ -56,27 +56,28 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
 class Linear(nn.Linear):
     """nn.Linear that, once given the CPU kernels, routes decode-sized inputs to a multi-threaded
     GEMV, or, for bf16 weights on CPUs with AVX512-BF16 and no AMX, every input to the packed GEMM.
-    A packed layer drops its row-major weight (memory is not doubled); `set_kernels(None)` restores it."""
+    A packed layer drops its row-major weight (memory is not doubled); `set_kernels(Kernels.disabled())`
+    restores it."""
 
-    kernels: Any = None
-    packed: torch.Tensor | None = None
+    ops: KernelOps | None = None
+    packed: torch.Tensor | None = None  # set only together with ops
 
-    def set_kernels(self, kernels: Any) -> None:
-        from forkllm.kernels import pack_weight, unpack_weight
-
-        if self.packed is not None and not (kernels is not None and kernels.packed_linear_supported()):
+    def set_kernels(self, kernels: Kernels) -> None:
+        if self.packed is not None and not kernels.packed_gemm:
             self.weight = nn.Parameter(unpack_weight(self.packed, self.out_features), requires_grad=False)
             self.packed = None
-        self.kernels = kernels
+        self.ops = kernels.ops
         if self.packed is None and packs(kernels, self.weight):
             self.packed = pack_weight(self.weight.detach())
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return self.kernels.packed_linear(x.contiguous(), self.packed, self.out_features, self.bias)
-        if self.kernels is not None and 0 < x.shape[0] <= SMALL_BATCH_ROWS:
-            return self.kernels.small_linear(x.contiguous(), self.weight, self.bias)
+        ops = self.ops
+        if ops is not None:
+            if self.packed is not None:
+                return ops.packed_linear(x.contiguous(), self.packed, self.out_features, self.bias)
+            if 0 < x.shape[0] <= SMALL_BATCH_ROWS:
+                return ops.small_linear(x.contiguous(), self.weight, self.bias)
         return dense_linear(x, self.weight, self.bias)
 
 
@@ -87,20 +88,13 @@ class GateUpLinear(Linear):
 
     interleaved = False  # self.packed is pack_gate_up's layout, not pack_weight's
 
-    def set_kernels(self, kernels: Any) -> None:
-        from forkllm.kernels import pack_gate_up, pack_weight, unpack_gate_up, unpack_weight
-
+    def set_kernels(self, kernels: Kernels) -> None:
         i = self.out_features // 2
         if self.interleaved and self.packed is not None:  # back to the plain layout: Linear handles that
             self.packed = pack_weight(unpack_gate_up(self.packed, i))
             self.interleaved = False
         super().set_kernels(kernels)
-        if (
-            self.packed is not None
-            and self.bias is None
-            and i % 16 == 0
-            and hasattr(kernels, "packed_silu_linear")
-        ):
+        if self.packed is not None and self.bias is None and i % 16 == 0:
             self.packed = pack_gate_up(unpack_weight(self.packed, self.out_features), i)
             self.interleaved = True
 
@@ -112,11 +106,12 @@ class GateUpLinear(Linear):
     def silu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for rows x."""
         i = self.out_features // 2
-        if self.interleaved:
-            return self.kernels.packed_silu_linear(x.contiguous(), self.packed, i)
+        ops = self.ops
+        if self.interleaved and ops is not None and self.packed is not None:
+            return ops.packed_silu_linear(x.contiguous(), self.packed, i)
         gate_up = self(x)
-        if self.kernels is not None:
-            return self.kernels.silu_mul(gate_up)
+        if ops is not None:
+            return ops.silu_mul(gate_up)
         return F.silu(gate_up[:, :i]) * gate_up[:, i:]
 
 
@@ -126,7 +121,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    kernels: Any = None
+    ops: KernelOps | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused op; for bf16 it accumulates in float32 internally (HF instead rounds to bf16
@@ -135,8 +130,9 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream x plus delta (x is updated in place by the kernel), and its norm."""
-        if self.kernels is not None and x.dim() == 2 and x.dtype == self.weight.dtype:
-            return x, self.kernels.add_rms_norm_(x, delta, self.weight, self.eps)
+        ops = self.ops
+        if ops is not None and x.dim() == 2 and x.dtype == self.weight.dtype:
+            return x, ops.add_rms_norm_(x, delta, self.weight, self.eps)
         if delta is not None:
             x = x + delta
         return x, self.forward(x)
@@ -158,8 +154,6 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = GateUpLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.intermediate_size = cfg.intermediate_size
-
-    kernels: Any = None
 
     def forward(
         self, x: torch.Tensor, delta: torch.Tensor | None, rope: RotaryApplier, attn: AttentionContext
@@ -200,44 +194,41 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Flat batch in, final-normed hidden states [T, hidden] out."""
         x = self.embed_tokens(input_ids)
-        rope = RotaryApplier(self.rotary, positions, x.dtype, self.kernels)
+        rope = RotaryApplier(self.rotary, positions, x.dtype, self.ops)
         delta: torch.Tensor | None = None
         for layer in self.layers:
             x, delta = layer(x, delta, rope, attn)
         return self.norm.add_forward(x, delta)[1]
 
-    def use_cpu_kernels(self, kernels: Any) -> None:
+    def use_cpu_kernels(self, kernels: Kernels) -> None:
         """Route matmuls through the C++ kernels (bf16 weights repacked for the packed GEMM where
         it is compiled in, else the GEMV for decode-sized batches) and the norms, MLP activation
-        and rotary embedding through the fused elementwise kernels (None: PyTorch, weights
-        restored to their row-major layout)."""
-        from forkllm.kernels import pack_weight
-
-        self.kernels = kernels
+        and rotary embedding through the fused elementwise kernels (`Kernels.disabled()`: PyTorch,
+        weights restored to their row-major layout). Called once, when the engine starts."""
+        self.ops = kernels.ops
         for m in self.modules():
             if isinstance(m, Linear):
                 m.set_kernels(kernels)
-            elif isinstance(m, (RMSNorm, DecoderLayer)):
-                m.kernels = kernels
+            elif isinstance(m, RMSNorm):
+                m.ops = kernels.ops
         # Tied embeddings: the table stays row-major for lookups, the logits get a packed copy.
         tied = self.lm_head is None and packs(kernels, self.embed_tokens.weight)
         self.packed_logits = pack_weight(self.embed_tokens.weight.detach()) if tied else None
 
-    kernels: Any = None
-    packed_logits: torch.Tensor | None = None
+    ops: KernelOps | None = None
+    packed_logits: torch.Tensor | None = None  # set only together with ops
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits in float32 for the selected rows only."""
-        head = self.lm_head
-        if head is not None and head.packed is not None:  # float32 straight from the accumulators
-            return self.kernels.packed_linear(
-                hidden.contiguous(), head.packed, head.out_features, head.bias, True
-            )
+        head, ops = self.lm_head, self.ops
+        if head is not None and head.packed is not None and ops is not None:  # float32 from the accumulators
+            return ops.packed_linear(hidden.contiguous(), head.packed, head.out_features, head.bias, True)
         if head is not None:
             return head(hidden).float()
         w = self.embed_tokens.weight
-        if self.packed_logits is not None:
-            return self.kernels.packed_linear(hidden.contiguous(), self.packed_logits, w.shape[0], None, True)
-        if self.kernels is not None and 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
-            return self.kernels.small_linear(hidden.contiguous(), w, None).float()
+        if ops is not None:
+            if self.packed_logits is not None:
+                return ops.packed_linear(hidden.contiguous(), self.packed_logits, w.shape[0], None, True)
+            if 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
+                return ops.small_linear(hidden.contiguous(), w, None).float()
         return dense_linear(hidden, w).float()

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from forkllm.kernels import KernelOps
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -76,15 +78,15 @@ class RotaryApplier:
     tables, or PyTorch ops on cos/sin gathered once for all layers."""
 
     def __init__(
-        self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype, kernels: Any
+        self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype, ops: KernelOps | None
     ) -> None:
-        self.rotary, self.positions, self.kernels = rotary, positions, kernels
-        if kernels is None:
+        self.rotary, self.positions, self.ops = rotary, positions, ops
+        if ops is None:
             self.cos, self.sin = rotary(positions, dtype)
 
     def __call__(self, qk: torch.Tensor) -> torch.Tensor:
         """qk [T, H, D] -> rotated (in place when the kernel runs)."""
-        if self.kernels is not None:
-            self.kernels.rope_(qk, self.positions, *self.rotary.tables_f32)
+        if self.ops is not None:
+            self.ops.rope_(qk, self.positions, *self.rotary.tables_f32)
             return qk
         return apply_rotary(qk, self.cos, self.sin)
