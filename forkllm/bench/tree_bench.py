@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from forkllm.attention.backend import AttentionBackend, select_backend
+from forkllm.attention.metadata import AttentionBatch
 from forkllm.bench.report import Row, median, save, table
 from forkllm.engine.args import engine_kwargs
 
@@ -210,28 +212,36 @@ def bench_prefix(args: argparse.Namespace) -> int:
 
 
 # ---- shared-prefix attention -------------------------------------------------------------------
-def _attention_only(engine: Any, reps: int) -> dict[bool, float]:
+def _backends(engine: Any) -> dict[bool, AttentionBackend]:
+    """The engine's attention backend with shared-prefix attention off and on (same kernels)."""
+    r = engine.runner
+    return {
+        on: select_backend(
+            r.kernels, r.block_size, r.scale, r.device, on, engine.config.min_shared_prefix_tokens
+        )
+        for on in (False, True)
+    }
+
+
+def _attention_only(engine: Any, backends: dict[bool, AttentionBackend], reps: int) -> dict[bool, float]:
     """Seconds per layer of decode attention for the engine's current decode rows over the same
     pages, per-sequence vs shared-prefix (one layer's cache, random queries of the model dtype)."""
-    from forkllm.attention.paged import AttentionMetadata, PagedAttention
-
     runner = engine.runner
     seqs = [s for s in engine.scheduler.running if s.num_tokens - s.num_computed_tokens == 1]
-    ctx = [s.num_computed_tokens + 1 for s in seqs]
+    batch = AttentionBatch(
+        torch.empty(0, dtype=torch.long),
+        [s.block_table for s in seqs],
+        [s.num_computed_tokens + 1 for s in seqs],
+    )
     cfg = engine.model_config
     q = torch.randn(len(seqs), cfg.num_heads, cfg.head_dim).to(runner.dtype)
-    contexts = {}
-    for on in (False, True):
-        runner.shared_prefix_attention = on
-        meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
-        runner._decode_metadata(meta, seqs, ctx)
-        assert (meta.shared is not None) == on, "no shared prefix found"
-        contexts[on] = PagedAttention(runner.kv_caches, meta, runner.block_size, runner.scale)
+    metas = {on: backends[on].build_metadata(batch) for on in (False, True)}
+    assert metas[True].shared is not None and metas[False].shared is None, "no shared prefix found"
     out: dict[bool, list[float]] = {False: [], True: []}
     for i in range(2 * reps + 2):
         on = i % 2 == 0
         t0 = time.perf_counter()
-        contexts[on]._decode(runner.kv_caches[0], q)
+        backends[on].decode(runner.kv_caches[0], q, metas[on])
         if i >= 2:
             out[on].append(time.perf_counter() - t0)
     return {k: median(v) for k, v in out.items()}
@@ -261,13 +271,14 @@ def bench_shared_attention(args: argparse.Namespace) -> int:
         ):
             engine.step()  # prefill + fork, then a couple of decode steps so every row decodes
         times: dict[bool, list[float]] = {True: [], False: []}
+        backends = _backends(engine)
         for i in range(steps):
             on = i % 2 == 0  # alternate so drift hits both equally
-            engine.runner.shared_prefix_attention = on
+            engine.runner.attention = backends[on]
             t0 = time.perf_counter()
             engine.step()
             times[on].append(time.perf_counter() - t0)
-        attn = _attention_only(engine, reps=20)
+        attn = _attention_only(engine, backends, reps=20)
         engine.abort_request(list(engine.requests))
         name, layers = _dtype_name(llm), engine.model_config.num_layers
         for on in (False, True):
