@@ -480,3 +480,124 @@ def test_chat_with_in_engine_scaling(live):
     ):
         r = _post(live, "/v1/chat/completions", {**body, "scaling": bad})
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+# ---- fields that are honoured or refused, never ignored ---------------------------------------------
+def _sse_events(live, path, body):
+    with httpx.stream(
+        "POST", live.url + path, headers={"Authorization": f"Bearer {KEY}"}, json=body, timeout=60
+    ) as resp:
+        assert resp.status_code == 200, resp.read()
+        lines = [ln[len("data: ") :] for ln in resp.iter_lines() if ln]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+def test_continuous_usage_stats_puts_exact_running_usage_on_every_chunk(live):
+    prompt_tokens = _post(live, "/tokenize", {"prompt": "Count with me"}).json()["count"]
+    events = _sse_events(
+        live,
+        "/v1/completions",
+        {
+            "prompt": "Count with me",
+            "max_tokens": 7,
+            "ignore_eos": True,
+            "logprobs": 0,  # each chunk's logprobs list its tokens: the exact running count
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        },
+    )
+    assert all("usage" in e for e in events)
+    running = 0
+    for e in events[:-1]:
+        running += len(e["choices"][0]["logprobs"]["tokens"])
+        assert e["usage"] == {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": running,
+            "total_tokens": prompt_tokens + running,
+        }
+    assert running == 7 and events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 7
+
+    chat = _sse_events(
+        live,
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"continuous_usage_stats": True},
+        },
+    )
+    assert chat[0]["usage"]["completion_tokens"] == 0  # the role chunk
+    assert all("usage" in e for e in chat) and all(e["choices"] for e in chat)  # no usage-only chunk
+    assert chat[-1]["usage"]["completion_tokens"] == 5
+    counts = [e["usage"]["completion_tokens"] for e in chat]
+    assert counts == sorted(counts)
+
+
+def test_streamed_echo_carries_prompt_logprobs_and_text_offsets(live, client):
+    events = _sse_events(
+        live,
+        "/v1/completions",
+        {"prompt": "Echo me", "max_tokens": 4, "echo": True, "logprobs": 1, "stream": True, "temperature": 0},
+    )
+    whole = client.completions.create(
+        model=MODEL, prompt="Echo me", max_tokens=4, echo=True, logprobs=1, temperature=0
+    )
+    tokens, offsets, text = [], [], ""
+    for e in events:
+        lp = e["choices"][0]["logprobs"]
+        tokens += lp["tokens"]
+        offsets += lp["text_offset"]
+        text += e["choices"][0]["text"]
+    assert text == whole.choices[0].text
+    assert tokens == whole.choices[0].logprobs.tokens
+    assert offsets == whole.choices[0].logprobs.text_offset
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        (
+            "/v1/chat/completions",
+            {"tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "tool_choice",
+        ),
+        ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "stream_options": {"continuous_usage_stats": True}},
+            "stream_options",
+        ),
+        (
+            "/v1/chat/completions",
+            {"continue_final_message": True, "add_generation_prompt": True},
+            "add_generation_prompt",
+        ),
+        ("/v1/chat/completions", {"scaling": {"strategy": "self_consistency", "n": 2}, "n": 3}, "n"),
+        (
+            "/v1/chat/completions",
+            {"scaling": {"strategy": "self_consistency", "n": 2}, "stop": ["x"]},
+            "stop",
+        ),
+        ("/v1/chat/completions", {"scaling": {"strategy": "beam_search"}, "top_p": 0.5}, "top_p"),
+        ("/tokenize", {"prompt": "x", "add_generation_prompt": False}, "add_generation_prompt"),
+    ],
+)
+def test_unsupported_field_is_refused_by_name(live, path, body, param):
+    if "prompt" not in body:
+        body = {"messages": [{"role": "user", "content": "x"}], **body}
+    r = _post(live, path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"], err
+
+
+def test_tool_choice_none_is_honoured(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, tool_choice="none"
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
