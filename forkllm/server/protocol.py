@@ -14,6 +14,9 @@ from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 class StreamOptions(BaseModel):
+    """include_usage: a final usage-only chunk; continuous_usage_stats: the running usage on every
+    chunk (vLLM's extension). Only allowed with stream=true."""
+
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
     continuous_usage_stats: bool = False

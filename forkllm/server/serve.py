@@ -66,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from forkllm.engine.config import EngineConfig
     from forkllm.engine.llm_engine import LLMEngine
     from forkllm.server.app import ServerConfig, create_app
+    from forkllm.server.client import EngineClient, LocalEngineClient
 
     kw = engine_kwargs(args)
     name = args.served_model_name or served_name(kw.get("model"))
@@ -75,15 +76,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_waiting=args.max_num_waiting,
     )
 
-    def factory() -> AsyncEngine:
-        engine = LLMEngine(EngineConfig(**kw))
-        print(f"forkllm serve: {engine.describe()}", flush=True)
+    def factory() -> EngineClient:
+        client = LocalEngineClient(AsyncEngine(LLMEngine(EngineConfig(**kw))))
+        print(f"forkllm serve: {client.describe()}", flush=True)
         print(
             f"forkllm serve: model '{name}' ready on http://{args.host}:{args.port}/v1"
             + (" (API key required)" if config.api_key else ""),
             flush=True,
         )
-        return AsyncEngine(engine)
+        return client
 
     app = create_app(config, engine_factory=factory)
     print(
