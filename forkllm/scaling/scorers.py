@@ -13,10 +13,10 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from typing import Any
 
+from forkllm.engine.llm_engine import LLMEngine
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
-from forkllm.engine.sequence import Sequence
+from forkllm.engine.sequence import Request, Sequence
 from forkllm.scaling.extract import last_number
 
 
@@ -36,7 +36,7 @@ class Scorer(ABC):
     needs_logprobs = False  # the policy must request logprobs for its samples
 
     @abstractmethod
-    def submit(self, engine: Any, question: str, seqs: Seq[Sequence]) -> ScoreJob: ...
+    def submit(self, engine: LLMEngine, question: str, seqs: Seq[Sequence]) -> ScoreJob: ...
 
 
 class MeanLogprob(Scorer):
@@ -44,7 +44,7 @@ class MeanLogprob(Scorer):
 
     needs_logprobs = True
 
-    def submit(self, engine: Any, question: str, seqs: Seq[Sequence]) -> ScoreJob:
+    def submit(self, engine: LLMEngine, question: str, seqs: Seq[Sequence]) -> ScoreJob:
         return ScoreJob(
             [
                 s.cumulative_logprob / max(1, s.num_output_tokens) if s.logprobs is not None else 0.0
@@ -59,7 +59,7 @@ class Verifier(Scorer):
     def __init__(self, fn: Callable[[str, str], float]) -> None:
         self.fn = fn
 
-    def submit(self, engine: Any, question: str, seqs: Seq[Sequence]) -> ScoreJob:
+    def submit(self, engine: LLMEngine, question: str, seqs: Seq[Sequence]) -> ScoreJob:
         return ScoreJob([float(self.fn(question, s.text)) for s in seqs])
 
 
@@ -69,7 +69,7 @@ class RewardModel(Scorer):
     def score(self, question: str, texts: list[str]) -> list[float]:
         raise NotImplementedError
 
-    def submit(self, engine: Any, question: str, seqs: Seq[Sequence]) -> ScoreJob:
+    def submit(self, engine: LLMEngine, question: str, seqs: Seq[Sequence]) -> ScoreJob:
         return ScoreJob([float(x) for x in self.score(question, [s.text for s in seqs])])
 
 
@@ -106,7 +106,7 @@ class SelfJudge(Scorer):
         self.judge_question = question
         self.yes = yes
 
-    def submit(self, engine: Any, question: str, seqs: Seq[Sequence]) -> ScoreJob:
+    def submit(self, engine: LLMEngine, question: str, seqs: Seq[Sequence]) -> ScoreJob:
         tok = engine.tokenizer
         if tok is None:
             raise ValueError("SelfJudge needs a tokenizer")
@@ -132,11 +132,11 @@ class SelfJudge(Scorer):
             while ids and ids[-1] in eos:  # the template's suffix closes the turn itself
                 ids.pop()
             rids.append(engine.add_request(ids + suffix_ids, params))
-        return _JudgeJob(engine, [engine.requests[r] for r in rids], yes_id)
+        return _JudgeJob([engine.requests[r] for r in rids], yes_id)
 
 
 class _JudgeJob(ScoreJob):
-    def __init__(self, engine: Any, requests: list[Any], yes_id: int) -> None:
+    def __init__(self, requests: list[Request], yes_id: int) -> None:
         super().__init__(None)
         self.requests = requests
         self.yes_id = yes_id

@@ -9,7 +9,7 @@ inside it.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol, cast
+from typing import Protocol
 
 from forkllm.engine.async_engine import AsyncEngine
 from forkllm.engine.llm_engine import PromptInput
@@ -100,7 +100,7 @@ class LocalEngineClient:
         self._async.abort(request_id)
 
     async def run_policy(self, policy: Policy, prompt_ids: list[int], question: str) -> ScaleResult:
-        return cast(ScaleResult, await self._async.run_policy(policy, prompt_ids, question))
+        return await self._async.run_policy(policy, prompt_ids, question)
 
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         return self._engine.tokenize_prompt(prompt)
