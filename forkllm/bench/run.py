@@ -15,6 +15,7 @@ import torch
 
 from forkllm.bench import roofline
 from forkllm.bench.report import Row, machine_info, median, save, table
+from forkllm.bench.serve_bench import add_abuse_args
 from forkllm.engine.args import add_engine_args, engine_kwargs
 
 # vLLM's CPU build on this machine (shared/BENCHMARKS.md): recorded, not re-measured here.
@@ -77,6 +78,7 @@ def add_bench_parser(sub: Any) -> None:
         "--request-timeout", type=float, default=600.0, help="seconds before a request counts as an error"
     )
     w5.add_argument("--label", default=None, help="name of the system under test in the report")
+    add_abuse_args(w5)
     b.add_argument("--out-dir", default="bench_results", help="where the markdown/JSON reports go")
     b.add_argument("--workload-seed", type=int, default=0, help="seed of the synthetic prompts")
     add_engine_args(b)
