@@ -96,3 +96,20 @@ def test_nothing_imports_cli():
         if mod == "forkllm.cli" and p.name != "cli.py"
     ]
     assert not users
+
+
+def test_cli_needs_no_server_extras():
+    """`make run` installs the package without the [server] and [bench] extras: the CLI must build
+    its parser (serve and bench subcommands included) without importing them."""
+    import subprocess
+    import sys
+
+    blocked = ("fastapi", "uvicorn", "pydantic", "starlette", "prometheus_client", "httpx", "matplotlib")
+    code = (
+        "import sys\n"
+        f"for m in {blocked!r}: sys.modules[m] = None\n"
+        "from forkllm.cli import build_parser\n"
+        "build_parser().parse_args(['generate', 'hi'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
