@@ -19,7 +19,7 @@ from forkllm.engine.config import EngineConfig
 from forkllm.engine.detokenizer import IncrementalDetokenizer
 from forkllm.engine.outputs import RequestMetrics
 from forkllm.engine.sampling_params import SamplingParams
-from forkllm.engine.scheduler import Scheduler, SchedulerOutput
+from forkllm.engine.scheduler import Scheduler, SchedulerOutput, fair_shares
 from forkllm.engine.sequence import Request, Sequence, SequenceStatus
 from forkllm.engine.startup import resolve_max_model_len
 from forkllm.kv.manager import KVCacheManager, KVCacheSpec, PageCopy
@@ -33,9 +33,13 @@ def toks(start: int, n: int) -> list[int]:
     return list(range(start, start + n))
 
 
-def make_seq(seq_id: str, token_ids: list[int], params: SamplingParams | None = None) -> Sequence:
+def make_seq(
+    seq_id: str, token_ids: list[int], params: SamplingParams | None = None, priority: int = 0
+) -> Sequence:
     """A request's first sequence, as LLMEngine.make_request builds it."""
-    req = Request(seq_id, None, list(token_ids), params or SamplingParams(), RequestMetrics(0.0))
+    req = Request(
+        seq_id, None, list(token_ids), params or SamplingParams(), RequestMetrics(0.0), priority=priority
+    )
     seq = Sequence(
         seq_id=seq_id,
         request=req,
@@ -89,9 +93,18 @@ class Sim:
         chunked: bool = True,
         caching: bool = True,
         token=None,
+        threshold: int = 0,
+        share: float = 1.0,
     ) -> None:
         self.kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=caching)
-        self.sched = Scheduler(self.kv, max_num_seqs, budget, enable_chunked_prefill=chunked)
+        self.sched = Scheduler(
+            self.kv,
+            max_num_seqs,
+            budget,
+            enable_chunked_prefill=chunked,
+            long_prefill_token_threshold=threshold,
+            max_seq_share=share,
+        )
         self.pool = self.kv.pool
         self.token = token or (lambda seq: next(_sampled_ids))
 
@@ -522,6 +535,148 @@ def test_a_planned_copy_is_dropped_when_its_sequence_is_preempted(num_blocks):
         assert sim.pool.num_used == 4
     sim.commit(out)
     for s in (p, q, c):
+        sim.sched.finish(s)
+    sim.assert_empty()
+
+
+# ---- fairness: long prompts, shares of the batch, priorities, who is preempted ---------------------
+
+
+def test_a_long_prompt_is_cut_so_a_short_one_gets_its_chunk_in_the_same_step():
+    sim = Sim(budget=16, threshold=4, caching=False)
+    a = make_seq("A", toks(0, 60))
+    sim.add(a)
+    assert sim.step().plan == [("A", 16)]  # alone: cut to 4, then extended by the leftover 12
+    b, c, d = make_seq("B", toks(100, 3)), make_seq("C", toks(200, 30)), make_seq("D", toks(300, 2))
+    sim.add(b, c, d)
+    s2 = sim.step()
+    # A is cut to 4; B (short) takes its whole prompt; C (long) is passed over while A is cut,
+    # D (short, behind C) is not; the 7 tokens left go back to A.
+    assert s2.plan == [("A", 11), ("B", 3), ("D", 2)]
+    assert s2.sampled == ["B", "D"]
+    assert sim.ids(sim.sched.waiting) == ["C"]
+    s3 = sim.step()
+    assert s3.plan == [("B", 1), ("D", 1), ("A", 14)]
+    assert sim.step().plan == [("B", 1), ("D", 1), ("A", 14)]
+    # A's last 5 tokens: cut to 4 (C passed over), extended to 5; A's prompt is done, so C, the
+    # next long prompt, takes what is left
+    s5 = sim.step()
+    assert s5.plan == [("B", 1), ("D", 1), ("A", 5), ("C", 9)]
+    assert a.num_computed_tokens == 60 and s5.sampled == ["B", "D", "A"]
+    s6 = sim.step()  # C, the only prompt left: cut to 4, extended by the leftover 9
+    assert s6.plan == [("A", 1), ("B", 1), ("D", 1), ("C", 13)]
+
+
+def test_without_the_threshold_a_long_prompt_takes_the_whole_budget():
+    sim = Sim(budget=16, caching=False)
+    sim.add(make_seq("A", toks(0, 60)))
+    sim.step()
+    sim.add(make_seq("B", toks(100, 3)))
+    assert sim.step().plan == [("A", 16)]  # B waits for A's whole prompt
+    assert sim.ids(sim.sched.waiting) == ["B"]
+
+
+def test_fair_shares_by_hand():
+    reqs = [make_seq(n, [1]).request for n in "ABCD"]
+    a, b, c, d = reqs
+    assert fair_shares({a: 8, b: 1}, 4, 2) == {b: 1, a: 2}  # A capped at its share, a slot idles
+    assert fair_shares({a: 8, b: 1}, 4, 4) == {b: 1, a: 3}
+    assert fair_shares({a: 256, b: 256, c: 1}, 256, 128) == {c: 1, a: 128, b: 127}
+    # more requests than slots: the first served (oldest) get one each
+    assert fair_shares({a: 1, b: 1, c: 1, d: 1}, 2, 2) == {a: 1, b: 1, c: 0, d: 0}
+    a.priority = 1  # served last
+    assert fair_shares({a: 1, b: 1, c: 1}, 2, 2) == {b: 1, c: 1, a: 0}
+
+
+def test_a_wide_request_keeps_to_its_share_while_another_waits():
+    sim = Sim(max_num_seqs=4, share=0.5, caching=False)
+    p = make_seq("P", toks(0, 5))
+    sim.add(p)
+    assert sim.step().plan == [("P", 5)]
+    kids = [fork(sim.sched, p) for _ in range(3)]  # the engine's n = 4 forks at the first sample
+    assert sim.step().plan == [("P", 1), ("P:1", 1), ("P:2", 1), ("P:3", 1)]  # alone: all 4 slots
+    q = make_seq("Q", toks(100, 3))
+    sim.add(q)
+    s3 = sim.step()  # P holds 2 of the 4 slots (its share), Q is admitted; P:2, P:3 keep their pages
+    assert s3.plan == [("P", 1), ("P:1", 1), ("Q", 3)]
+    assert all(s.status is SequenceStatus.RUNNING and s.block_table for s in kids)
+    for _ in range(3):
+        assert sim.step().plan == [("P", 1), ("P:1", 1), ("Q", 1)]
+    # demand counts samples not forked yet: a request with 10 pending samples is wide already
+    r = make_seq("R", toks(200, 3))
+    r.request.pending_samples = 10
+    sim.sched.finish(q)
+    sim.add(r)
+    assert sim.sched.room([p.request, r.request]) == {p.request: 0, r.request: 1}
+    s7 = sim.step()
+    assert s7.plan == [("P", 1), ("P:1", 1), ("R", 3)]
+    sim.sched.finish(r)
+    assert sim.step().plan == [("P", 1), ("P:1", 1), ("P:2", 1), ("P:3", 1)]  # alone again
+    for s in [p, *kids]:
+        sim.sched.finish(s)
+    sim.assert_empty()
+
+
+def test_priority_orders_the_waiting_queue():
+    sim = Sim(max_num_seqs=1, caching=False)
+    a, b, c, d = (
+        make_seq("A", toks(0, 3), priority=0),
+        make_seq("B", toks(10, 3), priority=5),
+        make_seq("C", toks(20, 3), priority=-1),
+        make_seq("D", toks(30, 3), priority=0),
+    )
+    sim.add(a, b, c, d)
+    assert sim.ids(sim.sched.waiting) == ["C", "A", "D", "B"]  # lower first, FCFS among equals
+    assert sim.step().plan == [("C", 3)]
+    sim.sched.pause(c)
+    sim.sched.finish(c)
+    assert sim.step().plan == [("A", 3)]
+    e = make_seq("E", toks(40, 3), priority=0)
+    sim.add(e)
+    assert sim.ids(sim.sched.waiting) == ["D", "E", "B"]
+    sim.sched.pause(e)
+    sim.sched.resume(e)  # it waited already: back first among its priority (as if preempted)
+    assert sim.ids(sim.sched.waiting) == ["E", "D", "B"]
+    for s in (a, b, d, e):
+        sim.sched.finish(s)
+    sim.assert_empty()
+
+
+def test_preemption_takes_from_the_request_running_the_most_sequences():
+    sim = Sim(num_blocks=7, caching=False)  # 6 usable pages
+    p = make_seq("P", toks(0, 4))
+    sim.add(p)
+    sim.step()
+    kids = [fork(sim.sched, p) for _ in range(3)]  # 4 sequences sharing one full page
+    q = make_seq("Q", toks(100, 3))
+    sim.add(q)
+    s2 = sim.step()  # P's 4 each need a page for position 4 (4 pages), Q one: 6 of 6
+    assert s2.plan == [("P", 1), ("P:1", 1), ("P:2", 1), ("P:3", 1), ("Q", 3)]
+    for _ in range(3):
+        sim.step()  # positions 5-7 and Q's 3-5: Q needs a second page at position 4 ...
+    # ... Q is the newest, but P runs 4 sequences: P's newest (P:3) is preempted, not Q
+    assert sim.sched.num_preemptions >= 1
+    assert q.status is SequenceStatus.RUNNING and q.request.metrics.num_preemptions == 0
+    assert kids[-1].status is SequenceStatus.WAITING
+    for s in (p, q, *kids):
+        sim.sched.finish(s)
+    sim.assert_empty()
+
+
+def test_pages_held_by_sequences_idle_over_their_share_go_to_a_newcomer():
+    sim = Sim(num_blocks=7, max_num_seqs=4, share=0.5, caching=False)  # 6 usable pages
+    p = make_seq("P", toks(0, 4))
+    sim.add(p)
+    sim.step()
+    kids = [fork(sim.sched, p) for _ in range(3)]
+    assert len(sim.step().plan) == 4  # position 4: a page each, 5 pages in use
+    q = make_seq("Q", toks(100, 8))  # needs 2 pages, 1 is free
+    sim.add(q)
+    s3 = sim.step()  # P runs its share (2); its idle P:3 gives its page up for Q
+    assert s3.plan == [("P", 1), ("P:1", 1), ("Q", 8)]
+    assert s3.out.preempted == [kids[2]] and kids[2].status is SequenceStatus.WAITING
+    assert kids[1].status is SequenceStatus.RUNNING and kids[1].block_table  # not needed: kept
+    for s in (p, q, *kids):
         sim.sched.finish(s)
     sim.assert_empty()
 

@@ -5,6 +5,14 @@ tokenize a request in their own thread (pure), then hand it over through a comma
 they do aborts. Outputs travel back through one asyncio.Queue per request. A caller that stops
 iterating (client gone, task cancelled) aborts its request; the engine thread applies the abort
 before its next step, so the pages are free within one step.
+
+The loop steps while requests are unfinished, and also while a tree policy is driven with none:
+a policy whose tree ended outside a step (pruned by its own budget) gets its next call at once,
+as under `run_policies`, instead of waiting for someone else's request to wake the loop; if it
+still neither finishes nor asks for work it is stalled and fails. Only with no request and no
+policy does the loop sleep (`num_idle_waits` counts those sleeps). The metrics snapshot is
+published when a batch is scheduled as well as after the step, so /metrics shows a long step's
+batch while it runs.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from forkllm.engine.llm_engine import LLMEngine
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Request
-from forkllm.engine.tree import PolicyHandle, TreePolicy, cancel, drive
+from forkllm.engine.tree import PolicyHandle, TreePolicy, drive, driven_policies, fail_policies, fail_stalled
 
 R = TypeVar("R")
 
@@ -73,6 +81,8 @@ class AsyncEngine:
         # engine.metrics() as of the last step, published by the engine thread (readers never
         # touch engine state from another thread).
         self.metrics_snapshot: dict[str, float] = engine.metrics()
+        engine.on_batch_scheduled = self._publish_metrics
+        self.num_idle_waits = 0  # times the loop slept with nothing to do (tests count them)
         # Requests handed over / taken in by the engine thread: each counter has one writer.
         self._handed_over = 0
         self._taken_in = 0
@@ -103,14 +113,16 @@ class AsyncEngine:
         prompt: PromptInput,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs for one request (their shape follows params.output_kind).
+        `priority`: lower is scheduled sooner.
 
         Raises ValueError at once for invalid input; the engine keeps serving others."""
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running")
         rid = request_id or f"areq-{next(self._ids)}"
-        req = self.engine.make_request(prompt, params, rid)
+        req = self.engine.make_request(prompt, params, rid, priority=priority)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._streams_lock:
             if rid in self._streams:
@@ -161,7 +173,8 @@ class AsyncEngine:
                 fut.set_result(outcome)
 
         def report(outcome: R | BaseException) -> None:
-            loop.call_soon_threadsafe(settle, outcome)
+            with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
+                loop.call_soon_threadsafe(settle, outcome)
 
         def start(engine: LLMEngine) -> None:
             try:
@@ -171,7 +184,7 @@ class AsyncEngine:
 
         def stop(engine: LLMEngine) -> None:
             if handle:
-                cancel(engine, handle[0])
+                handle[0].cancel(engine)
 
         self.call(start)
         try:
@@ -209,13 +222,17 @@ class AsyncEngine:
         engine = self.engine
         while not self._stop:
             self._apply_commands()
-            if not engine.has_unfinished_requests():
-                self.metrics_snapshot = engine.metrics()
+            idle = not engine.has_unfinished_requests()
+            if idle and not driven_policies(engine):
+                self._publish_metrics(engine)
+                self.num_idle_waits += 1
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()
                 continue
             try:
-                outputs = engine.step()
+                outputs = engine.step()  # runs the policies' hooks even when nothing is scheduled
+                if idle and not engine.has_unfinished_requests():
+                    fail_stalled(engine)
             except Exception as e:
                 # Fail the requests of this step, keep the loop alive for everyone else.
                 logger.exception("engine step failed; aborting the requests in flight")
@@ -224,14 +241,19 @@ class AsyncEngine:
                 for rid in failed:
                     self._deliver_error(rid, RuntimeError(f"internal engine error: {e}"))
                 continue
-            self.metrics_snapshot = engine.metrics()
+            self._publish_metrics(engine)
             for out in outputs:
                 self._deliver(out.request_id, out)
         dead = EngineDeadError("the engine was shut down")
+        fail_policies(engine, dead)
         with self._streams_lock:
             rids = list(self._streams)
         for rid in rids:
             self._deliver_error(rid, dead)
+
+    def _publish_metrics(self, engine: LLMEngine) -> None:
+        """Engine thread only: readers take the snapshot, never the engine's state."""
+        self.metrics_snapshot = engine.metrics()
 
     def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
         with self._streams_lock:

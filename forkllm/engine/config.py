@@ -63,6 +63,21 @@ class EngineConfig:
     enable_chunked_prefill: bool = _flag(
         True, "split long prompts into chunks that share steps with decodes (SARATHI)"
     )
+    # A prompt near the context length must not delay everyone's first token by many steps: its
+    # chunk is first cut to this, the other prompts take their chunks, and what budget is left
+    # goes back to the cut chunk (a prompt alone is chunked exactly as without the cut).
+    long_prefill_token_threshold: int | None = _flag(
+        None,
+        "with chunked prefill, one prompt's chunk is first cut to this many tokens so other "
+        "prompts get chunks in the same step; leftover budget extends it again "
+        "(default: a quarter of --max-num-batched-tokens; 0: no cut)",
+    )
+    # One wide request (n samples, a search tree) must not take every slot of the batch.
+    max_seq_share: float = _flag(
+        0.5,
+        "most of --max-num-seqs that one request's sequences may take while other requests want "
+        "slots (its other samples wait); requests share the batch max-min fairly under this cap",
+    )
     enable_prefix_caching: bool = _flag(True, "reuse the KV pages of prompt prefixes seen before")
     enable_shared_prefix_attention: bool = _flag(
         True, "decode rows that share leading pages read them once per step (forks, shared prompts)"
@@ -85,6 +100,12 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 0:
+            raise ValueError(
+                f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}"
+            )
+        if not 0 < self.max_seq_share <= 1:
+            raise ValueError(f"max_seq_share must be in (0, 1], got {self.max_seq_share}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -93,6 +114,14 @@ class EngineConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
+
+    def prefill_chunk_cut(self) -> int:
+        """long_prefill_token_threshold resolved: 0 = no cut (also with chunked prefill off)."""
+        if not self.enable_chunked_prefill:
+            return 0
+        if self.long_prefill_token_threshold is None:
+            return max(1, self.max_num_batched_tokens // 4)
+        return self.long_prefill_token_threshold
 
     def kv_bytes(self) -> int:
         return parse_bytes(self.kv_cache_memory) if self.kv_cache_memory is not None else DEFAULT_CPU_KV_BYTES

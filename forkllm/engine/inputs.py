@@ -62,11 +62,14 @@ class InputProcessor:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> Request:
         """Validate and tokenize into a Request with its first sequence (seeds still unset)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
         text, ids = self.tokenize_prompt(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(
@@ -74,7 +77,7 @@ class InputProcessor:
                 "no room left to generate; shorten the prompt"
             )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        req = Request(rid, text, ids, params, RequestMetrics(arrival_time or time.time()))
+        req = Request(rid, text, ids, params, RequestMetrics(arrival_time or time.time()), priority=priority)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         # n samples = one sequence; when its prompt is done it forks n - 1 children that share

@@ -1,8 +1,9 @@
 """LLMEngine: the synchronous step loop (add_request / step / abort_request) and its wiring.
 
 One `step()` = schedule a batch, run the model once, sample every sequence that reached its end,
-hand the tokens to the output processor (append, detokenize, stop), and return RequestOutputs for
-the requests that changed; then run the step hooks, where tree policies fork, prune and pause.
+hand the tokens to the output processor (append, detokenize, stop), fork the deferred samples of
+n > 1 requests into the room their finished sequences left, and return RequestOutputs for the
+requests that changed; then run the step hooks, where tree policies fork, prune and pause.
 Start-up lives in engine/startup.py, input validation in engine/inputs.py, tree operations in
 engine/tree.py, token append and outputs in engine/output_processor.py.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +26,8 @@ from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.runner import ModelRunner, RunnerOutput
 from forkllm.engine.sampler import Sampler, compute_logprobs, derive_seed
 from forkllm.engine.sampling_params import SamplingParams
-from forkllm.engine.scheduler import Scheduler
-from forkllm.engine.sequence import Request, Sequence
+from forkllm.engine.scheduler import Scheduler, SchedulerOutput
+from forkllm.engine.sequence import DeferredSamples, Request, Sequence
 from forkllm.engine.startup import resolve_max_model_len, resolve_placement, size_kv_cache
 from forkllm.engine.tree import StepHook, TreeOps
 from forkllm.kernels import Kernels
@@ -93,7 +94,12 @@ class LLMEngine:
             kernels=kernels,
         )
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
+            self.kv,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.enable_chunked_prefill,
+            long_prefill_token_threshold=config.prefill_chunk_cut(),
+            max_seq_share=config.max_seq_share,
         )
         self.requests: dict[str, Request] = {}
         self.seqs: dict[str, Sequence] = {}  # live sequences by id (fork / prune address them)
@@ -101,6 +107,9 @@ class LLMEngine:
         self.inputs = InputProcessor(tok, mcfg.vocab_size, self.max_model_len)
         self.outputs = OutputProcessor(tok, eos, self.max_model_len, self.tree.finish)
         self._step_hooks: list[StepHook] = []
+        # Called once a step's batch is scheduled, before the model runs (the async engine
+        # publishes its metrics snapshot here, so a long step is visible while it runs).
+        self.on_batch_scheduled: Callable[[LLMEngine], None] | None = None
         self._seed_rng = random.Random(config.seed)
         self.stats = EngineStats()
         self.startup_seconds = time.perf_counter() - t0
@@ -127,9 +136,11 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> Request:
-        """Validate and tokenize without touching engine state (safe from another thread)."""
-        return self.inputs.make_request(prompt, params, request_id, arrival_time)
+        """Validate and tokenize without touching engine state (safe from another thread).
+        `priority`: lower is scheduled sooner (vLLM's convention)."""
+        return self.inputs.make_request(prompt, params, request_id, arrival_time, priority)
 
     def add_request(
         self,
@@ -137,9 +148,10 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue a request; returns its id (also the id of its first sequence)."""
-        req = self.make_request(prompt, params, request_id, arrival_time)
+        req = self.make_request(prompt, params, request_id, arrival_time, priority)
         self.add_prepared(req)
         return req.request_id
 
@@ -163,10 +175,22 @@ class LLMEngine:
             if req is None:
                 continue
             req.pending_samples = 0
+            self._drop_deferred(req)
             for seq in req.seqs:
                 if not seq.finished:
                     seq.finish_reason = "abort"
                     self.tree.finish(seq)
+
+    def cancel_pending_samples(self, request_id: str) -> None:
+        """Give up the samples of an n > 1 request not forked yet (a policy that has decided);
+        the request ends when its forked sequences do (now, if they all have)."""
+        req = self.requests.get(request_id)
+        if req is None or not req.pending_samples:
+            return
+        req.pending_samples = 0
+        self._drop_deferred(req)
+        if req.finished:
+            self._retire(req, time.time())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -234,6 +258,8 @@ class LLMEngine:
             "preemptions": sched.num_preemptions,
             "running_seqs": len(sched.running),
             "waiting_seqs": len(sched.waiting),
+            "scheduled_seqs": sched.num_scheduled,
+            "deferred_samples": sum(r.pending_samples for r in sched.deferred.values()),
             "generation_tokens": self.stats.generation_tokens,
             "prompt_tokens_computed": self.stats.prompt_tokens_computed,
         }
@@ -247,8 +273,25 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        if not sched:
-            return []
+        touched: dict[str, Request] = {}
+        now = time.time()
+        if sched:
+            if self.on_batch_scheduled is not None:
+                self.on_batch_scheduled(self)
+            now = self._run_batch(sched, touched)
+        if self.scheduler.deferred:  # also after an empty step: the room may have opened outside one
+            self._fork_deferred_samples(touched, now)
+        outputs = []
+        for req in touched.values():
+            ro = self.outputs.make_output(req)
+            if ro is not None:
+                outputs.append(ro)
+            if req.finished:
+                self._retire(req, now)
+        return outputs
+
+    def _run_batch(self, sched: SchedulerOutput, touched: dict[str, Request]) -> float:
+        """Run the model on a scheduled batch, sample and append; returns the step's time."""
         self.runner.zero_blocks(self.kv.pool.take_pending_zero())
         t0 = time.perf_counter()
         out = self.runner.execute(sched)
@@ -270,18 +313,10 @@ class LLMEngine:
         self.stats.model_seconds += time.perf_counter() - t0
         self.stats.steps += 1
         self._record_prompt_logprobs(out)
-        touched: dict[str, Request] = {}
         for seq, token, lp in zip(sample_seqs, sampled.token_ids, sampled.logprobs):
             self.stats.generation_tokens += self.outputs.append_tokens(seq, (token,), (lp,), now)
             touched[seq.request.request_id] = seq.request
-        outputs = []
-        for req in touched.values():
-            ro = self.outputs.make_output(req)
-            if ro is not None:
-                outputs.append(ro)
-            if req.finished:
-                self._retire(req, now)
-        return outputs
+        return now
 
     def _retire(self, req: Request, now: float) -> None:
         req.metrics.finished_time = now
@@ -292,20 +327,65 @@ class LLMEngine:
         self, seqs: list[Sequence], logits: torch.Tensor
     ) -> tuple[list[Sequence], torch.Tensor]:
         """n > 1: a request's first sequence just finished its prompt; fork the other samples now
-        so all n draw their first token from the same logits row."""
+        so all n draw their first token from the same logits row. Only as many as the request's
+        share of the batch has room for: the rest are deferred (a paused anchor keeps the prompt's
+        pages, the logits row is kept) and forked as room opens (_fork_deferred_samples)."""
+        firsts = [
+            (row, seq)
+            for row, seq in enumerate(seqs)
+            if seq.request.pending_samples and seq.index == 0 and seq.num_output_tokens == 0
+        ]
+        if not firsts:
+            return seqs, logits
+        room = self.scheduler.room(seq.request for _, seq in firsts)
         extra_rows: list[int] = []
         extra: list[Sequence] = []
-        for row, seq in enumerate(seqs):
+        for row, seq in firsts:
             req = seq.request
-            if req.pending_samples and seq.index == 0 and seq.num_output_tokens == 0:
-                kids = self.tree.fork(seq, req.pending_samples)
-                req.pending_samples = 0
-                extra += kids
-                extra_rows += [row] * len(kids)
+            k = min(req.pending_samples, room[req])
+            if k < req.pending_samples:
+                req.deferred = DeferredSamples(self.tree.hold(seq), logits[row : row + 1].clone())
+                self.scheduler.deferred[req.request_id] = req
+            if k:
+                extra += self.tree.fork(seq, k)
+                extra_rows += [row] * k
+                req.pending_samples -= k
         if not extra:
             return seqs, logits
         idx = torch.tensor(extra_rows, dtype=torch.long, device=logits.device)
         return seqs + extra, torch.cat([logits, logits.index_select(0, idx)])
+
+    def _fork_deferred_samples(self, touched: dict[str, Request], now: float) -> None:
+        """Fork deferred samples into the room their requests have now and sample their first
+        token from the kept logits row (no model run: exactly the tokens they would have drawn
+        when forked at once). Bounded by the share, so one step never forks more than a batch."""
+        reqs = list(self.scheduler.deferred.values())
+        room = self.scheduler.room(reqs)
+        kids: list[Sequence] = []
+        rows: list[torch.Tensor] = []
+        for req in reqs:
+            deferred = req.deferred
+            k = min(req.pending_samples, room[req])
+            if deferred is None or k <= 0:
+                continue
+            kids += self.tree.fork_from_anchor(deferred.anchor, k)
+            rows.append(deferred.logits.expand(k, -1))
+            req.pending_samples -= k
+            if not req.pending_samples:
+                self._drop_deferred(req)
+        if not kids:
+            return
+        sampled = self.sampler(torch.cat(rows), kids)
+        for seq, token, lp in zip(kids, sampled.token_ids, sampled.logprobs):
+            self.stats.generation_tokens += self.outputs.append_tokens(seq, (token,), (lp,), now)
+            touched[seq.request.request_id] = seq.request
+
+    def _drop_deferred(self, req: Request) -> None:
+        """Release a request's anchor (its hold on the prompt's pages) and forget its deferral."""
+        if req.deferred is not None:
+            self.tree.release(req.deferred.anchor)
+            req.deferred = None
+        self.scheduler.deferred.pop(req.request_id, None)
 
     def _record_prompt_logprobs(self, out: RunnerOutput) -> None:
         for chunk in out.prompt_logits:

@@ -1,22 +1,40 @@
-"""Iteration-level continuous batching with chunked prefill, prefix reuse and recompute preemption.
+"""Iteration-level continuous batching with chunked prefill, prefix reuse, recompute preemption,
+priorities and a fair share of the batch for every request.
 
 Every step spends one token budget (`max_num_batched_tokens`) across sequences: running decodes
 first (one token each, so long prompts never stall them), then unfinished prompt chunks of
-running sequences, then waiting sequences in arrival order (FCFS), each taking as large a chunk
-as the budget leaves (SARATHI-style piggybacking). A waiting sequence first revives the longest
-run of its leading pages found in the prefix cache and computes only the rest. When the KV pool
-cannot hold a running sequence's next tokens, the newest running sequence is preempted: its
-pages are released and it is recomputed from its tokens later (mostly from the prefix cache),
-ahead of anything still waiting. With chunked prefill off a sequence is taken whole, so the
-budget must cover max_model_len (engine/startup.py refuses a smaller one).
+running sequences, then waiting sequences in priority order (lower `priority` first; FCFS within
+a priority), each taking as large a chunk as the budget leaves (SARATHI-style piggybacking). A
+waiting sequence first revives the longest run of its leading pages found in the prefix cache and
+computes only the rest. With chunked prefill off a sequence is taken whole, so the budget must
+cover max_model_len (engine/startup.py refuses a smaller one).
+
+Fairness, so that no request holds the engine hostage:
+- A prompt chunk is first cut to `long_prefill_token_threshold`, so a long prompt leaves budget
+  for the other prompts' first chunks in the same step; budget still left over then extends the
+  cut chunks (oldest first), so a prompt alone is chunked exactly as without the threshold. While
+  one long prompt is being cut, another long waiting prompt is passed over (the short ones behind
+  it are not): long prompts still prefill one after the other, not round-robin.
+- A step runs at most `max_num_seqs` sequences. When requests want more than that, each gets a
+  max-min fair share of them (a request's demand counts every sequence it will run: its running
+  and waiting ones plus samples not forked yet), never more than `max_seq_share` of
+  `max_num_seqs`. Sequences over their request's share keep their pages and wait their turn; the
+  engine forks n > 1 samples only into free share (`room`).
+- When the KV pool cannot hold a running sequence's next tokens, a sequence is preempted: of the
+  lowest priority, from the request running the most sequences, the newest. When it cannot hold
+  a waiting sequence's chunk, a sequence left idle over its request's share is preempted for it.
+  A preempted sequence's pages are released and it is recomputed from its tokens later (mostly
+  from the prefix cache), first in its priority among the waiting.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from forkllm.engine.sequence import Sequence, SequenceStatus
+from forkllm.engine.sequence import Request, Sequence, SequenceStatus
 from forkllm.kv.manager import KVCacheManager, PageCopy
 
 
@@ -55,6 +73,21 @@ class PrefixStats:
         return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
+def fair_shares(demand: dict[Request, int], slots: int, bound: int) -> dict[Request, int]:
+    """Max-min fair split of `slots` sequence slots over requests wanting `demand[req]` each, none
+    getting more than `bound`. Requests are served by priority (lower first), then smallest demand
+    first, then in the order given (oldest first), each taking its demand or an even part of what
+    is left (rounded up: with more requests than slots, the first served get one each)."""
+    order = sorted(demand, key=lambda r: (r.priority, demand[r]))  # stable: ties keep their order
+    shares: dict[Request, int] = {}
+    left = slots
+    for i, req in enumerate(order):
+        even = -(-left // (len(order) - i))
+        shares[req] = give = min(demand[req], bound, even)
+        left -= give
+    return shares
+
+
 class Scheduler:
     def __init__(
         self,
@@ -62,20 +95,46 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        long_prefill_token_threshold: int = 0,
+        max_seq_share: float = 1.0,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        # A prompt chunk's first cut (0: none); leftover budget extends it again (see schedule).
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        # Most sequences one request may run in a step while others want slots.
+        self.max_seqs_per_request = max(1, int(max_num_seqs * max_seq_share))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Requests with n > 1 samples deferred (DeferredSamples): they have demand even when none
+        # of their sequences is running or waiting.
+        self.deferred: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_scheduled = 0  # sequences in the last step's batch
         self.prefix_stats = PrefixStats()
 
     # ---- queue management ---------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq, first=False)
+
+    def _enqueue(self, seq: Sequence, first: bool) -> None:
+        """Into the waiting queue by priority (lower first): behind its equals (FCFS), or ahead of
+        them when `first` (a preempted or resumed sequence, which has waited already)."""
+        w, p = self.waiting, seq.request.priority
+        if first:
+            if not w or w[0].request.priority >= p:
+                w.appendleft(seq)
+                return
+            i = next((i for i, s in enumerate(w) if s.request.priority >= p), len(w))
+        else:
+            if not w or w[-1].request.priority <= p:
+                w.append(seq)
+                return
+            i = next(i for i, s in enumerate(w) if s.request.priority > p)
+        w.insert(i, seq)
 
     def add_running(self, seq: Sequence, after: Sequence) -> None:
         """Insert a fork next to its parent, in the parent's queue (running if the parent is
@@ -101,7 +160,7 @@ class Scheduler:
             self.running.append(seq)
         else:
             seq.status = SequenceStatus.WAITING
-            self.waiting.appendleft(seq)
+            self._enqueue(seq, first=True)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted, pruned) sequence from the queues and release its pages."""
@@ -115,48 +174,158 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # ---- shares of the batch ------------------------------------------------------------------
+    def _live_counts(self) -> dict[Request, int]:
+        """Running and waiting sequences per request (requests with deferred samples included)."""
+        counts: dict[Request, int] = {}
+        for s in itertools.chain(self.running, self.waiting):
+            counts[s.request] = counts.get(s.request, 0) + 1
+        for req in self.deferred.values():
+            counts.setdefault(req, 0)
+        return counts
+
+    def _shares(self, live: dict[Request, int]) -> dict[Request, int] | None:
+        """Each request's most sequences this step, or None when every demand fits the batch."""
+        demand = {req: n + req.pending_samples for req, n in live.items()}
+        if len(demand) < 2 or sum(demand.values()) <= self.max_num_seqs:
+            return None
+        return fair_shares(demand, self.max_num_seqs, self.max_seqs_per_request)
+
+    def room(self, requests: Iterable[Request]) -> dict[Request, int]:
+        """How many more sequences each request may start now (the engine forks n > 1 samples
+        into this room; the rest wait as deferred samples)."""
+        live = self._live_counts()
+        shares = self._shares(live)
+        out = {}
+        for req in requests:
+            share = self.max_num_seqs if shares is None else shares.get(req, 0)
+            out[req] = max(0, share - live.get(req, 0))
+        return out
+
     # ---- the step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        slots = self.max_num_seqs
+        live = self._live_counts()
+        shares = self._shares(live)
+        taken: dict[Request, int] = {}
+        cut = self.long_prefill_token_threshold or budget
+        long_cut = False  # a chunk was cut to the threshold this step
+
+        def over_share(req: Request) -> bool:
+            return shares is not None and taken.get(req, 0) >= shares.get(req, 0)
+
+        def reclaim() -> bool:
+            """Preempt the newest running sequence this step leaves idle because its request has
+            its share (its pages are held for nothing while a newcomer cannot start)."""
+            if shares is None:
+                return False
+            busy = {id(s.seq) for s in out.scheduled}
+            for seq in reversed(self.running):
+                if id(seq) not in busy and over_share(seq.request):
+                    self._preempt(seq, out)
+                    return True
+            return False
+
         # Running sequences: decodes (1 token due) first, then unfinished prompt chunks.
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         chunks = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes + chunks:
-            if budget == 0:
+            if budget == 0 or slots == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
-                continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(seq, n, out):
-                continue
-            out.scheduled.append(ScheduledSequence(seq, n))
-            budget -= n
+            if seq.status is not SequenceStatus.RUNNING or over_share(seq.request):
+                continue  # preempted earlier in this loop, or its request has its share
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget, cut)
+            if self._allocate_or_preempt(seq, n, out):
+                out.scheduled.append(ScheduledSequence(seq, n))
+                taken[seq.request] = taken.get(seq.request, 0) + 1
+                budget -= n
+                slots -= 1
+                long_cut |= n == cut < remaining
         if out.preempted:
+            self.num_scheduled = len(out.scheduled)
             return out  # pages are short: admit nothing new this step
-        # Waiting sequences, FCFS.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        # Waiting sequences, by priority then arrival; one over its request's share is passed over,
+        # and a long one while another long prompt is being cut.
+        passed_long = self._admit(out, budget, slots, taken, over_share, reclaim, cut, long_cut)
+        budget = self.max_num_batched_tokens - out.num_batched_tokens
+        if cut < self.max_num_batched_tokens and budget:
+            budget = self._extend_cut_chunks(out, budget)
+            if passed_long and budget:  # the cut prompt is done: the next long one may start
+                slots = self.max_num_seqs - len(out.scheduled)
+                self._admit(out, budget, slots, taken, over_share, reclaim, budget, False)
+        self.num_scheduled = len(out.scheduled)
+        return out
+
+    def _admit(
+        self,
+        out: SchedulerOutput,
+        budget: int,
+        slots: int,
+        taken: dict[Request, int],
+        over_share: Callable[[Request], bool],
+        reclaim: Callable[[], bool],
+        cut: int,
+        long_cut: bool,
+    ) -> bool:
+        """Move waiting sequences into the batch while budget, slots and pages last (pages held by
+        sequences idle over their request's share are reclaimed for them); returns whether a long
+        prompt was passed over because another was being cut."""
+        passed_long = False
+        i = 0
+        while i < len(self.waiting) and budget > 0 and slots > 0:
+            seq = self.waiting[i]
+            long = seq.num_tokens - seq.num_computed_tokens > cut
+            if over_share(seq.request) or (long_cut and long):
+                passed_long |= long_cut and long
+                i += 1
+                continue
             fresh = seq.num_computed_tokens == 0 and not seq.block_table
             if fresh:
                 self._reuse_prefix(seq)
             remaining = seq.num_tokens - seq.num_computed_tokens
-            n = min(remaining, budget)
-            if (n < remaining and not self.enable_chunked_prefill) or not self.kv.allocate(
+            n = min(remaining, budget, cut) if self.enable_chunked_prefill else remaining
+            if n > budget or not self.kv.allocate(
                 seq.block_table, seq.num_computed_tokens + n, seq.first_write, out.copies
             ):
                 if fresh:  # give the revived pages back; they stay cached
                     self._reset(seq)
+                if reclaim():
+                    i = self.waiting.index(seq)  # the preempted one went in ahead of it
+                    continue
                 break
             if fresh and seq.request.metrics.first_scheduled_time is None and seq.index == 0:
                 self.prefix_stats.prompt_tokens += seq.num_prompt_tokens
                 self.prefix_stats.reused_tokens += min(seq.num_reused_tokens, seq.num_prompt_tokens)
-            self.waiting.popleft()
+            del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, n))
+            taken[seq.request] = taken.get(seq.request, 0) + 1
             budget -= n
-        return out
+            slots -= 1
+            long_cut |= n == cut < remaining
+        return passed_long
+
+    def _extend_cut_chunks(self, out: SchedulerOutput, budget: int) -> int:
+        """Budget left after every sequence had its turn goes back to chunks cut to the threshold,
+        in schedule order (the oldest prompt first), without preempting; returns what is left."""
+        for item in out.scheduled:
+            if budget == 0:
+                break
+            seq = item.seq
+            extra = min(seq.num_tokens - seq.num_computed_tokens - item.num_new_tokens, budget)
+            if extra > 0 and self.kv.allocate(
+                seq.block_table,
+                seq.num_computed_tokens + item.num_new_tokens + extra,
+                seq.first_write,
+                out.copies,
+            ):
+                item.num_new_tokens += extra
+                budget -= extra
+        return budget
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         if seq.params.prompt_logprobs is not None:
@@ -177,11 +346,24 @@ class Scheduler:
 
     def _allocate_or_preempt(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         while not self.kv.allocate(seq.block_table, seq.num_computed_tokens + n, seq.first_write, out.copies):
-            victim = self.running[-1]
+            victim = self._victim()
             self._preempt(victim, out)
             if victim is seq:
                 return False
         return True
+
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt: lowest priority (largest value), then from the request
+        running the most sequences (a wide request pays for its own growth, not a newcomer), then
+        the newest. O(running), and only when pages are short."""
+        running = self.running
+        counts: dict[Request, int] = {}
+        for s in running:
+            counts[s.request] = counts.get(s.request, 0) + 1
+        best = max(
+            range(len(running)), key=lambda i: (running[i].request.priority, counts[running[i].request], i)
+        )
+        return running[best]
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
@@ -192,5 +374,5 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.request.metrics.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, first=True)
         out.preempted.append(seq)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from forkllm.engine.detokenizer import IncrementalDetokenizer
 from forkllm.engine.outputs import PositionLogprobs, RequestMetrics
 from forkllm.engine.sampling_params import SamplingParams
@@ -84,6 +86,18 @@ class Sequence:
 
 
 @dataclass(eq=False)
+class DeferredSamples:
+    """Samples of an n > 1 request that did not fit its share of the batch when its prompt was
+    done. They are forked later, as its sequences finish, from `anchor` (a paused copy of the
+    first sequence at that moment, holding the prompt's pages, outside the request's samples) and
+    draw their first token from `logits`, the same row the first samples drew from: a deferred
+    sample's tokens are exactly those it would have had if forked at once."""
+
+    anchor: Sequence
+    logits: torch.Tensor  # [1, vocab] float32
+
+
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt: str | None
@@ -92,9 +106,13 @@ class Request:
     metrics: RequestMetrics
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
-    # n > 1: samples still to fork from the first sequence when its prompt is done.
+    # n > 1: samples not forked yet (all n - 1 until the first sequence's prompt is done; after
+    # that, the ones deferred because the request was at its share of the batch).
     pending_samples: int = 0
     base_seed: int = 0
+    # Lower is scheduled sooner (vLLM's convention); orders the waiting queue and preemption.
+    priority: int = 0
+    deferred: DeferredSamples | None = None
 
     @property
     def finished(self) -> bool:

@@ -6,8 +6,12 @@
 - `TreeRun`: one request's tree as a policy sees it: its sequences by state, the tokens it
   generated, its token budget, and the tree operations scoped to it.
 - `TreePolicy`: the protocol a policy implements (start / on_step / stop / result).
-- `drive` / `cancel` / `run_policies`: the one driver that calls a policy after every engine step,
-  used by the synchronous engine (`run_policies`, `LLM.scale`) and by `AsyncEngine.run_policy`.
+- `drive` / `cancel` / `fail_stalled` / `run_policies`: the one driver that calls a policy after
+  every engine step, used by the synchronous engine (`run_policies`, `LLM.scale`) and by
+  `AsyncEngine.run_policy`. A policy may need one more call after its last sequence ended outside
+  a step (pruned by its own budget, say) to ask for more work (a judge's requests) or to finish:
+  both engines then take a step with nothing scheduled, and a policy that still neither finished
+  nor asked for work is stalled and fails (`fail_stalled`) instead of hanging its caller.
 """
 
 from __future__ import annotations
@@ -46,7 +50,16 @@ class TreeOps:
             raise ValueError(f"k must be >= 1, got {k}")
         if seeds is not None and len(seeds) != k:
             raise ValueError(f"got {len(seeds)} seeds for {k} children")
-        req = parent.request
+        return self._spawn(parent, parent, k, seeds)
+
+    def fork_from_anchor(self, anchor: Sequence, k: int) -> list[Sequence]:
+        """k deferred samples of an n > 1 request, forked from its anchor (see `hold`): the same
+        indices, seeds and pages as if forked when the prompt was done."""
+        assert anchor.parent is not None and anchor.status is SequenceStatus.PAUSED
+        return self._spawn(anchor, anchor.parent, k, None)
+
+    def _spawn(self, source: Sequence, parent: Sequence, k: int, seeds: list[int] | None) -> list[Sequence]:
+        req = source.request
         kids: list[Sequence] = []
         for j in range(k):
             idx = len(req.seqs)
@@ -54,25 +67,51 @@ class TreeOps:
                 seq_id=f"{req.request_id}:{idx}",
                 request=req,
                 index=idx,
-                token_ids=list(parent.token_ids),
-                num_prompt_tokens=parent.num_prompt_tokens,
+                token_ids=list(source.token_ids),
+                num_prompt_tokens=source.num_prompt_tokens,
                 seed=seeds[j] if seeds is not None else derive_seed(req.base_seed, idx),
-                detok=parent.detok.copy(),
-                num_computed_tokens=parent.num_computed_tokens,
-                block_table=self.kv.share(parent.block_table),
-                cache_nodes=list(parent.cache_nodes),
-                num_reused_tokens=parent.num_reused_tokens,
-                num_output_at_fork=parent.num_output_tokens,
-                cumulative_logprob=parent.cumulative_logprob,
-                logprobs=None if parent.logprobs is None else list(parent.logprobs),
+                detok=source.detok.copy(),
+                num_computed_tokens=source.num_computed_tokens,
+                block_table=self.kv.share(source.block_table),
+                cache_nodes=list(source.cache_nodes),
+                num_reused_tokens=source.num_reused_tokens,
+                num_output_at_fork=source.num_output_tokens,
+                cumulative_logprob=source.cumulative_logprob,
+                logprobs=None if source.logprobs is None else list(source.logprobs),
                 parent=parent,
             )
             req.seqs.append(child)
             self.seqs[child.seq_id] = child
-            self.scheduler.add_running(child, after=parent if j == 0 else kids[-1])
+            self.scheduler.add_running(child, after=source if j == 0 else kids[-1])
             kids.append(child)
         self.num_forks += k
         return kids
+
+    def hold(self, seq: Sequence) -> Sequence:
+        """An anchor: a paused copy of `seq` sharing its pages, outside its request's samples and
+        the live registry (never scheduled, never output); deferred samples fork from it."""
+        return Sequence(
+            seq_id=f"{seq.seq_id}:anchor",
+            request=seq.request,
+            index=-1,
+            token_ids=list(seq.token_ids),
+            num_prompt_tokens=seq.num_prompt_tokens,
+            seed=seq.seed,
+            detok=seq.detok.copy(),
+            num_computed_tokens=seq.num_computed_tokens,
+            block_table=self.kv.share(seq.block_table),
+            cache_nodes=list(seq.cache_nodes),
+            num_reused_tokens=seq.num_reused_tokens,
+            num_output_at_fork=seq.num_output_tokens,
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=None if seq.logprobs is None else list(seq.logprobs),
+            parent=seq,
+            status=SequenceStatus.PAUSED,
+        )
+
+    def release(self, anchor: Sequence) -> None:
+        """Drop an anchor's pages."""
+        self.scheduler.finish(anchor)
 
     def pause(self, seq: Sequence) -> None:
         """Stop generating for a sequence but keep its pages (to fork or prune it later)."""
@@ -132,9 +171,25 @@ class TreeRun:
         return [s for s in self.seqs if s.finished]
 
     @property
+    def sampling(self) -> bool:
+        """The prompt is done and the first sequence drew its first token (n > 1 samples are
+        forked then, those over the request's share of the batch later: see `pending`)."""
+        return self.seqs[0].num_output_tokens > 0
+
+    @property
+    def pending(self) -> int:
+        """Samples not forked yet (deferred while the request is at its share of the batch)."""
+        return self.request.pending_samples
+
+    @property
     def started(self) -> bool:
-        """The prompt is done and the first tokens exist (n > 1 forks happen then)."""
-        return self.request.pending_samples == 0 and self.seqs[0].num_output_tokens > 0
+        """Every one of the n first samples exists."""
+        return self.pending == 0 and self.sampling
+
+    def drop_pending(self) -> None:
+        """Give up the samples not forked yet (the policy has decided, or the budget is short)."""
+        self.forks -= self.pending  # counted as the engine's forks when the tree was made
+        self.engine.cancel_pending_samples(self.request.request_id)
 
     @property
     def generated(self) -> int:
@@ -160,12 +215,15 @@ class TreeRun:
 
     def enforce_budget(self, priority: Callable[[Sequence], float] | None = None) -> bool:
         """Prune live sequences (lowest priority first) so that the next step cannot take the
-        tree past its budget: each live sequence generates at most one token per step. Returns
-        False once the budget is spent."""
+        tree past its budget: each live sequence generates at most one token per step, and each
+        pending sample is owed its first token. When the budget cannot cover both, the pending
+        samples go first (they have nothing yet). Returns False once the budget is spent."""
         if self.budget is None:
             return True
-        remaining = self.budget - self.generated
         live = self.live()
+        if self.pending and self.budget - self.generated - self.pending < len(live):
+            self.drop_pending()
+        remaining = self.budget - self.generated - self.pending
         if len(live) > remaining:
             keep = sorted(live, key=priority, reverse=True) if priority else live
             for s in keep[max(remaining, 0) :]:
@@ -196,10 +254,40 @@ class TreePolicy(Protocol[R_co]):
 
 
 class PolicyHandle(Generic[R]):
-    """A policy the driver runs: its step hook, so it can be cancelled."""
+    """A driven policy: it is the step hook the engine calls, and it settles its caller once
+    (`on_done` with the result or the error)."""
 
-    def __init__(self, policy: TreePolicy[R], hook: StepHook) -> None:
-        self.policy, self.hook = policy, hook
+    def __init__(self, policy: TreePolicy[R], on_done: Callable[[R | BaseException], None]) -> None:
+        self.policy, self.on_done = policy, on_done
+        self.settled = False
+
+    def __call__(self, engine: LLMEngine) -> None:
+        try:
+            if not self.policy.done:
+                self.policy.on_step(engine)
+            if not self.policy.done:
+                return
+            engine.remove_step_hook(self)
+            outcome: R | BaseException = self.policy.result()
+        except BaseException as e:  # a failing policy fails its own caller only
+            engine.remove_step_hook(self)
+            self.policy.stop()
+            outcome = e
+        self._settle(outcome)
+
+    def cancel(self, engine: LLMEngine) -> None:
+        """Stop now and free the tree's pages (its caller went away)."""
+        engine.remove_step_hook(self)
+        self.policy.stop()
+
+    def fail(self, engine: LLMEngine, error: BaseException) -> None:
+        self.cancel(engine)
+        self._settle(error)
+
+    def _settle(self, outcome: R | BaseException) -> None:
+        if not self.settled:
+            self.settled = True
+            self.on_done(outcome)
 
 
 def drive(
@@ -212,29 +300,34 @@ def drive(
     """Start `policy` on the engine and call it after every step until it is done; then hand its
     result (or the error it raised) to `on_done`, once. Runs on the engine's thread."""
     policy.start(engine, prompt_ids, question)
-
-    def hook(eng: LLMEngine) -> None:
-        try:
-            if not policy.done:
-                policy.on_step(eng)
-            if not policy.done:
-                return
-            eng.remove_step_hook(hook)
-            outcome: R | BaseException = policy.result()
-        except BaseException as e:  # a failing policy fails its own caller only
-            eng.remove_step_hook(hook)
-            policy.stop()
-            outcome = e
-        on_done(outcome)
-
-    engine.add_step_hook(hook)
-    return PolicyHandle(policy, hook)
+    handle = PolicyHandle(policy, on_done)
+    engine.add_step_hook(handle)
+    return handle
 
 
 def cancel(engine: LLMEngine, handle: PolicyHandle[R]) -> None:
     """Stop a driven policy now and free its pages (its caller went away)."""
-    engine.remove_step_hook(handle.hook)
-    handle.policy.stop()
+    handle.cancel(engine)
+
+
+def driven_policies(engine: LLMEngine) -> list[PolicyHandle[object]]:
+    """The policies the engine is driving now (its step hooks that are policy handles)."""
+    return [h for h in engine.step_hooks if isinstance(h, PolicyHandle)]
+
+
+def fail_policies(engine: LLMEngine, error: BaseException) -> int:
+    """Stop every driven policy and hand `error` to its caller; returns how many."""
+    handles = driven_policies(engine)
+    for h in handles:
+        h.fail(engine, error)
+    return len(handles)
+
+
+def fail_stalled(engine: LLMEngine) -> int:
+    """Call after a step that began and ended with no request in the engine: every policy still
+    driven had its chance to ask for work and did not, so it never will; fail each (its caller
+    gets a RuntimeError). Returns how many failed."""
+    return fail_policies(engine, RuntimeError("a tree policy stalled with nothing to run"))
 
 
 def run_policies(engine: LLMEngine, jobs: list[tuple[TreePolicy[R], list[int], str]]) -> list[R]:
@@ -251,12 +344,12 @@ def run_policies(engine: LLMEngine, jobs: list[tuple[TreePolicy[R], list[int], s
         while len(outcomes) < len(jobs):
             idle = not engine.has_unfinished_requests()
             engine.step()  # runs the hooks even when nothing is scheduled
-            if idle and len(outcomes) < len(jobs) and not engine.has_unfinished_requests():
-                raise RuntimeError("a tree policy stalled with nothing to run")
+            if idle and not engine.has_unfinished_requests():
+                fail_stalled(engine)
     finally:
         for h in handles:
-            if not h.policy.done or h.hook in engine.step_hooks:
-                cancel(engine, h)
+            if not h.settled:
+                h.cancel(engine)
     results = []
     for i in range(len(jobs)):
         r = outcomes[i]

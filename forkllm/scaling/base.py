@@ -17,6 +17,7 @@ from forkllm.engine.llm_engine import LLMEngine
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence
 from forkllm.engine.tree import TreeRun, run_policies
+from forkllm.scaling.scorers import ScoreJob
 
 __all__ = ["Candidate", "Policy", "ScaleResult", "TreeRun", "mean_logprob", "run_policies", "votes_for"]
 
@@ -75,6 +76,7 @@ class Policy(ABC):
         self.temperature, self.top_p, self.max_tokens, self.seed = temperature, top_p, max_tokens, seed
         self.budget = budget  # total generated tokens of the whole tree, or None
         self.tree: TreeRun | None = None
+        self.job: ScoreJob | None = None  # scoring in flight (a judge's requests), if any
         self.done = False
         self.t0 = 0.0
         self.question = ""
@@ -96,15 +98,20 @@ class Policy(ABC):
             self.finish()
 
     def finish(self) -> None:
-        """Done: prune whatever still runs (the tree's finished sequences stay for the result)."""
+        """Done: give up samples not forked yet and prune whatever still runs (the tree's
+        finished sequences stay for the result)."""
         self.done = True
         tree = self.tree
         if tree is not None:
+            tree.drop_pending()
             for s in tree.live() + tree.paused():
                 tree.prune(s)
 
     def stop(self) -> None:
-        """Stop now (the caller went away or the run failed): prune and abort the tree."""
+        """Stop now (the caller went away or the run failed): abort the tree as a whole, scoring
+        requests in flight included."""
+        if self.job is not None:
+            self.job.cancel()
         if not self.done:
             self.finish()
         if self.tree is not None:

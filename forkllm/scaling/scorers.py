@@ -31,6 +31,9 @@ class ScoreJob:
         assert self._scores is not None
         return self._scores
 
+    def cancel(self) -> None:
+        """Abort whatever engine work the job still has in flight (its policy was stopped)."""
+
 
 class Scorer(ABC):
     needs_logprobs = False  # the policy must request logprobs for its samples
@@ -132,14 +135,18 @@ class SelfJudge(Scorer):
             while ids and ids[-1] in eos:  # the template's suffix closes the turn itself
                 ids.pop()
             rids.append(engine.add_request(ids + suffix_ids, params))
-        return _JudgeJob([engine.requests[r] for r in rids], yes_id)
+        return _JudgeJob(engine, [engine.requests[r] for r in rids], yes_id)
 
 
 class _JudgeJob(ScoreJob):
-    def __init__(self, requests: list[Request], yes_id: int) -> None:
+    def __init__(self, engine: LLMEngine, requests: list[Request], yes_id: int) -> None:
         super().__init__(None)
+        self.engine = engine
         self.requests = requests
         self.yes_id = yes_id
+
+    def cancel(self) -> None:
+        self.engine.abort_request([r.request_id for r in self.requests if not r.finished])
 
     def done(self) -> bool:
         if self._scores is None and all(r.finished for r in self.requests):

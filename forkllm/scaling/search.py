@@ -19,7 +19,7 @@ from forkllm.engine.sequence import Sequence, SequenceStatus
 from forkllm.engine.tree import TreeRun
 from forkllm.scaling.base import Candidate, Policy, ScaleResult, votes_for
 from forkllm.scaling.extract import Extractor, last_number
-from forkllm.scaling.scorers import MeanLogprob, ScoreJob, Scorer, arithmetic_steps, softmax
+from forkllm.scaling.scorers import MeanLogprob, Scorer, arithmetic_steps, softmax
 
 
 class _Stepper:
@@ -79,7 +79,6 @@ class BeamSearch(Policy):
         self.extract, self.max_steps = extract, max_steps
         self.stepper = _Stepper(delimiter, max_step_tokens)
         self.steps = 0
-        self.job: ScoreJob | None = None
         self.frontier: list[Sequence] = []
         self.finals: list[tuple[Sequence, float]] = []
         self.partials: list[tuple[Sequence, float]] = []
@@ -91,10 +90,10 @@ class BeamSearch(Policy):
     def advance(self) -> None:
         tree = self.tree
         assert tree is not None
-        if not tree.started:
+        if not tree.sampling:
             return
         self.stepper.pause_completed(tree)
-        if tree.live():
+        if tree.live() or tree.pending:  # samples over the batch share come in later waves
             if not tree.enforce_budget():
                 self._stop()
             return
@@ -208,15 +207,15 @@ class ParticleFilter(Policy):
     def advance(self) -> None:
         tree = self.tree
         assert tree is not None
-        if not tree.started:
+        if not tree.sampling:
             return
-        if not self.population:
-            self.population = [Particle(s) for s in tree.seqs]
         self.stepper.pause_completed(tree)
-        if tree.live():
+        if tree.live() or tree.pending:  # samples over the batch share come in later waves
             if not tree.enforce_budget():
                 self.done = True
             return
+        if not self.population:
+            self.population = [Particle(s) for s in tree.seqs]
         for p in self.population:
             if p.seq.status is SequenceStatus.PAUSED or (p.finished and p.seq.finish_reason != "pruned"):
                 p.weight = float(self.reward(self.question, p.seq.text))

@@ -8,7 +8,7 @@ from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence
 from forkllm.scaling.base import Candidate, Policy, ScaleResult, votes_for
 from forkllm.scaling.extract import Extractor, last_number
-from forkllm.scaling.scorers import MeanLogprob, ScoreJob, Scorer
+from forkllm.scaling.scorers import MeanLogprob, Scorer
 
 
 def leader_probability(v1: int, v2: int) -> float:
@@ -66,15 +66,15 @@ class SelfConsistency(Policy):
         for s in tree.finished():
             if s.seq_id not in self.answers and s.finish_reason != "pruned":
                 self.answers[s.seq_id] = self.extract(s.text)
-        if not tree.started:
+        if not tree.sampling:
             return
         if self.converge_tokens:
             self._prune_converged()
         if self.early_stop and self._decided():
-            self.decided_early = bool(tree.live())
+            self.decided_early = bool(tree.live()) or tree.pending > 0
             self.done = True
             return
-        if not tree.live():
+        if not tree.live() and not tree.pending:
             self.done = True
             return
         if not tree.enforce_budget():
@@ -106,7 +106,7 @@ class SelfConsistency(Policy):
         if not counts:
             return False
         assert self.tree is not None
-        running = len(self.tree.live())
+        running = len(self.tree.live()) + self.tree.pending  # samples still to come could vote
         v1, v2 = counts[0], (counts[1] if len(counts) > 1 else 0)
         if v1 > v2 + running:
             return True  # cannot be overtaken
@@ -161,7 +161,6 @@ class BestOfN(Policy):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.n, self.scorer, self.extract = n, scorer or MeanLogprob(), extract
-        self.job: ScoreJob | None = None
         self.scored: list[tuple[Sequence, float]] = []
 
     def sampling_params(self) -> SamplingParams:
@@ -170,9 +169,9 @@ class BestOfN(Policy):
     def advance(self) -> None:
         tree = self.tree
         assert tree is not None
-        if not tree.started:
+        if not tree.sampling:
             return
-        if tree.live():
+        if tree.live() or tree.pending:
             tree.enforce_budget()
             return
         if self.job is None:
