@@ -41,10 +41,11 @@ class EngineClient(Protocol):
         """Requests not yet admitted to a running batch (the overload check reads it)."""
 
     def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; closing the iterator early aborts the request.
-        Raises ValueError for invalid input."""
+        `priority`: lower is scheduled sooner (vLLM's convention). Raises ValueError for invalid
+        input."""
 
     def abort(self, request_id: str) -> None: ...
 
@@ -92,9 +93,9 @@ class LocalEngineClient:
         return self._async.num_waiting
 
     def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
-        return self._async.generate(prompt, params, request_id)
+        return self._async.generate(prompt, params, request_id, priority)
 
     def abort(self, request_id: str) -> None:
         self._async.abort(request_id)

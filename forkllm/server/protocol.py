@@ -48,6 +48,7 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    priority: int = 0  # vLLM's: lower is scheduled sooner (orders the engine's waiting queue)
     # In-engine inference-time scaling (forkllm extension); validated by the scaling layer.
     scaling: dict[str, Any] | None = None
 

@@ -1,17 +1,19 @@
 """Running one HTTP request's prompts through the EngineClient: prompt and max_tokens checks, the
 interleaved delta stream of all its prompts (with latency metrics), the non-streaming collector
-that aborts on client disconnect, and the guard that turns a mid-stream error into an SSE event."""
+and `unless_disconnected` (both abort the engine work when the client leaves), and the guard that
+turns a mid-stream error into an SSE event."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import Request
 
+from forkllm.engine.inputs import PromptInput
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.server.client import EngineClient
@@ -23,6 +25,8 @@ from forkllm.server.state import ServerState
 from forkllm.tokenizer import Tokenizer
 
 logger = logging.getLogger("forkllm.server")
+
+T = TypeVar("T")
 
 
 def tokenizer_of(engine: EngineClient) -> Tokenizer:
@@ -94,16 +98,19 @@ async def merged_outputs(
     prompts: list[tuple[str, list[int]]],
     params: list[SamplingParams],
     rid: str,
+    priority: int = 0,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Stream (prompt index, delta output) from all of a request's prompts, interleaved; records
-    latency metrics. Cancelling the consumer cancels the producers, which abort their requests."""
+    latency metrics. Cancelling the consumer cancels the producers, which abort their requests.
+    `priority`: lower is scheduled sooner."""
     queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
     arrival = time.perf_counter()
 
     async def produce(i: int, text: str, ids: list[int], sp: SamplingParams) -> None:
         last: float | None = None
         try:
-            async for out in engine.generate({"prompt": text, "prompt_token_ids": ids}, sp, f"{rid}-{i}"):
+            prompt: PromptInput = {"prompt": text, "prompt_token_ids": ids}
+            async for out in engine.generate(prompt, sp, f"{rid}-{i}", priority):
                 ntok = sum(len(c.token_ids) for c in out.outputs)
                 t = time.perf_counter()
                 if ntok:
@@ -147,33 +154,55 @@ async def run_to_completion(
     params: list[SamplingParams],
     rid: str,
     raw: Request,
+    priority: int = 0,
 ) -> list[RequestOutput]:
     """Non-streaming: final outputs of every prompt; aborts everything if the client disconnects."""
     finals: dict[int, RequestOutput] = {}
     params = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
 
     async def consume() -> None:
-        async for i, out in merged_outputs(state, engine, prompts, params, rid):
+        async for i, out in merged_outputs(state, engine, prompts, params, rid, priority):
             if out.finished:
                 finals[i] = out
 
-    task = asyncio.create_task(consume())
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await raw.is_disconnected():
-                task.cancel()
-                raise APIError(499, "client disconnected", code="client_closed_request")
-        try:
-            task.result()
-        except ValueError as e:
-            raise from_value_error(e) from e
-        except RuntimeError as e:
-            raise APIError(500, str(e), code="internal_error") from e
-    finally:
+        await unless_disconnected(raw, consume())
+    except ValueError as e:
+        raise from_value_error(e) from e
+    except RuntimeError as e:
+        raise APIError(500, str(e), code="internal_error") from e
+    return [finals[i] for i in range(len(prompts))]
+
+
+async def unless_disconnected(raw: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (cancelling a generation aborts
+    its engine requests, cancelling a policy run aborts its whole tree, so the pages are free
+    before the engine's next step) and answer 499.
+
+    The disconnect is awaited, not polled: after the body, the ASGI server's next message on the
+    request's channel is http.disconnect, sent when the client leaves (or once the response is
+    complete). Polling `Request.is_disconnected()` can miss it for good: under Starlette's
+    BaseHTTPMiddleware its zero-timeout receive is always cancelled before the message is read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_gone(raw))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             task.cancel()
-    return [finals[i] for i in range(len(prompts))]
+            await asyncio.gather(task, return_exceptions=True)  # the abort is on its way
+            raise APIError(499, "client disconnected", code="client_closed_request")
+        return task.result()
+    finally:
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
+        if watcher.done() and not watcher.cancelled():
+            watcher.exception()  # a broken receive channel counts as gone; nothing to log twice
+
+
+async def _client_gone(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -38,7 +38,7 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: AppS
     _check_fields(req)
     text, ids = _render(engine, req)
     if req.scaling is not None:
-        return await scaled_chat(state, engine, req, text, ids)
+        return await scaled_chat(state, engine, req, text, ids, raw)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = max_tokens_for(engine, len(ids), limit, field, "messages")
@@ -52,7 +52,7 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: AppS
     if req.stream:
         events = _stream(state, engine, req, text, ids, sp, env, k)
         return StreamingResponse(guard_stream(events), media_type="text/event-stream")
-    out = (await run_to_completion(state, engine, [(text, ids)], [sp], env.id, raw))[0]
+    out = (await run_to_completion(state, engine, [(text, ids)], [sp], env.id, raw, req.priority))[0]
     decode = token_decoder(engine)
     choices = [
         chat_choice(
@@ -142,7 +142,7 @@ async def _stream(
     yield stream.chunk(
         [chat_delta(j, {"role": "assistant", "content": ""}, None, None) for j in range(req.n)]
     )
-    async for _, out in merged_outputs(state, engine, [(text, ids)], [sp], env.id):
+    async for _, out in merged_outputs(state, engine, [(text, ids)], [sp], env.id, req.priority):
         for c in out.outputs:
             lp = chat_logprobs(c.token_ids, c.logprobs or [], k, decode) if k is not None else None
             delta = {"content": c.text} if c.text or c.finish_reason is None else {}

@@ -57,7 +57,7 @@ async def completions(req: CompletionRequest, raw: Request, state: AppState) -> 
     if req.stream:
         events = _stream(state, engine, req, prompts, params, env, decode)
         return StreamingResponse(guard_stream(events), media_type="text/event-stream")
-    finals = await run_to_completion(state, engine, prompts, params, env.id, raw)
+    finals = await run_to_completion(state, engine, prompts, params, env.id, raw, req.priority)
     return JSONResponse(_body(req, prompts, finals, best_of, env, decode))
 
 
@@ -92,7 +92,7 @@ async def _stream(
     n, k = req.n, req.logprobs
     stream = env.stream(sum(len(ids) for _, ids in prompts), req.stream_options)
     offsets: dict[int, int] = {}  # choice index -> characters streamed so far
-    async for i, out in merged_outputs(state, engine, prompts, params, env.id):
+    async for i, out in merged_outputs(state, engine, prompts, params, env.id, req.priority):
         if req.echo and i * n not in offsets:
             text, ids = prompts[i]
             lp = None

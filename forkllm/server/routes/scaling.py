@@ -1,16 +1,18 @@
 """The chat route's `scaling` extension: run an inference-time strategy inside the engine and
-answer with the chosen candidate, plus candidates and votes under an extra `scaling` field."""
+answer with the chosen candidate, plus candidates and votes under an extra `scaling` field. A
+client that leaves stops the run: its whole tree (and any judge requests) is aborted."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError
 from forkllm.server.protocol import ChatCompletionRequest
-from forkllm.server.requests import max_tokens_for
+from forkllm.server.requests import max_tokens_for, unless_disconnected
 from forkllm.server.responses import Envelope, chat_choice, finish_reason
 from forkllm.server.state import ServerState
 
@@ -40,10 +42,16 @@ _HONOURED = frozenset(
 
 
 async def scaled_chat(
-    state: ServerState, engine: EngineClient, req: ChatCompletionRequest, text: str, ids: list[int]
+    state: ServerState,
+    engine: EngineClient,
+    req: ChatCompletionRequest,
+    text: str,
+    ids: list[int],
+    raw: Request | None = None,
 ) -> Response:
     """Inference-time scaling inside the engine: the chosen candidate is the message; candidates,
-    votes and token counts go under an extra `scaling` field."""
+    votes and token counts go under an extra `scaling` field. With `raw` (the HTTP request), a
+    disconnect cancels the run, which aborts the tree as a whole, and answers 499."""
     from forkllm.scaling.factory import make_policy
 
     if req.stream:
@@ -63,8 +71,9 @@ async def scaled_chat(
     except ValueError as e:
         raise _spec_error(str(e), forwarded) from e
     question = str(req.messages[-1].content or "") if req.messages else ""
+    run = engine.run_policy(policy, ids, question)
     try:
-        result = await engine.run_policy(policy, ids, question)
+        result = await (unless_disconnected(raw, run) if raw is not None else run)
     except ValueError as e:
         raise APIError(400, f"scaling: {e}", param="scaling") from e
     state.metrics.prompt_tokens.inc(len(ids))
