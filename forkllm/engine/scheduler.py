@@ -30,7 +30,7 @@ Fairness, so that no request holds the engine hostage:
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -175,16 +175,14 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- shares of the batch ------------------------------------------------------------------
-    def _live_counts(self) -> dict[Request, int]:
+    def _live_counts(self) -> Counter[Request]:
         """Running and waiting sequences per request (requests with deferred samples included)."""
-        counts: dict[Request, int] = {}
-        for s in itertools.chain(self.running, self.waiting):
-            counts[s.request] = counts.get(s.request, 0) + 1
+        counts = Counter(s.request for s in itertools.chain(self.running, self.waiting))
         for req in self.deferred.values():
             counts.setdefault(req, 0)
         return counts
 
-    def _shares(self, live: dict[Request, int]) -> dict[Request, int] | None:
+    def _shares(self, live: Counter[Request]) -> dict[Request, int] | None:
         """Each request's most sequences this step, or None when every demand fits the batch."""
         demand = {req: n + req.pending_samples for req, n in live.items()}
         if len(demand) < 2 or sum(demand.values()) <= self.max_num_seqs:
@@ -234,13 +232,14 @@ class Scheduler:
         for seq in decodes + chunks:
             if budget == 0 or slots == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or over_share(seq.request):
+            if seq.status is not SequenceStatus.RUNNING or (shares is not None and over_share(seq.request)):
                 continue  # preempted earlier in this loop, or its request has its share
             remaining = seq.num_tokens - seq.num_computed_tokens
             n = min(remaining, budget, cut)
             if self._allocate_or_preempt(seq, n, out):
                 out.scheduled.append(ScheduledSequence(seq, n))
-                taken[seq.request] = taken.get(seq.request, 0) + 1
+                if shares is not None:
+                    taken[seq.request] = taken.get(seq.request, 0) + 1
                 budget -= n
                 slots -= 1
                 long_cut |= n == cut < remaining
