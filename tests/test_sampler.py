@@ -181,6 +181,7 @@ def test_prompt_logprobs_with_chunked_prefill():
         SamplingParams(temperature=0.8, top_p=0.95),
         SamplingParams(top_k=50),
         SamplingParams(temperature=1.2, top_k=2000, top_p=0.8),
+        SamplingParams(temperature=0.9, top_p=0.9, logit_bias={5: 3.0, 77: -100.0, 1000: 8.5}),
     ],
 )
 def test_kernel_draws_the_pytorch_tokens(params):
@@ -197,3 +198,67 @@ def test_kernel_draws_the_pytorch_tokens(params):
     plain = Sampler(eos_token_ids=[]).__call__(logits, seqs).token_ids
     fused = Sampler(eos_token_ids=[], kernels=kernels).__call__(logits, seqs).token_ids
     assert fused == plain
+
+
+# ---- logit_bias and finite numbers (issue 15) -----------------------------------------------------------
+def test_logit_bias_is_added_before_sampling():
+    sampler = Sampler(eos_token_ids=[])
+    flat = [1.0, 1.0, 0.5, -1.0, 0, 0, 0, 0]
+    # -1 + 5 = 4 beats every other logit; greedy follows.
+    s = _seq(SamplingParams(temperature=0, logit_bias={3: 5.0}))
+    assert sampler(torch.tensor([flat]), [s]).token_ids == [3]
+    # -100 bans: 0 and 1 gone, 2 is the best left.
+    s = _seq(SamplingParams(temperature=0, logit_bias={0: -100, 1: -100}))
+    assert sampler(torch.tensor([flat]), [s]).token_ids == [2]
+    # random sampling too, and a biased row leaves its neighbours alone.
+    assert set(_draws(LOGITS, SamplingParams(logit_bias={3: 100}), 200)) == {3}
+    plain = _seq(SamplingParams(temperature=1.0), seed=11)
+    alone = sampler(torch.tensor([LOGITS]), [plain]).token_ids
+    biased = _seq(SamplingParams(temperature=1.0, logit_bias={2: 100}), seed=12)
+    mixed = sampler(torch.tensor([LOGITS, LOGITS]), [biased, plain]).token_ids
+    assert mixed == [2, alone[0]]
+
+
+def test_logprobs_stay_those_of_the_raw_logits_under_a_bias():
+    sampler = Sampler(eos_token_ids=[])
+    s = _seq(SamplingParams(temperature=0, logprobs=1, logit_bias={3: 100}))
+    out = sampler(torch.tensor([LOGITS]), [s])
+    chosen, _ = out.logprobs[0]
+    assert out.token_ids == [3] and chosen == pytest.approx(math.log(0.1), rel=1e-4)
+
+
+def test_without_a_bias_the_logits_reach_the_sampler_untouched():
+    """The fused kernel path must see exactly the model's logits (bit-identical draws)."""
+    from forkllm.engine.sampler import _apply_logit_bias
+
+    logits = torch.randn(3, VOCAB)
+    assert (
+        _apply_logit_bias(logits, [SamplingParams(), SamplingParams(logit_bias={}), SamplingParams()])
+        is logits
+    )
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(
+    "field",
+    ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"],
+)
+def test_sampling_params_refuse_non_finite_numbers(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "bias", [{-1: 1.0}, {True: 1.0}, {"5": 1.0}, {5: 100.5}, {5: math.nan}, {5: math.inf}, [1, 2]]
+)
+def test_sampling_params_refuse_bad_logit_bias(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)
+
+
+def test_sampling_params_check_ids_against_the_vocabulary():
+    SamplingParams(logit_bias={7: 1.0}).check_vocab(8)
+    with pytest.raises(ValueError, match="logit_bias token id 8"):
+        SamplingParams(logit_bias={8: 1.0}).check_vocab(8)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=2**63)

@@ -1,4 +1,4 @@
-"""Batched sampler: penalties, temperature, min-p, top-k, top-p, logprobs, per-sequence seeds.
+"""Batched sampler: logit bias, penalties, temperature, min-p, top-k, top-p, logprobs, per-sequence seeds.
 
 Determinism: a sequence's sample depends only on its own logits, its seed and its step. Sampling
 is by inverse CDF with one uniform number per row, drawn from a counter-based hash of
@@ -62,6 +62,7 @@ class Sampler:
         raw = logits
         params = [s.params for s in seqs]
         want_lp = [p.logprobs is not None for p in params]
+        logits = _apply_logit_bias(logits, params)
         logits = self._apply_penalties_and_bans(logits, seqs)
 
         greedy = [p.greedy for p in params]
@@ -183,6 +184,30 @@ class Sampler:
         if chosen not in pos:
             pos[chosen] = Logprob(lp.chosen[j], lp.chosen_rank[j], dec(chosen) if callable(dec) else None)
         return lp.chosen[j], pos
+
+
+def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Add every row's logit_bias to its logits in one scatter (OpenAI semantics: before any
+    other processing). Without a bias the tensor is returned untouched, so the fused kernel
+    path sees exactly the model's logits."""
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            rows.extend([i] * len(p.logit_bias))
+            cols.extend(p.logit_bias)
+            values.extend(p.logit_bias.values())
+    if not rows:
+        return logits
+    dev = logits.device
+    biased = logits.clone()
+    biased.index_put_(
+        (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+        torch.tensor(values, device=dev, dtype=logits.dtype),
+        accumulate=True,
+    )
+    return biased
 
 
 @dataclass

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
+# top_k above this is refused: the sampler hands it to int64 tensors and C++ kernels, and any value
+# at least the vocabulary size already means "every token".
+MAX_TOP_K = 2**31 - 1
+# OpenAI's range for a logit_bias value: -100 bans a token, +100 all but forces it.
+MAX_LOGIT_BIAS = 100.0
 
 
 class RequestOutputKind(Enum):
@@ -35,6 +41,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # token id -> bias added to that token's logit before any other processing (OpenAI's
+    # logit_bias); checked against the vocabulary by `check_vocab`.
+    logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: list[str] = field(init=False, repr=False)
 
@@ -54,21 +63,26 @@ class SamplingParams:
         def bad(name: str, msg: str) -> ValueError:
             return ValueError(f"{name} {msg}, got {getattr(self, name)!r}")
 
+        def number(name: str) -> bool:
+            """A real, finite number: NaN slips through every range comparison and an infinity
+            turns the logits into NaN, so both are refused before any range check."""
+            v = getattr(self, name)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise bad("temperature", "must be a number >= 0")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not number("temperature") or self.temperature < 0:
+            raise bad("temperature", "must be a finite number >= 0")
+        if not number("top_p") or not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise bad("top_k", "must be -1, 0 (disabled) or a positive integer")
-        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+        if not isinstance(self.top_k, int) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise bad("top_k", f"must be -1, 0 (disabled) or a positive integer up to {MAX_TOP_K}")
+        if not number("min_p") or not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be > 0")
+        if not number("repetition_penalty") or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be a finite number > 0")
         for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not -2 <= v <= 2:
+            if not number(name) or not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "must be in [-2, 2]")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
@@ -88,8 +102,32 @@ class SamplingParams:
                 raise bad("stop", "must be a non-empty string or a list of non-empty strings")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of integers")
+        self._validate_logit_bias()
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", "must be a RequestOutputKind")
+
+    def _validate_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+        for token, value in bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(
+                    f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                    f"got {value!r} for token {token}"
+                )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids this request names must exist in the model's vocabulary (logit_bias indexes
+        the logits with them); raises ValueError naming the field."""
+        for token in self.logit_bias or ():
+            if token >= vocab_size:
+                raise ValueError(f"logit_bias token id {token} is out of range for vocab_size {vocab_size}")
 
     @property
     def greedy(self) -> bool:
