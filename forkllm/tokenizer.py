@@ -17,6 +17,20 @@ from typing import Any
 from tokenizers import Tokenizer as RustTokenizer
 
 META_FILE = "forkllm_tokenizer.json"
+# Compiled chat templates kept: the model's own plus a few passed per call (an HTTP request may
+# carry its own), so a stream of distinct templates cannot grow memory without bound.
+_TEMPLATE_CACHE_SIZE = 8
+
+
+class ChatTemplateError(ValueError):
+    """A chat template failed to compile or render. Templates are code run on the caller's
+    messages (they `raise_exception` on roles they refuse, index missing keys, ...), so this is
+    bad input, not an engine fault; `from_request` says whether the template came with the call
+    (blame it) or is the model's own (blame the messages)."""
+
+    def __init__(self, message: str, from_request: bool) -> None:
+        super().__init__(message)
+        self.from_request = from_request
 
 
 class Tokenizer:
@@ -141,19 +155,28 @@ class Tokenizer:
         if template is None:
             raise ValueError("this model has no chat template; pass chat_template= or use generate()")
         _validate_messages(messages)
-        compiled = self._template_cache.get(template)
-        if compiled is None:
-            compiled = _jinja_env().from_string(template)
-            self._template_cache[template] = compiled
-        return str(
-            compiled.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                **kwargs,
+        try:
+            compiled = self._template_cache.get(template)
+            if compiled is None:
+                compiled = _jinja_env().from_string(template)
+                if len(self._template_cache) >= _TEMPLATE_CACHE_SIZE:  # callers' templates vary
+                    self._template_cache.pop(next(iter(self._template_cache)))
+                self._template_cache[template] = compiled
+            return str(
+                compiled.render(
+                    messages=messages,
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token or "",
+                    eos_token=self.eos_token or "",
+                    **kwargs,
+                )
             )
-        )
+        except Exception as e:  # any error inside template code: syntax, raise_exception, TypeError
+            origin = "chat_template" if chat_template else "the model's chat template"
+            raise ChatTemplateError(
+                f"{origin} failed on these messages: {type(e).__name__}: {e}",
+                from_request=bool(chat_template),
+            ) from e
 
 
 VALID_ROLES = ("system", "user", "assistant", "tool", "developer")
