@@ -82,7 +82,7 @@ def _post(live, path, body, key=KEY, raw=None):
 
 
 def _pages_in_use(live) -> int:
-    text = httpx.get(live.url + "/metrics").text
+    text = httpx.get(live.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for line in text.splitlines():
         if line.startswith("forkllm_kv_cache_pages_used "):
             return int(float(line.split()[1]))
@@ -342,7 +342,8 @@ def test_api_key_required(live):
 
 def test_metrics_exposed(live, client):
     client.completions.create(model=MODEL, prompt="count me", max_tokens=3)
-    text = httpx.get(live.url + "/metrics").text
+    assert httpx.get(live.url + "/metrics").status_code == 401  # behind the key, as /v1 is
+    text = httpx.get(live.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for name in (
         "forkllm_requests_total",
         "forkllm_time_to_first_token_seconds_bucket",

@@ -1,4 +1,8 @@
-"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}}."""
+"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}}.
+
+Every error the server sends has this shape: ours (APIError), pydantic's validation errors,
+Starlette's own (404 unknown route, 405 wrong method, 400 unparseable body) and a 500.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import re
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 # OpenAI's error `type` by status; anything else is the client's fault.
 _TYPES = {500: "internal_server_error", 503: "service_unavailable"}
@@ -33,6 +38,46 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The error body, as the OpenAPI schema documents it."""
+
+    error: ErrorDetail
+
+
+# What the OpenAPI schema lists for every route: the statuses this server sends, all with the
+# error body above (FastAPI would otherwise promise a 422 the server never sends).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request; `error.param` names the field"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "Unknown model or route"},
+    413: {"model": ErrorResponse, "description": "Request body over the server's limit"},
+    503: {"model": ErrorResponse, "description": "Loading, overloaded or shutting down"},
+    "default": {"model": ErrorResponse, "description": "Any other error, in the same shape"},
+}
+
+
+def from_http_exception(status: int, detail: str, method: str, path: str) -> APIError:
+    """Starlette's own errors (no route, wrong method, a body it could not parse) in our shape."""
+    if status == 404:
+        return APIError(404, f"Invalid URL ({method} {path})", code="not_found")
+    if status == 405:
+        return APIError(405, f"Method {method} is not allowed for {path}", code="method_not_allowed")
+    if status == 400:
+        return APIError(
+            400,
+            f"Invalid JSON body: {detail} (malformed, or nested too deeply)",
+            code="invalid_json",
+        )
+    return APIError(status, detail)
 
 
 _FIELD = re.compile(r"^([a-z_]+)\b")

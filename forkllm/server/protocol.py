@@ -1,16 +1,36 @@
 """OpenAI request bodies (plus vLLM's extra sampling fields) and their mapping to SamplingParams.
 
 Unknown fields are rejected rather than ignored (except `user`, which the spec says is for
-abuse tracking only), so a client never silently gets behaviour it did not ask for.
+abuse tracking only), so a client never silently gets behaviour it did not ask for. Every body
+first passes `json_checks` (valid Unicode, finite numbers, bounded nesting); the two generating
+routes also take a literal `extra_body` object, merged into the body.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
+from forkllm.server.json_checks import check_json_values, merge_extra_body
+
+
+class RequestBody(BaseModel):
+    """Base of every request body: checks the raw JSON before any field is validated, so the
+    400 names the field as sent (pydantic's own errors would name a union branch)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    accepts_extra_body: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_raw_json(cls, data: object) -> object:
+        check_json_values(data)
+        if cls.accepts_extra_body and isinstance(data, dict):
+            return merge_extra_body(data)
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -22,10 +42,10 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(RequestBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    accepts_extra_body: ClassVar[bool] = True
 
     model: str | None = None
     n: int = 1
@@ -38,7 +58,7 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float = 0.0
     seed: int | None = None
     user: str | None = None  # accepted and ignored, as the OpenAI spec allows
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias
     # vLLM's extra sampling fields
     top_k: int | None = None
     min_p: float | None = None
@@ -53,8 +73,7 @@ class SamplingRequest(BaseModel):
     scaling: dict[str, Any] | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, n: int | None = None) -> SamplingParams:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+        """Raises ValueError naming the field (the caller turns it into a 400)."""
         return SamplingParams(
             n=n if n is not None else self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -73,8 +92,21 @@ class SamplingRequest(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=self._token_bias(),
             output_kind=RequestOutputKind.DELTA,
         )
+
+    def _token_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+            bias[token] = value
+        return bias
 
 
 CompletionPrompt = str | list[str] | list[int] | list[list[int]]
@@ -89,11 +121,49 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+# The roles a chat template is given (tokenizer.VALID_ROLES; a test keeps the two equal).
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+
+
+class ChatMessage(BaseModel):
+    """One message. Extra keys are kept for the chat template (vLLM does the same); an
+    assistant turn that called tools may have null content, and `tool` turns answer a call."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Role
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it: content always present (null renders as
+        empty), and tool-call arguments parsed into objects when they are JSON objects (HF
+        templates write them with `tojson`, as vLLM passes them)."""
+        message = self.model_dump(exclude_none=True)
+        message["content"] = "" if self.content is None else message["content"]
+        for call in message.get("tool_calls", ()):
+            arguments = call["function"]["arguments"]
+            try:
+                parsed = json.loads(arguments)
+            except ValueError:
+                continue  # not JSON: the template gets the text as the model wrote it
+            if isinstance(parsed, dict):
+                call["function"]["arguments"] = parsed
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -111,8 +181,7 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template: str | None = None
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -122,7 +191,6 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool | None = None
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]

@@ -1,4 +1,14 @@
-"""`forkllm serve`: build the engine, start uvicorn, shut down cleanly on SIGINT/SIGTERM."""
+"""`forkllm serve`: build the engine, start uvicorn, shut down cleanly on SIGINT/SIGTERM.
+
+Shutdown, with a graceful timeout T: the signal stops new connections (uvicorn) and starts the
+app's drain (server/shutdown.py), due at T minus a margin; requests still running then are ended
+by the app (a 503, or a stream's error event and [DONE]) before uvicorn would cut them. The app
+then stops the engine, joining its thread with a timeout. A watchdog makes the exit certain: at
+T + WATCHDOG_SECONDS the process leaves with status 0 whatever is still running, and a thread
+left alive at the end (an engine stuck in a step, a model still loading) is not waited for: the
+process exits at once, instead of tearing the interpreter down under a thread inside C++ code
+(which aborts with `terminate called without an active exception`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +16,33 @@ import argparse
 import logging
 import os
 import signal
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from forkllm.engine.args import add_engine_args, engine_kwargs
+from forkllm.engine.config import parse_bytes
+from forkllm.server.limits import Limits
 
 logger = logging.getLogger("forkllm.server")
+
+WATCHDOG_SECONDS = 5.0
+_WATCHDOG = "forkllm-shutdown-watchdog"
+
+
+def drain_seconds(graceful_timeout: float) -> float:
+    """When running requests are ended: a margin before uvicorn's own timeout cancels them, so
+    their last events are written first."""
+    return max(graceful_timeout - min(1.0, graceful_timeout / 10), 0.0)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 8MiB or 8388608, got {text!r}") from None
 
 
 def served_name(model: Any) -> str:
@@ -54,9 +85,56 @@ def add_serve_parser(sub: Any) -> None:
         "--graceful-shutdown-timeout",
         type=float,
         default=30.0,
-        help="seconds to let in-flight requests finish on SIGINT/SIGTERM before aborting them",
+        help="seconds to let in-flight requests finish on SIGINT/SIGTERM; then running streams end "
+        "with an error event and [DONE], other requests get a 503, and the process exits 0",
     )
+    _add_limit_args(s)
     s.set_defaults(func=cmd_serve)
+
+
+def _add_limit_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("request limits (a request over one gets a 400 naming the field)")
+    d = Limits()
+    g.add_argument("--max-n", type=int, default=d.max_n, help="most samples per prompt (n)")
+    g.add_argument(
+        "--max-best-of", type=int, default=d.max_best_of, help="most samples ranked per prompt (best_of)"
+    )
+    g.add_argument(
+        "--max-scaling-width",
+        type=int,
+        default=d.max_scaling_width,
+        help="most parallel sequences of a scaling run (scaling.n, .particles, .width x .expand)",
+    )
+    g.add_argument(
+        "--max-scaling-budget",
+        type=int,
+        default=d.max_scaling_budget,
+        help="most tokens one scaling run may generate (scaling.budget, or width x max_tokens)",
+    )
+    g.add_argument(
+        "--max-prompt-bytes",
+        type=_size,
+        default=d.max_prompt_bytes,
+        help="most UTF-8 bytes of prompt text (all prompts or messages) in one request, checked "
+        "before tokenizing; prompt tokens are limited by the context length (default 2MiB)",
+    )
+    g.add_argument(
+        "--max-request-body",
+        type=_size,
+        default=d.max_request_bytes,
+        help="largest HTTP request body, e.g. 8MiB; larger ones get a 413 before parsing (default 8MiB)",
+    )
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    return Limits(
+        max_n=args.max_n,
+        max_best_of=args.max_best_of,
+        max_scaling_width=args.max_scaling_width,
+        max_scaling_budget=args.max_scaling_budget,
+        max_prompt_bytes=args.max_prompt_bytes,
+        max_request_bytes=args.max_request_body,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -74,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=name,
         api_key=args.api_key or os.environ.get("FORKLLM_API_KEY") or None,
         max_num_waiting=args.max_num_waiting,
+        limits=limits_from_args(args),
     )
 
     def factory() -> EngineClient:
@@ -92,18 +171,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"http://{args.host}:{args.port} (/health is 503 until the model is ready)",
         flush=True,
     )
+    timeout = args.graceful_shutdown_timeout
+    state = app.state.forkllm
+
+    def on_stop() -> None:
+        state.drain.begin(drain_seconds(timeout))
+        _start_watchdog(timeout + WATCHDOG_SECONDS)
+
     server = _Server(
         uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
             log_level=str(args.log_level).lower(),
-            timeout_graceful_shutdown=args.graceful_shutdown_timeout,
-        )
+            timeout_graceful_shutdown=timeout,
+        ),
+        on_stop=on_stop,
     )
     server.run()
     print("forkllm serve: shut down cleanly", flush=True)
+    _exit_if_threads_linger()
     return 0
+
+
+def _start_watchdog(seconds: float) -> None:
+    timer = threading.Timer(seconds, _hard_exit, args=(f"still running {seconds:g}s after the signal",))
+    timer.name = _WATCHDOG
+    timer.daemon = True
+    timer.start()
+
+
+def _exit_if_threads_linger() -> None:
+    """After a clean stop, any thread still alive would run on through interpreter teardown."""
+    alive = [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.current_thread() and t.name != _WATCHDOG and t.is_alive()
+    ]
+    if alive:
+        _hard_exit(f"threads still running: {', '.join(sorted(alive))}")
+
+
+def _hard_exit(why: str) -> None:
+    print(f"forkllm serve: exiting now ({why})", flush=True)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _make_server_class() -> Any:
@@ -111,16 +224,22 @@ def _make_server_class() -> Any:
 
     class Server(uvicorn.Server):
         """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, so the process would die of
-        the signal; a server asked to stop that stopped cleanly should exit 0."""
+        the signal; a server asked to stop that stopped cleanly should exit 0. The first signal
+        also calls `on_stop` (the app's drain and the watchdog)."""
+
+        def __init__(self, config: Any, on_stop: Callable[[], None]) -> None:
+            super().__init__(config)
+            self.on_stop = on_stop
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True  # a second Ctrl-C
-            else:
+            elif not self.should_exit:
                 self.should_exit = True
+                self.on_stop()
 
     return Server
 
 
-def _Server(config: Any) -> Any:  # noqa: N802 (a class factory: uvicorn is imported lazily)
-    return _make_server_class()(config)
+def _Server(config: Any, on_stop: Callable[[], None]) -> Any:  # noqa: N802 (a class factory: uvicorn is imported lazily)
+    return _make_server_class()(config, on_stop)

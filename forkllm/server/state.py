@@ -1,12 +1,13 @@
-"""What the server's routes share: config, the engine client (None while loading), metrics, and
-the checks every request passes (ready, capacity, model name)."""
+"""What the server's routes share: config (with its request limits), the engine client (None
+while loading), metrics, the offload pool, the shutdown drain, and the checks every request
+passes (ready, capacity, model name)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,7 +15,10 @@ from fastapi import Depends, Request
 from forkllm.engine.async_engine import AsyncEngine
 from forkllm.server.client import EngineClient, as_client
 from forkllm.server.errors import APIError
+from forkllm.server.limits import Limits
 from forkllm.server.metrics import ServerMetrics
+from forkllm.server.offload import Offload
+from forkllm.server.shutdown import Drain
 
 logger = logging.getLogger("forkllm.server")
 
@@ -25,6 +29,8 @@ class ServerConfig:
     api_key: str | None = None
     max_num_waiting: int | None = None  # beyond this many unadmitted requests: 503 + Retry-After
     retry_after_seconds: int = 1
+    limits: Limits = field(default_factory=Limits)
+    offload_threads: int = 2  # threads tokenizing / rendering / detokenizing off the event loop
 
 
 class ServerState:
@@ -41,15 +47,25 @@ class ServerState:
         self.engine: EngineClient | None = as_client(engine) if engine is not None else None
         self._factory = engine_factory
         self.load_error: BaseException | None = None
+        self.offload = Offload(config.offload_threads)
+        self.drain = Drain()
+        self.closed = False
+        self._closing = threading.Lock()  # a model finishing its load as the server closes
 
     def start_loading(self) -> None:
         def load() -> None:
             try:
                 assert self._factory is not None
-                self.engine = as_client(self._factory())
+                engine = as_client(self._factory())
             except BaseException as e:  # reported by /health and every request
                 logger.exception("model failed to load")
                 self.load_error = e
+                return
+            with self._closing:
+                if not self.closed:
+                    self.engine = engine
+                    return
+            engine.shutdown()  # the server stopped while this loaded: stop its engine thread too
 
         threading.Thread(target=load, name="forkllm-load", daemon=True).start()
 
@@ -76,6 +92,14 @@ class ServerState:
                 code="overloaded",
                 headers={"Retry-After": str(self.config.retry_after_seconds)},
             )
+
+    def close(self) -> None:
+        """At app shutdown: the offload pool, then the engine (its thread joined with a timeout)."""
+        with self._closing:
+            self.closed = True
+        self.offload.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.served_model_name:

@@ -3,14 +3,15 @@ streamed or whole) or, with the `scaling` extension, run a strategy inside the e
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from forkllm.engine.sampling_params import SamplingParams
+from forkllm.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError, from_value_error
+from forkllm.server.limits import Limits, check_count, check_prompt_bytes, check_scaling_spec
 from forkllm.server.logprobs import chat_logprobs
 from forkllm.server.protocol import ChatCompletionRequest
 from forkllm.server.requests import (
@@ -25,6 +26,7 @@ from forkllm.server.requests import (
 from forkllm.server.responses import Envelope, chat_choice, chat_delta
 from forkllm.server.routes.scaling import scaled_chat
 from forkllm.server.state import AppState, ServerState
+from forkllm.tokenizer import ChatTemplateError
 
 router = APIRouter()
 
@@ -35,8 +37,12 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: AppS
     state.check_model(req.model)
     state.check_capacity(engine)
     check_stream_options(req)
-    _check_fields(req)
-    text, ids = _render(engine, req)
+    _check_fields(req, state.config.limits)
+    if req.scaling is not None:
+        _check_scaling_limits(req, state.config.limits)
+    check_prompt_bytes(_message_texts(req), state.config.limits, "messages")
+    check_prompt_bytes([req.chat_template or ""], state.config.limits, "chat_template")
+    text, ids = await state.offload.run(_render, engine, req)
     if req.scaling is not None:
         return await scaled_chat(state, engine, req, text, ids, raw)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -45,13 +51,16 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: AppS
     k = (req.top_logprobs or 0) if req.logprobs else None
     try:
         sp = req.sampling_params(max_tokens, k)
+        sp.check_vocab(engine.vocab_size)
     except ValueError as e:
         raise from_value_error(e) from e
     state.metrics.prompt_tokens.inc(len(ids))
     env = Envelope.chat(state.config.served_model_name)
     if req.stream:
         events = _stream(state, engine, req, text, ids, sp, env, k)
-        return StreamingResponse(guard_stream(events), media_type="text/event-stream")
+        return StreamingResponse(
+            guard_stream(events), media_type="text/event-stream", headers={"x-request-id": env.id}
+        )
     out = (await run_to_completion(state, engine, [(text, ids)], [sp], env.id, raw, req.priority))[0]
     decode = token_decoder(engine)
     choices = [
@@ -64,10 +73,10 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: AppS
         for c in sorted(out.outputs, key=lambda c: c.index)
     ]
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-    return JSONResponse(env.body(choices, len(ids), completion_tokens))
+    return JSONResponse(env.body(choices, len(ids), completion_tokens), headers={"x-request-id": env.id})
 
 
-def _check_fields(req: ChatCompletionRequest) -> None:
+def _check_fields(req: ChatCompletionRequest, limits: Limits) -> None:
     """Refuse what this server cannot do rather than ignore it."""
     if req.tools:
         raise APIError(400, "tools are not supported by this server", param="tools")
@@ -87,8 +96,13 @@ def _check_fields(req: ChatCompletionRequest) -> None:
         )
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    if req.n < 1:
-        raise APIError(400, f"n must be at least 1, got {req.n}", param="n")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+        raise APIError(
+            400,
+            f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+            param="top_logprobs",
+        )
+    check_count(req.n, limits.max_n, "n", "--max-n")
     if (
         req.continue_final_message
         and "add_generation_prompt" in req.model_fields_set
@@ -105,13 +119,15 @@ def _render(engine: EngineClient, req: ChatCompletionRequest) -> tuple[str, list
     """The prompt text and ids; with continue_final_message the text ends inside the last
     message, so the model continues it instead of starting a new turn."""
     tok = tokenizer_of(engine)
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    messages = [m.for_template() for m in req.messages]
     try:
         text = tok.apply_chat_template(
             messages,
             add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             chat_template=req.chat_template,
         )
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), param="chat_template" if e.from_request else "messages") from e
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from e
     if req.continue_final_message:
@@ -124,6 +140,35 @@ def _render(engine: EngineClient, req: ChatCompletionRequest) -> tuple[str, list
             )
         text = text[: cut + len(last)]
     return text, tok.encode(text, add_special_tokens=False)
+
+
+def _check_scaling_limits(req: ChatCompletionRequest, limits: Limits) -> None:
+    """The scaling spec as it will run (the request's max_tokens applies when the spec has
+    none, and is then named as the request spelled it)."""
+    spec: dict[str, object] = dict(req.scaling or {})
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if limit is not None and "max_tokens" not in spec:
+        spec["max_tokens"] = limit
+        try:
+            check_scaling_spec(spec, limits)
+        except APIError as e:
+            if e.param == "scaling.max_tokens":
+                e.param = field
+            raise
+    else:
+        check_scaling_spec(spec, limits)
+
+
+def _message_texts(req: ChatCompletionRequest) -> Iterator[str]:
+    """The text the messages carry (content, text parts, tool-call arguments), for the size limit."""
+    for m in req.messages:
+        if isinstance(m.content, str):
+            yield m.content
+        elif m.content is not None:
+            yield from (part["text"] for part in m.content if isinstance(part.get("text"), str))
+        for call in m.tool_calls or ():
+            yield call.function.arguments
 
 
 async def _stream(

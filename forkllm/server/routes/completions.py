@@ -12,6 +12,7 @@ from forkllm.engine.outputs import PositionLogprobs, RequestOutput
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError, from_value_error
+from forkllm.server.limits import check_count, check_prompt_bytes
 from forkllm.server.logprobs import Decode, completion_logprobs
 from forkllm.server.protocol import CompletionRequest
 from forkllm.server.requests import (
@@ -41,24 +42,29 @@ async def completions(req: CompletionRequest, raw: Request, state: AppState) -> 
         raise APIError(400, "scaling is only available on /v1/chat/completions", param="scaling")
     if req.suffix:
         raise APIError(400, "suffix is not supported by this server", param="suffix")
+    limits = state.config.limits
     n = req.n
     best_of = req.best_of if req.best_of is not None else n
-    if not isinstance(n, int) or n < 1:
-        raise APIError(400, f"n must be at least 1, got {n}", param="n")
+    check_count(n, limits.max_n, "n", "--max-n")
     if best_of < n:
         raise APIError(400, f"best_of ({best_of}) must be >= n ({n})", param="best_of")
+    check_count(best_of, limits.max_best_of, "best_of", "--max-best-of")
     if req.stream and best_of > n:
         raise APIError(400, "best_of > n cannot be streamed", param="best_of")
-    prompts = completion_prompts(engine, req.prompt)
+    texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+    check_prompt_bytes(texts, limits, "prompt")
+    prompts = await state.offload.run(completion_prompts, engine, req.prompt)
     params = [_sampling_params(engine, req, len(ids), best_of) for _, ids in prompts]
     state.metrics.prompt_tokens.inc(sum(len(ids) for _, ids in prompts))
     env = Envelope.completion(state.config.served_model_name)
     decode = token_decoder(engine)
     if req.stream:
         events = _stream(state, engine, req, prompts, params, env, decode)
-        return StreamingResponse(guard_stream(events), media_type="text/event-stream")
+        return StreamingResponse(
+            guard_stream(events), media_type="text/event-stream", headers={"x-request-id": env.id}
+        )
     finals = await run_to_completion(state, engine, prompts, params, env.id, raw, req.priority)
-    return JSONResponse(_body(req, prompts, finals, best_of, env, decode))
+    return JSONResponse(_body(req, prompts, finals, best_of, env, decode), headers={"x-request-id": env.id})
 
 
 def _sampling_params(
@@ -73,6 +79,7 @@ def _sampling_params(
         )
         if req.echo and k is not None:
             sp = sp.clone(prompt_logprobs=k)
+        sp.check_vocab(engine.vocab_size)
     except ValueError as e:
         raise from_value_error(e) from e
     return sp
