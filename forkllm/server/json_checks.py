@@ -10,7 +10,8 @@ answers them with a 400 too, and replacing would silently change what the model 
 
 `merge_extra_body` folds a literal `extra_body` object into the request: the official client's
 `extra_body=` argument is merged client-side, but clients that forward it verbatim (its_hub's
-OpenAICompatibleLanguageModel) send it as a field, and vLLM tolerates that.
+OpenAICompatibleLanguageModel) send it as a field (repeating its fields at the top level), and
+vLLM tolerates that.
 """
 
 from __future__ import annotations
@@ -75,21 +76,23 @@ def _check_scalar(value: object, path: str) -> None:
 
 
 def merge_extra_body(body: dict[str, Any]) -> dict[str, Any]:
-    """The body with a literal `extra_body` object's fields moved to the top level. A field given
-    both inside and outside is ambiguous, so it is refused by name."""
+    """The body with a literal `extra_body` object's fields moved to the top level. its_hub sends
+    each field both inside and outside, with the same value: that is accepted; a field given
+    twice with different values is ambiguous, so it is refused by name."""
     if "extra_body" not in body:
         return body
     extra = body["extra_body"]
+    merged = {k: v for k, v in body.items() if k != "extra_body"}
     if extra is None:
-        return {k: v for k, v in body.items() if k != "extra_body"}
+        return merged
     if not isinstance(extra, dict):
         raise APIError(400, "extra_body must be an object of request fields", param="extra_body")
-    merged = {k: v for k, v in body.items() if k != "extra_body"}
     for key, value in extra.items():
-        if key in merged:
+        if key in merged and (merged[key] != value or type(merged[key]) is not type(value)):
             raise APIError(
                 400,
-                f"{key} is given both at the top level and inside extra_body; send it once",
+                f"{key} is given both at the top level and inside extra_body, with different "
+                "values; send it once",
                 param=key,
             )
         merged[key] = value
