@@ -11,10 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from forkllm.server.errors import APIError
+if TYPE_CHECKING:
+    from forkllm.server.errors import APIError
 
 MiB = 1 << 20
+
+
+def _api_error(*args: Any, **kwargs: Any) -> APIError:
+    """APIError, imported when raised: `forkllm serve --help` builds its flags from Limits, and
+    the CLI must load without the server extras (fastapi, pydantic) installed."""
+    from forkllm.server.errors import APIError
+
+    return APIError(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -35,9 +45,9 @@ class Limits:
 def check_count(value: int, limit: int, field: str, flag: str) -> None:
     """`field` (n, best_of) must be between 1 and `limit`."""
     if value < 1:
-        raise APIError(400, f"{field} must be at least 1, got {value}", param=field)
+        raise _api_error(400, f"{field} must be at least 1, got {value}", param=field)
     if value > limit:
-        raise APIError(
+        raise _api_error(
             400, f"{field} must be at most {limit} on this server ({flag}), got {value}", param=field
         )
 
@@ -49,7 +59,7 @@ def check_prompt_bytes(texts: Iterable[str], limits: Limits, field: str) -> None
     for text in texts:
         size += len(text.encode("utf-8"))
         if size > limits.max_prompt_bytes:
-            raise APIError(
+            raise _api_error(
                 400,
                 f"{field} is over {limits.max_prompt_bytes} bytes of text, this server's limit "
                 "(--max-prompt-bytes); shorten it",
@@ -79,7 +89,7 @@ def check_scaling_spec(spec: Mapping[str, object], limits: Limits) -> None:
     if "width" in sizes or "expand" in sizes:
         width, expand = sizes.get("width", 1), sizes.get("expand", 1)
         if width * expand > limits.max_scaling_width:
-            raise APIError(
+            raise _api_error(
                 400,
                 f"scaling.width x scaling.expand is {width * expand}, over this server's limit of "
                 f"{limits.max_scaling_width} (--max-scaling-width)",
@@ -93,7 +103,7 @@ def check_scaling_spec(spec: Mapping[str, object], limits: Limits) -> None:
             sizes.get("n", 1), sizes.get("particles", 1), sizes.get("width", 1) * sizes.get("expand", 1)
         )
         if width * sizes["max_tokens"] > limits.max_scaling_budget:
-            raise APIError(
+            raise _api_error(
                 400,
                 f"scaling could generate {width} x {sizes['max_tokens']} tokens, over this server's "
                 f"limit of {limits.max_scaling_budget} (--max-scaling-budget); set scaling.budget "
@@ -104,12 +114,12 @@ def check_scaling_spec(spec: Mapping[str, object], limits: Limits) -> None:
 
 def _positive_int(value: object, field: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise APIError(400, f"{field} must be a positive integer, got {value!r}", param=field)
+        raise _api_error(400, f"{field} must be a positive integer, got {value!r}", param=field)
     return value
 
 
 def _too_big(key: str, value: int, limit: int, flag: str) -> None:
-    raise APIError(
+    raise _api_error(
         400,
         f"scaling.{key} must be at most {limit} on this server ({flag}), got {value}",
         param=f"scaling.{key}",
