@@ -4,6 +4,6 @@ from forkllm.api import LLM
 from forkllm.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind"]
