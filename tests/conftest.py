@@ -17,6 +17,30 @@ def tiny_llm(**kw) -> LLM:
     return LLM("tiny", **args)
 
 
+def serve_tiny_cmd(port: int, *extra: str) -> list[str]:
+    """The `forkllm serve` command line of the tiny random-weight model on 127.0.0.1:port."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "forkllm.cli",
+        "serve",
+        "tiny",
+        "--load-format",
+        "dummy",
+        "--dtype",
+        "float32",
+        "--kv-cache-memory",
+        "64MiB",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny() -> LLM:
     return tiny_llm()

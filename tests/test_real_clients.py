@@ -16,13 +16,13 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from conftest import serve_tiny_cmd
 
 openai = pytest.importorskip("openai")
 
@@ -42,26 +42,7 @@ def serve_tiny(*extra: str, timeout: float = 120.0) -> Iterator[str]:
     """`forkllm serve tiny` (random weights, float32, 64 MiB of KV) on a free loopback port with
     API key KEY; yields its /v1 base URL once /health is 200; always terminates it."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "forkllm.cli",
-        "serve",
-        "tiny",
-        "--load-format",
-        "dummy",
-        "--dtype",
-        "float32",
-        "--kv-cache-memory",
-        "64MiB",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--api-key",
-        KEY,
-        *extra,
-    ]
+    cmd = serve_tiny_cmd(port, "--api-key", KEY, *extra)
     with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a chatty server never blocks
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}

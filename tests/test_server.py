@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,7 +17,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from conftest import tiny_llm  # noqa: E402
+from conftest import serve_tiny_cmd, tiny_llm  # noqa: E402
 
 from forkllm import SamplingParams  # noqa: E402
 from forkllm.engine.async_engine import AsyncEngine  # noqa: E402
@@ -395,21 +394,7 @@ def test_serve_cli_starts_and_exits_cleanly_on_sigterm(tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "forkllm.cli",
-            "serve",
-            "tiny",
-            "--load-format",
-            "dummy",
-            "--dtype",
-            "float32",
-            "--kv-cache-memory",
-            "64MiB",
-            "--port",
-            str(port),
-        ],
+        serve_tiny_cmd(port),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

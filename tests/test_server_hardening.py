@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 uvicorn = pytest.importorskip("uvicorn")
-from conftest import tiny_llm  # noqa: E402
+from conftest import serve_tiny_cmd, tiny_llm  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -719,27 +719,10 @@ def test_serve_process_ends_busy_streams_and_exits_0_within_the_timeout():
     timeout: the stream ends with an error event and [DONE], and the process exits 0 in time."""
     import os
     import subprocess
-    import sys
 
     port = _free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "forkllm.cli",
-            "serve",
-            "tiny",
-            "--load-format",
-            "dummy",
-            "--dtype",
-            "float32",
-            "--kv-cache-memory",
-            "64MiB",
-            "--port",
-            str(port),
-            "--graceful-shutdown-timeout",
-            "2",
-        ],
+        serve_tiny_cmd(port, "--graceful-shutdown-timeout", "2"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
