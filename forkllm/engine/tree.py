@@ -63,23 +63,8 @@ class TreeOps:
         kids: list[Sequence] = []
         for j in range(k):
             idx = len(req.seqs)
-            child = Sequence(
-                seq_id=f"{req.request_id}:{idx}",
-                request=req,
-                index=idx,
-                token_ids=list(source.token_ids),
-                num_prompt_tokens=source.num_prompt_tokens,
-                seed=seeds[j] if seeds is not None else derive_seed(req.base_seed, idx),
-                detok=source.detok.copy(),
-                num_computed_tokens=source.num_computed_tokens,
-                block_table=self.kv.share(source.block_table),
-                cache_nodes=list(source.cache_nodes),
-                num_reused_tokens=source.num_reused_tokens,
-                num_output_at_fork=source.num_output_tokens,
-                cumulative_logprob=source.cumulative_logprob,
-                logprobs=None if source.logprobs is None else list(source.logprobs),
-                parent=parent,
-            )
+            seed = seeds[j] if seeds is not None else derive_seed(req.base_seed, idx)
+            child = self._copy(source, f"{req.request_id}:{idx}", idx, seed, parent)
             req.seqs.append(child)
             self.seqs[child.seq_id] = child
             self.scheduler.add_running(child, after=source if j == 0 else kids[-1])
@@ -90,23 +75,36 @@ class TreeOps:
     def hold(self, seq: Sequence) -> Sequence:
         """An anchor: a paused copy of `seq` sharing its pages, outside its request's samples and
         the live registry (never scheduled, never output); deferred samples fork from it."""
+        return self._copy(seq, f"{seq.seq_id}:anchor", -1, seq.seed, seq, SequenceStatus.PAUSED)
+
+    def _copy(
+        self,
+        source: Sequence,
+        seq_id: str,
+        index: int,
+        seed: int,
+        parent: Sequence,
+        status: SequenceStatus = SequenceStatus.WAITING,
+    ) -> Sequence:
+        """A new sequence continuing from `source`: its tokens and sampling state, its pages
+        shared (copy-on-write)."""
         return Sequence(
-            seq_id=f"{seq.seq_id}:anchor",
-            request=seq.request,
-            index=-1,
-            token_ids=list(seq.token_ids),
-            num_prompt_tokens=seq.num_prompt_tokens,
-            seed=seq.seed,
-            detok=seq.detok.copy(),
-            num_computed_tokens=seq.num_computed_tokens,
-            block_table=self.kv.share(seq.block_table),
-            cache_nodes=list(seq.cache_nodes),
-            num_reused_tokens=seq.num_reused_tokens,
-            num_output_at_fork=seq.num_output_tokens,
-            cumulative_logprob=seq.cumulative_logprob,
-            logprobs=None if seq.logprobs is None else list(seq.logprobs),
-            parent=seq,
-            status=SequenceStatus.PAUSED,
+            seq_id=seq_id,
+            request=source.request,
+            index=index,
+            token_ids=list(source.token_ids),
+            num_prompt_tokens=source.num_prompt_tokens,
+            seed=seed,
+            detok=source.detok.copy(),
+            num_computed_tokens=source.num_computed_tokens,
+            block_table=self.kv.share(source.block_table),
+            cache_nodes=list(source.cache_nodes),
+            num_reused_tokens=source.num_reused_tokens,
+            num_output_at_fork=source.num_output_tokens,
+            cumulative_logprob=source.cumulative_logprob,
+            logprobs=None if source.logprobs is None else list(source.logprobs),
+            parent=parent,
+            status=status,
         )
 
     def release(self, anchor: Sequence) -> None:
