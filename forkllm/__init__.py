@@ -3,7 +3,16 @@
 from forkllm.api import LLM
 from forkllm.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
+from forkllm.structured import StructuredOutputsParams
 
 __version__ = "0.9.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "RequestOutputKind",
+    "StructuredOutputsParams",
+]

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from forkllm.structured.params import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 # top_k above this is refused: the sampler hands it to int64 tensors and C++ kernels, and any value
@@ -44,6 +46,8 @@ class SamplingParams:
     # token id -> bias added to that token's logit before any other processing (OpenAI's
     # logit_bias); checked against the vocabulary by `check_vocab`.
     logit_bias: dict[int, float] | None = None
+    # A grammar the output must follow (JSON schema, regex, choice, Lark); None: unconstrained.
+    structured: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: list[str] = field(init=False, repr=False)
 
@@ -103,6 +107,8 @@ class SamplingParams:
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of integers")
         self._validate_logit_bias()
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputsParams):
+            raise bad("structured", "must be a StructuredOutputsParams")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", "must be a RequestOutputKind")
 
