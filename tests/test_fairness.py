@@ -69,12 +69,12 @@ def assert_pages_free(engine: LLMEngine) -> None:
 # ---- long prompts ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("threshold", [16, 0])
-def test_a_short_prompt_gets_its_first_token_while_a_long_one_prefills(threshold):
+@pytest.mark.parametrize(("threshold", "fair"), [(16, None), (16, 0), (0, 0)])
+def test_a_short_prompt_gets_its_first_token_while_a_long_one_prefills(threshold, fair):
     long_prompt = [100 + (i * 37) % 30000 for i in range(600)]
     short_prompt = [7, 8, 9, 10, 11]
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    llm = tiny_llm(max_num_batched_tokens=64, long_prefill_token_threshold=threshold)
+    llm = tiny_llm(max_num_batched_tokens=64, long_prefill_token_threshold=threshold, fair_step_tokens=fair)
     engine = llm.engine
     plans = record_batches(engine)
     engine.add_request(long_prompt, greedy, request_id="long")
@@ -83,8 +83,19 @@ def test_a_short_prompt_gets_its_first_token_while_a_long_one_prefills(threshold
     engine.add_request(short_prompt, greedy, request_id="short")
     engine.step()
     long_req, short_req = engine.requests["long"], engine.requests["short"]
-    if threshold:
-        # the long prompt was cut to 16, the short one took its 5, the long one the other 43
+    sched = engine.scheduler
+    if threshold and fair is None:
+        # contended: the step holds 16 tokens' work (the threshold); the short prompt wants 5,
+        # the long one gets the rest, weighed by its context (64 tokens in), and is not extended
+        long_n = sched.tokens_within(64, sched.fair_step_cost - sched.cost_at(0, 5))
+        assert 0 < long_n < 11
+        assert [(s.seq.seq_id, s.num_new_tokens) for s in plans[-1].scheduled] == [
+            ("long", long_n),
+            ("short", 5),
+        ]
+        assert short_req.seqs[0].num_output_tokens == 1
+    elif threshold:
+        # no work cap: the long prompt was cut to 16, the short one took its 5, the long one the other 43
         assert [(s.seq.seq_id, s.num_new_tokens) for s in plans[-1].scheduled] == [
             ("long", 59),
             ("short", 5),

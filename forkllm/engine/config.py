@@ -78,6 +78,16 @@ class EngineConfig:
         "most of --max-num-seqs that one request's sequences may take while other requests want "
         "slots (its other samples wait); requests share the batch max-min fairly under this cap",
     )
+    # A step's time grows with its work, and every request in it waits for the whole step: one
+    # request's 128 decode rows or a chunk deep in a near-context prompt would slow everyone's
+    # tokens several-fold. While requests compete, each gets a max-min fair share of this much work.
+    fair_step_tokens: int | None = _flag(
+        None,
+        "while more than one request has work, a step holds at most this much work (tokens, a chunk "
+        "deep in a long context weighted by its attention cost), split max-min fairly between "
+        "requests; a request alone gets the whole --max-num-batched-tokens "
+        "(default: the long-prefill threshold; 0: off)",
+    )
     enable_prefix_caching: bool = _flag(True, "reuse the KV pages of prompt prefixes seen before")
     enable_shared_prefix_attention: bool = _flag(
         True, "decode rows that share leading pages read them once per step (forks, shared prompts)"
@@ -104,6 +114,8 @@ class EngineConfig:
             raise ValueError(
                 f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}"
             )
+        if self.fair_step_tokens is not None and self.fair_step_tokens < 0:
+            raise ValueError(f"fair_step_tokens must be >= 0, got {self.fair_step_tokens}")
         if not 0 < self.max_seq_share <= 1:
             raise ValueError(f"max_seq_share must be in (0, 1], got {self.max_seq_share}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -122,6 +134,12 @@ class EngineConfig:
         if self.long_prefill_token_threshold is None:
             return max(1, self.max_num_batched_tokens // 4)
         return self.long_prefill_token_threshold
+
+    def fair_step_budget(self) -> int:
+        """fair_step_tokens resolved: 0 = off."""
+        if self.fair_step_tokens is None:
+            return self.prefill_chunk_cut()
+        return self.fair_step_tokens
 
     def kv_bytes(self) -> int:
         return parse_bytes(self.kv_cache_memory) if self.kv_cache_memory is not None else DEFAULT_CPU_KV_BYTES

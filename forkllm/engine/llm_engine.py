@@ -100,6 +100,8 @@ class LLMEngine:
             config.enable_chunked_prefill,
             long_prefill_token_threshold=config.prefill_chunk_cut(),
             max_seq_share=config.max_seq_share,
+            fair_step_tokens=config.fair_step_budget(),
+            attention_cost_tokens=mcfg.attention_cost_tokens,
         )
         self.requests: dict[str, Request] = {}
         self.seqs: dict[str, Sequence] = {}  # live sequences by id (fork / prune address them)

@@ -20,6 +20,12 @@ Fairness, so that no request holds the engine hostage:
   and waiting ones plus samples not forked yet), never more than `max_seq_share` of
   `max_num_seqs`. Sequences over their request's share keep their pages and wait their turn; the
   engine forks n > 1 samples only into free share (`room`).
+- A step's time grows with its work and every sequence in it waits for the whole step, so while
+  more than one request has work a step holds at most `fair_step_tokens` of work, split max-min
+  fairly between requests by what each wants (`fair_split`); a request's cut chunks are not
+  extended past its share. Work is counted in tokens weighted by their attention context
+  (`cost`): a chunk deep in a near-context prompt costs several times a fresh one. A request
+  alone gets the whole budget.
 - When the KV pool cannot hold a running sequence's next tokens, a sequence is preempted: of the
   lowest priority, from the request running the most sequences, the newest. When it cannot hold
   a waiting sequence's chunk, a sequence left idle over its request's share is preempted for it.
@@ -30,6 +36,7 @@ Fairness, so that no request holds the engine hostage:
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -88,6 +95,19 @@ def fair_shares(demand: dict[Request, int], slots: int, bound: int) -> dict[Requ
     return shares
 
 
+def fair_split(demand: dict[Request, float], total: float) -> dict[Request, float]:
+    """Max-min fair split of `total` work over requests wanting `demand[req]` each: by priority
+    (lower first), then smallest demand first, each taking its demand or an even part of what is
+    left."""
+    order = sorted(demand, key=lambda r: (r.priority, demand[r]))
+    out: dict[Request, float] = {}
+    left = total
+    for i, req in enumerate(order):
+        out[req] = give = min(demand[req], left / (len(order) - i))
+        left -= give
+    return out
+
+
 class Scheduler:
     def __init__(
         self,
@@ -97,6 +117,8 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         long_prefill_token_threshold: int = 0,
         max_seq_share: float = 1.0,
+        fair_step_tokens: int = 0,
+        attention_cost_tokens: int = 0,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
@@ -106,6 +128,11 @@ class Scheduler:
         self.long_prefill_token_threshold = long_prefill_token_threshold
         # Most sequences one request may run in a step while others want slots.
         self.max_seqs_per_request = max(1, int(max_num_seqs * max_seq_share))
+        # Context length at which a token's attention costs as much as its matmuls (0: context is
+        # not weighed); see ModelConfig.attention_cost_tokens.
+        self.attention_cost_tokens = attention_cost_tokens
+        # Work in a contended step (0: no cap), as the cost of that many fresh prompt tokens.
+        self.fair_step_cost = self.cost_at(0, fair_step_tokens) if fair_step_tokens else 0.0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # Requests with n > 1 samples deferred (DeferredSamples): they have demand even when none
@@ -200,6 +227,36 @@ class Scheduler:
             out[req] = max(0, share - live.get(req, 0))
         return out
 
+    # ---- the work of a step --------------------------------------------------------------------
+    def cost_at(self, start: int, n: int) -> float:
+        """Work of computing n tokens after `start` in context: n token-equivalents, plus their
+        attention over the context, counted in tokens by attention_cost_tokens."""
+        k = self.attention_cost_tokens
+        return n * (1.0 + (start + n / 2) / k) if k else float(n)
+
+    def tokens_within(self, start: int, cost: float) -> int:
+        """The most tokens after `start` whose work (cost_at) is at most `cost`."""
+        k = self.attention_cost_tokens
+        if cost <= 0:
+            return 0
+        if not k:
+            return int(cost)
+        b = 1.0 + start / k  # cost_at(start, n) = b n + n^2 / 2k
+        return int(k * (math.sqrt(b * b + 2 * cost / k) - b) + 1e-9)
+
+    def _step_caps(self) -> dict[Request, float] | None:
+        """Each request's most work in this step, or None when at most one request has work (or
+        the cap is off)."""
+        if not self.fair_step_cost:
+            return None
+        demand: dict[Request, float] = {}
+        for s in itertools.chain(self.running, self.waiting):
+            due = self.cost_at(s.num_computed_tokens, s.num_tokens - s.num_computed_tokens)
+            demand[s.request] = demand.get(s.request, 0.0) + due
+        if len(demand) < 2:
+            return None
+        return fair_split(demand, self.fair_step_cost)
+
     # ---- the step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -210,9 +267,25 @@ class Scheduler:
         taken: dict[Request, int] = {}
         cut = self.long_prefill_token_threshold or budget
         long_cut = False  # a chunk was cut to the threshold this step
+        caps = self._step_caps()
+        spent: dict[Request, float] = {}
 
         def over_share(req: Request) -> bool:
             return shares is not None and taken.get(req, 0) >= shares.get(req, 0)
+
+        def within_cap(seq: Sequence, n: int) -> int:
+            """n cut to what its request's work cap leaves (at least 1 token for a request that
+            has nothing in the step yet, so every request moves)."""
+            if caps is None:
+                return n
+            req = seq.request
+            left = caps[req] - spent.get(req, 0.0)
+            fit = self.tokens_within(seq.num_computed_tokens, left)
+            return min(n, max(fit, 0 if req in spent else 1))
+
+        def charge(seq: Sequence, n: int) -> None:
+            if caps is not None:
+                spent[seq.request] = spent.get(seq.request, 0.0) + self.cost_at(seq.num_computed_tokens, n)
 
         def reclaim() -> bool:
             """Preempt the newest running sequence this step leaves idle because its request has
@@ -235,8 +308,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or (shares is not None and over_share(seq.request)):
                 continue  # preempted earlier in this loop, or its request has its share
             remaining = seq.num_tokens - seq.num_computed_tokens
-            n = min(remaining, budget, cut)
+            n = within_cap(seq, min(remaining, budget, cut))
+            if n == 0:
+                continue  # its request has its share of the step's work
             if self._allocate_or_preempt(seq, n, out):
+                charge(seq, n)
                 out.scheduled.append(ScheduledSequence(seq, n))
                 if shares is not None:
                     taken[seq.request] = taken.get(seq.request, 0) + 1
@@ -248,13 +324,14 @@ class Scheduler:
             return out  # pages are short: admit nothing new this step
         # Waiting sequences, by priority then arrival; one over its request's share is passed over,
         # and a long one while another long prompt is being cut.
-        passed_long = self._admit(out, budget, slots, taken, over_share, reclaim, cut, long_cut)
+        admit = (over_share, reclaim, within_cap, charge)
+        passed_long = self._admit(out, budget, slots, taken, admit, cut, long_cut)
         budget = self.max_num_batched_tokens - out.num_batched_tokens
-        if cut < self.max_num_batched_tokens and budget:
+        if caps is None and cut < self.max_num_batched_tokens and budget:
             budget = self._extend_cut_chunks(out, budget)
             if passed_long and budget:  # the cut prompt is done: the next long one may start
                 slots = self.max_num_seqs - len(out.scheduled)
-                self._admit(out, budget, slots, taken, over_share, reclaim, budget, False)
+                self._admit(out, budget, slots, taken, admit, budget, False)
         self.num_scheduled = len(out.scheduled)
         return out
 
@@ -264,14 +341,17 @@ class Scheduler:
         budget: int,
         slots: int,
         taken: dict[Request, int],
-        over_share: Callable[[Request], bool],
-        reclaim: Callable[[], bool],
+        admit: tuple[
+            Callable[[Request], bool], Callable[[], bool], Callable[[Sequence, int], int], Callable[..., None]
+        ],
         cut: int,
         long_cut: bool,
     ) -> bool:
         """Move waiting sequences into the batch while budget, slots and pages last (pages held by
-        sequences idle over their request's share are reclaimed for them); returns whether a long
-        prompt was passed over because another was being cut."""
+        sequences idle over their request's share are reclaimed for them), each chunk within its
+        request's share of the step's work; returns whether a long prompt was passed over because
+        another was being cut."""
+        over_share, reclaim, within_cap, charge = admit
         passed_long = False
         i = 0
         while i < len(self.waiting) and budget > 0 and slots > 0:
@@ -285,7 +365,12 @@ class Scheduler:
             if fresh:
                 self._reuse_prefix(seq)
             remaining = seq.num_tokens - seq.num_computed_tokens
-            n = min(remaining, budget, cut) if self.enable_chunked_prefill else remaining
+            n = within_cap(seq, min(remaining, budget, cut)) if self.enable_chunked_prefill else remaining
+            if n == 0:  # its request has its share of the step's work
+                if fresh:
+                    self._reset(seq)
+                i += 1
+                continue
             if n > budget or not self.kv.allocate(
                 seq.block_table, seq.num_computed_tokens + n, seq.first_write, out.copies
             ):
@@ -301,6 +386,7 @@ class Scheduler:
             del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            charge(seq, n)
             out.scheduled.append(ScheduledSequence(seq, n))
             taken[seq.request] = taken.get(seq.request, 0) + 1
             budget -= n

@@ -65,6 +65,16 @@ class ModelConfig:
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + h
 
+    @property
+    def attention_cost_tokens(self) -> int:
+        """The context length at which one token's attention costs as many FLOPs as its matmuls
+        (about 3,900 for SmolLM2-135M): the scheduler weighs a chunk's tokens by their context
+        with it, so a chunk deep in a long prompt counts for what it costs."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = h * q * 2 + h * kv * 2 + 3 * h * self.intermediate_size
+        matmul = 2 * (self.num_layers * per_layer + h * self.vocab_size)
+        return max(1, matmul // (4 * self.num_layers * q))  # QK^T and PV: 4 FLOPs per position per dim
+
     def kv_bytes_per_token(self, dtype_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_size
 
