@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class Tokenizer:
         self.eos_token_id = backend.token_to_id(eos_token) if eos_token else None
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._template_cache: dict[str, Any] = {}
+        self._reads_cache: dict[str, frozenset[str]] = {}  # template -> the variables it reads
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -148,20 +150,24 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_format: str = "hermes",
         **kwargs: Any,
     ) -> str:
-        """Render `messages` with the model's Jinja template, as HF transformers does."""
+        """Render `messages` with the model's Jinja template, as HF transformers does.
+
+        `tools` (OpenAI function definitions): a template that reads `tools` gets them as HF
+        passes them; any other gets them written into the system message by `tool_format`
+        (forkllm.tools.formats), as it also writes past tool calls and results into the content
+        of templates that do not handle `tool_calls` (forkllm.tools.prompt)."""
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this model has no chat template; pass chat_template= or use generate()")
         _validate_messages(messages)
+        if tools is not None or _has_tool_turns(messages):
+            messages, kwargs = self._with_tools(messages, template, tools, tool_format, kwargs)
         try:
-            compiled = self._template_cache.get(template)
-            if compiled is None:
-                compiled = _jinja_env().from_string(template)
-                if len(self._template_cache) >= _TEMPLATE_CACHE_SIZE:  # callers' templates vary
-                    self._template_cache.pop(next(iter(self._template_cache)))
-                self._template_cache[template] = compiled
+            compiled = self._compiled(template)
             return str(
                 compiled.render(
                     messages=messages,
@@ -178,8 +184,65 @@ class Tokenizer:
                 from_request=bool(chat_template),
             ) from e
 
+    def _compiled(self, template: str) -> Any:
+        compiled = self._template_cache.get(template)
+        if compiled is None:
+            compiled = _jinja_env().from_string(template)
+            if len(self._template_cache) >= _TEMPLATE_CACHE_SIZE:  # callers' templates vary
+                self._template_cache.pop(next(iter(self._template_cache)))
+            self._template_cache[template] = compiled
+        return compiled
+
+    def template_reads(self, name: str, chat_template: str | None = None) -> bool:
+        """Whether the template (the model's, or `chat_template`) reads the variable `name`
+        (e.g. `tools`) from its context. A template that does not compile reads nothing."""
+        template = chat_template or self.chat_template
+        if template is None:
+            return False
+        names = self._reads_cache.get(template)
+        if names is None:
+            try:
+                from jinja2 import meta
+
+                names = frozenset(meta.find_undeclared_variables(_jinja_env().parse(template)))
+            except Exception:  # a broken template fails, with its own message, when rendered
+                names = frozenset()
+            if len(self._reads_cache) >= _TEMPLATE_CACHE_SIZE:
+                self._reads_cache.pop(next(iter(self._reads_cache)))
+            self._reads_cache[template] = names
+        return name in names
+
+    def _with_tools(
+        self,
+        messages: list[dict[str, Any]],
+        template: str,
+        tools: list[dict[str, Any]] | None,
+        tool_format: str,
+        kwargs: dict[str, Any],
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """HF semantics for templates that handle tools; the format's text for those that don't."""
+        from forkllm.tools.formats import get_format
+        from forkllm.tools.prompt import add_tools_to_system, write_tool_turns
+        from forkllm.tools.spec import tool_specs
+
+        fmt = get_format(tool_format)
+        if not _TOOL_CALLS.search(template):
+            messages = write_tool_turns(messages, fmt)
+        if tools is not None:
+            if self.template_reads("tools", template):
+                kwargs = {**kwargs, "tools": tools}
+            else:
+                messages = add_tools_to_system(messages, tool_specs(tools), fmt)
+        return messages, kwargs
+
 
 VALID_ROLES = ("system", "user", "assistant", "tool", "developer")
+# A template that mentions tool_calls renders past calls itself.
+_TOOL_CALLS = re.compile(r"\btool_calls\b")
+
+
+def _has_tool_turns(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
 
 
 def _validate_messages(messages: Any) -> None:
