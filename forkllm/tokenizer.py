@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -150,22 +149,15 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
-        tools: list[dict[str, Any]] | None = None,
-        tool_format: str = "hermes",
         **kwargs: Any,
     ) -> str:
-        """Render `messages` with the model's Jinja template, as HF transformers does.
-
-        `tools` (OpenAI function definitions): a template that reads `tools` gets them as HF
-        passes them; any other gets them written into the system message by `tool_format`
-        (forkllm.tools.formats), as it also writes past tool calls and results into the content
-        of templates that do not handle `tool_calls` (forkllm.tools.prompt)."""
+        """Render `messages` with the model's Jinja template, as HF transformers does (keyword
+        arguments, e.g. `tools`, reach the template as variables). For tools and tool turns in
+        templates that know nothing of them, see forkllm.tools.prompt.render_chat."""
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this model has no chat template; pass chat_template= or use generate()")
         _validate_messages(messages)
-        if tools is not None or _has_tool_turns(messages):
-            messages, kwargs = self._with_tools(messages, template, tools, tool_format, kwargs)
         try:
             compiled = self._compiled(template)
             return str(
@@ -212,37 +204,8 @@ class Tokenizer:
             self._reads_cache[template] = names
         return name in names
 
-    def _with_tools(
-        self,
-        messages: list[dict[str, Any]],
-        template: str,
-        tools: list[dict[str, Any]] | None,
-        tool_format: str,
-        kwargs: dict[str, Any],
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """HF semantics for templates that handle tools; the format's text for those that don't."""
-        from forkllm.tools.formats import get_format
-        from forkllm.tools.prompt import add_tools_to_system, write_tool_turns
-        from forkllm.tools.spec import tool_specs
-
-        fmt = get_format(tool_format)
-        if not _TOOL_CALLS.search(template):
-            messages = write_tool_turns(messages, fmt)
-        if tools is not None:
-            if self.template_reads("tools", template):
-                kwargs = {**kwargs, "tools": tools}
-            else:
-                messages = add_tools_to_system(messages, tool_specs(tools), fmt)
-        return messages, kwargs
-
 
 VALID_ROLES = ("system", "user", "assistant", "tool", "developer")
-# A template that mentions tool_calls renders past calls itself.
-_TOOL_CALLS = re.compile(r"\btool_calls\b")
-
-
-def _has_tool_turns(messages: list[dict[str, Any]]) -> bool:
-    return any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
 
 
 def _validate_messages(messages: Any) -> None:

@@ -1,7 +1,8 @@
 """The layer order of shared/DESIGN.md, checked on every import in the package (function-level
 imports included): a module may import its own layer or the layers below it, never above.
 
-    cli -> bench -> server -> api -> scaling / threads -> engine -> attention / models -> kv / kernels / tokenizer
+    cli -> bench -> server -> api -> scaling / threads / tools -> engine -> attention / models / structured
+        -> kv / kernels / tokenizer
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ RANK = {
     "tokenizer": 0,
     "attention": 1,
     "models": 1,
+    "structured": 1,  # grammars: the engine's sampler applies them
     "engine": 2,
     "scaling": 3,
     "threads": 3,
+    "tools": 3,  # tool-call formats, parser, prompts; in-engine tool execution over the engine
     "api": 4,
     "__init__": 4,  # `from forkllm import LLM` is an import of the public API
     "server": 5,

@@ -7,17 +7,20 @@ llguidance's token masks), and tools written into prompts."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import keyword
 import random
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from forkllm.tools import FORMATS, ToolCallParser, parse_tool_calls, tool_specs
 from forkllm.tools.formats.pythonic import python_literal
 from forkllm.tools.jsonscan import JsonObjectScanner, Scan, scan_object
+from forkllm.tools.prompt import render_chat
 
 KNOWN = ["get_weather", "search", "noop"]
 UNKNOWN = "launch_rockets"
@@ -67,7 +70,9 @@ json_values = st.recursive(
     ),
     max_leaves=6,
 )
-arguments = st.dictionaries(st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True), json_values, max_size=3)
+# (argument names that are Python keywords cannot be written as pythonic calls)
+arg_names = st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True).filter(lambda k: not keyword.iskeyword(k))
+arguments = st.dictionaries(arg_names, json_values, max_size=3)
 # Text between calls: no markers of any format, no whitespace at either end (whitespace next to a
 # call is the call's markup), not starting with a separator.
 plain_text = (
@@ -292,13 +297,12 @@ def test_max_calls_ends_a_pythonic_list_at_its_first_call():
 
 
 def test_call_ids_look_like_openai_ones():
-    content, calls = parse_tool_calls('<tool_call>{"name": "noop"}</tool_call>', HERMES, KNOWN).content, None
     msg = parse_tool_calls(
         '<tool_call>{"name": "noop"}</tool_call><tool_call>{"name": "noop"}</tool_call>', HERMES, KNOWN
     )
     ids = [c.id for c in msg.calls]
     assert all(i.startswith("call_") and len(i) == 29 and i[5:].isalnum() for i in ids)
-    assert len(set(ids)) == 2 and content == ""
+    assert len(set(ids)) == 2 and msg.content == ""
 
 
 def test_feed_after_finish_is_an_error():
@@ -357,10 +361,8 @@ def test_scanner_agrees_with_json_loads(text):
 )
 def test_scanner_refuses_what_json_refuses(text):
     assert scan_object(text)[0] is Scan.INVALID
-    try:
+    with contextlib.suppress(ValueError):  # not JSON, or
         assert not isinstance(json.loads(text), dict)  # not an object: [1]
-    except ValueError:
-        pass  # not JSON
 
 
 # ---- forcing grammars against the parser ---------------------------------------------------------
@@ -467,7 +469,7 @@ def tok():
 
 
 def test_a_template_without_tools_gets_them_in_the_system_message_hermes_style(tok):
-    text = tok.apply_chat_template(HISTORY, tools=TOOLS)
+    text = render_chat(tok, HISTORY, tools=TOOLS)
     assert text.startswith("<|im_start|>system\n# Tools")
     assert "<tools>\n" + json.dumps(TOOLS[0]) + "\n" in text
     assert (
@@ -476,7 +478,7 @@ def test_a_template_without_tools_gets_them_in_the_system_message_hermes_style(t
     )
     assert "<|im_start|>tool\n<tool_response>\n18C\n</tool_response><|im_end|>" in text
     # a system message of the caller's own keeps its text, the tools come after it
-    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, *HISTORY], tools=TOOLS)
+    text = render_chat(tok, [{"role": "system", "content": "Be brief."}, *HISTORY], tools=TOOLS)
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools")
 
 
@@ -488,7 +490,7 @@ def test_a_template_without_tools_gets_them_in_the_system_message_hermes_style(t
     ],
 )
 def test_history_is_written_in_the_servers_format(tok, fmt_name, call):
-    text = tok.apply_chat_template(HISTORY, tools=TOOLS, tool_format=fmt_name)
+    text = render_chat(tok, HISTORY, tools=TOOLS, tool_format=fmt_name)
     assert f"<|im_start|>assistant\n{call}<|im_end|>" in text
 
 
@@ -499,7 +501,7 @@ def test_a_template_that_takes_tools_gets_them_as_hf_passes_them(tok):
         "CALL {{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}"
         "{% else %}{{ m.content }}{% endif %}{{ '\\n' }}{% endfor %}"
     )
-    text = tok.apply_chat_template(HISTORY, tools=TOOLS, chat_template=template, add_generation_prompt=False)
+    text = render_chat(tok, HISTORY, tools=TOOLS, chat_template=template, add_generation_prompt=False)
     assert (
         text
         == "TOOL get_weather\nTOOL noop\nuser: Weather in Paris?\nassistant: CALL get_weather(Paris)\ntool: 18C\n"
@@ -508,5 +510,4 @@ def test_a_template_that_takes_tools_gets_them_as_hf_passes_them(tok):
 
 def test_no_tools_no_tool_turns_renders_as_before(tok):
     plain = [{"role": "user", "content": "hi"}]
-    assert tok.apply_chat_template(plain) == tok.apply_chat_template(plain, tools=None)
-    assert "<tools>" not in tok.apply_chat_template(plain)
+    assert render_chat(tok, plain) == tok.apply_chat_template(plain)
