@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.server.json_checks import check_json_values, merge_extra_body
+from forkllm.structured.params import StructuredOutputsParams
 
 
 class RequestBody(BaseModel):
@@ -40,6 +41,34 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: OpenAI's structured outputs (always enforced, strict or not)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's `structured_outputs` object (the newer spelling of its guided_* fields)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
 
 
 class SamplingRequest(RequestBody):
@@ -71,9 +100,29 @@ class SamplingRequest(RequestBody):
     priority: int = 0  # vLLM's: lower is scheduled sooner (orders the engine's waiting queue)
     # In-engine inference-time scaling (forkllm extension); validated by the scaling layer.
     scaling: dict[str, Any] | None = None
+    # Structured output: OpenAI's response_format, vLLM's guided_* fields and their newer
+    # structured_outputs object (at most one of them; server/structured.py maps them).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, n: int | None = None) -> SamplingParams:
-        """Raises ValueError naming the field (the caller turns it into a 400)."""
+    def sampling_params(
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        n: int | None = None,
+        structured: StructuredOutputsParams | None = None,
+        extra_stop: list[str] | None = None,
+    ) -> SamplingParams:
+        """Raises ValueError naming the field (the caller turns it into a 400). `structured`: the
+        grammar the output must follow; `extra_stop`: stop strings the server adds (a tool
+        call's end when parallel_tool_calls is false)."""
+        stop = self.stop
+        if extra_stop:
+            stop = [*([stop] if isinstance(stop, str) else stop or []), *extra_stop]
         return SamplingParams(
             n=n if n is not None else self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -84,7 +133,7 @@ class SamplingRequest(RequestBody):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
-            stop=self.stop,
+            stop=stop,
             stop_token_ids=self.stop_token_ids,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
@@ -93,6 +142,7 @@ class SamplingRequest(RequestBody):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=self._token_bias(),
+            structured=structured,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -172,9 +222,10 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
+    # Tool calling; checked by server/tool_calls.py (forkllm.tools.spec), which names the field.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # vLLM's chat extensions (its_hub sends these when it continues a partial answer)
     add_generation_prompt: bool = True
     continue_final_message: bool = False

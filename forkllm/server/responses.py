@@ -14,10 +14,11 @@ from forkllm.server.protocol import StreamOptions
 
 
 def finish_reason(reason: str | None) -> str | None:
-    """Engine reasons -> OpenAI's {stop, length} (a pruned or aborted sample simply stopped)."""
+    """Engine reasons -> OpenAI's {stop, length} (a pruned or aborted sample simply stopped);
+    `tool_calls`, which the server decides, passes through."""
     if reason is None:
         return None
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -39,18 +40,22 @@ def completion_choice(
 
 
 def chat_choice(
-    index: int, content: str, logprobs: dict[str, Any] | None, reason: str | None
+    index: int,
+    content: str,
+    logprobs: dict[str, Any] | None,
+    reason: str | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": content},
-        "logprobs": logprobs,
-        "finish_reason": finish_reason(reason),
-    }
+    """A whole chat choice; with tool calls, content is null when the model wrote none."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["content"] = content or None
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
 
 
 def chat_delta(
-    index: int, delta: dict[str, str], logprobs: dict[str, Any] | None, reason: str | None
+    index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None, reason: str | None
 ) -> dict[str, Any]:
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
 
@@ -109,6 +114,10 @@ class ChunkStream:
         if self.options.continuous_usage_stats:
             payload["usage"] = usage(self.prompt_tokens, self.completion_tokens)
         return sse(payload)
+
+    def count(self, new_tokens: int) -> None:
+        """Tokens generated that no chunk carries (text a parser holds back, or ignores)."""
+        self.completion_tokens += new_tokens
 
     def end(self) -> list[str]:
         """The closing events: the usage-only chunk if asked for, then [DONE]."""

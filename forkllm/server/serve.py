@@ -25,6 +25,7 @@ from typing import Any
 from forkllm.engine.args import add_engine_args, engine_kwargs
 from forkllm.engine.config import parse_bytes
 from forkllm.server.limits import Limits
+from forkllm.tools.formats import DEFAULT_FORMAT, FORMATS
 
 logger = logging.getLogger("forkllm.server")
 
@@ -87,6 +88,14 @@ def add_serve_parser(sub: Any) -> None:
         default=30.0,
         help="seconds to let in-flight requests finish on SIGINT/SIGTERM; then running streams end "
         "with an error event and [DONE], other requests get a 503, and the process exits 0",
+    )
+    s.add_argument(
+        "--tool-call-parser",
+        choices=sorted(FORMATS),
+        default=DEFAULT_FORMAT,
+        help="how the model writes tool calls: hermes (<tool_call>{json}</tool_call>, the default "
+        'model\'s), llama3_json ({"name": ..., "parameters": ...}) or pythonic ([f(a=1)]); '
+        "templates without tools get the tools and past calls written in this format",
     )
     _add_limit_args(s)
     s.set_defaults(func=cmd_serve)
@@ -153,6 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("FORKLLM_API_KEY") or None,
         max_num_waiting=args.max_num_waiting,
         limits=limits_from_args(args),
+        tool_call_parser=args.tool_call_parser,
     )
 
     def factory() -> EngineClient:

@@ -31,6 +31,7 @@ class ServerConfig:
     retry_after_seconds: int = 1
     limits: Limits = field(default_factory=Limits)
     offload_threads: int = 2  # threads tokenizing / rendering / detokenizing off the event loop
+    tool_call_parser: str = "hermes"  # how tool calls look in generated text (forkllm.tools.formats)
 
 
 class ServerState:

@@ -1,9 +1,12 @@
 """/v1/chat/completions: render the messages with the chat template, then sample (n, logprobs,
-streamed or whole) or, with the `scaling` extension, run a strategy inside the engine."""
+streamed or whole, constrained by a grammar when asked, with tool calls parsed when there are
+tools) or, with the `scaling` extension, run a strategy inside the engine."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -12,7 +15,7 @@ from forkllm.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError, from_value_error
 from forkllm.server.limits import Limits, check_count, check_prompt_bytes, check_scaling_spec
-from forkllm.server.logprobs import chat_logprobs
+from forkllm.server.logprobs import Decode, chat_logprobs
 from forkllm.server.protocol import ChatCompletionRequest
 from forkllm.server.requests import (
     check_stream_options,
@@ -22,11 +25,24 @@ from forkllm.server.requests import (
     run_to_completion,
     token_decoder,
     tokenizer_of,
+    unless_disconnected,
 )
-from forkllm.server.responses import Envelope, chat_choice, chat_delta
+from forkllm.server.responses import ChunkStream, Envelope, chat_choice, chat_delta
 from forkllm.server.routes.scaling import scaled_chat
 from forkllm.server.state import AppState, ServerState
+from forkllm.server.structured import StructuredRequest, check_compiles, structured_request
+from forkllm.server.tool_calls import (
+    ChoiceEvent,
+    ChoiceResult,
+    ToolPlan,
+    call_deltas,
+    check_grammar,
+    choice_events,
+    tool_plan,
+)
 from forkllm.tokenizer import ChatTemplateError
+from forkllm.tools.formats import get_format
+from forkllm.tools.prompt import render_chat
 
 router = APIRouter()
 
@@ -37,25 +53,38 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: AppS
     state.check_model(req.model)
     state.check_capacity(engine)
     check_stream_options(req)
-    _check_fields(req, state.config.limits)
+    limits = state.config.limits
+    _check_fields(req, limits)
+    tool_format = state.config.tool_call_parser
+    plan = tool_plan(req, get_format(tool_format))
+    asked = structured_request(req)
+    _check_combination(req, plan, asked)
     if req.scaling is not None:
-        _check_scaling_limits(req, state.config.limits)
-    check_prompt_bytes(_message_texts(req), state.config.limits, "messages")
-    check_prompt_bytes([req.chat_template or ""], state.config.limits, "chat_template")
-    text, ids = await state.offload.run(_render, engine, req)
+        _check_scaling_limits(req, limits)
+    check_prompt_bytes(_message_texts(req), limits, "messages")
+    check_prompt_bytes([req.chat_template or ""], limits, "chat_template")
+    if req.tools:
+        check_prompt_bytes([json.dumps(req.tools, ensure_ascii=False)], limits, "tools")
+    await state.offload.run(_check_grammars, asked, plan)
+    text, ids = await state.offload.run(_render, engine, req, plan, tool_format)
     if req.scaling is not None:
         return await scaled_chat(state, engine, req, text, ids, raw)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = max_tokens_for(engine, len(ids), limit, field, "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
+    structured = asked.params if asked is not None else plan.structured() if plan is not None else None
     try:
-        sp = req.sampling_params(max_tokens, k)
+        sp = req.sampling_params(
+            max_tokens, k, structured=structured, extra_stop=plan.stop() if plan is not None else None
+        )
         sp.check_vocab(engine.vocab_size)
     except ValueError as e:
         raise from_value_error(e) from e
     state.metrics.prompt_tokens.inc(len(ids))
     env = Envelope.chat(state.config.served_model_name)
+    if plan is not None:
+        return await _chat_with_tools(state, engine, req, (text, ids), sp, env, k, plan, raw)
     if req.stream:
         events = _stream(state, engine, req, text, ids, sp, env, k)
         return StreamingResponse(
@@ -78,22 +107,6 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: AppS
 
 def _check_fields(req: ChatCompletionRequest, limits: Limits) -> None:
     """Refuse what this server cannot do rather than ignore it."""
-    if req.tools:
-        raise APIError(400, "tools are not supported by this server", param="tools")
-    if req.tool_choice is not None and req.tool_choice != "none":
-        # OpenAI refuses tool_choice without tools too; "none" (no tool calls) holds trivially.
-        raise APIError(
-            400,
-            f"tool_choice {req.tool_choice!r} needs tools, which this server does not support; "
-            "only 'none' is accepted",
-            param="tool_choice",
-        )
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise APIError(
-            400,
-            f"response_format {req.response_format.get('type')!r} is not supported; only 'text'",
-            param="response_format",
-        )
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
@@ -115,16 +128,51 @@ def _check_fields(req: ChatCompletionRequest, limits: Limits) -> None:
         )
 
 
-def _render(engine: EngineClient, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+def _check_combination(
+    req: ChatCompletionRequest, plan: ToolPlan | None, asked: StructuredRequest | None
+) -> None:
+    """Two things that each want to shape the output cannot both have it."""
+    if req.scaling is not None and (asked is not None or plan is not None):
+        param = asked.field.split(".")[0] if asked is not None else "tools"
+        raise APIError(
+            400,
+            f"{param} cannot be combined with scaling (strategies sample on their own terms)",
+            param=param,
+        )
+    if plan is not None and plan.forced and asked is not None:
+        param = asked.field.split(".")[0]
+        forced = "'required'" if plan.choice == "required" else f"function {plan.function!r}"
+        raise APIError(
+            400,
+            f"{param} and tool_choice {forced} both constrain the output (a grammar forces the "
+            "tool calls); give one of them",
+            param=param,
+        )
+
+
+def _check_grammars(asked: StructuredRequest | None, plan: ToolPlan | None) -> None:
+    if asked is not None:
+        check_compiles(asked)
+    if plan is not None:
+        check_grammar(plan)
+
+
+def _render(
+    engine: EngineClient, req: ChatCompletionRequest, plan: ToolPlan | None, tool_format: str
+) -> tuple[str, list[int]]:
     """The prompt text and ids; with continue_final_message the text ends inside the last
-    message, so the model continues it instead of starting a new turn."""
+    message, so the model continues it instead of starting a new turn. Tools are in the prompt
+    unless tool_choice is 'none' (forkllm.tools.prompt writes them for templates without tools)."""
     tok = tokenizer_of(engine)
     messages = [m.for_template() for m in req.messages]
     try:
-        text = tok.apply_chat_template(
+        text = render_chat(
+            tok,
             messages,
-            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+            tools=req.tools if plan is not None else None,
+            tool_format=tool_format,
             chat_template=req.chat_template,
+            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
         )
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="chat_template" if e.from_request else "messages") from e
@@ -192,5 +240,81 @@ async def _stream(
             lp = chat_logprobs(c.token_ids, c.logprobs or [], k, decode) if k is not None else None
             delta = {"content": c.text} if c.text or c.finish_reason is None else {}
             yield stream.chunk([chat_delta(c.index, delta, lp, c.finish_reason)], len(c.token_ids))
+    for event in stream.end():
+        yield event
+
+
+async def _chat_with_tools(
+    state: ServerState,
+    engine: EngineClient,
+    req: ChatCompletionRequest,
+    prompt: tuple[str, list[int]],
+    sp: SamplingParams,
+    env: Envelope,
+    k: int | None,
+    plan: ToolPlan,
+    raw: Request,
+) -> Response:
+    """A request with tools: every choice's text goes through its own tool-call parser, streamed
+    or gathered from the same events."""
+    outputs = merged_outputs(state, engine, [prompt], [sp], env.id, req.priority)
+    events = choice_events(outputs, plan, req.n)
+    decode = token_decoder(engine)
+    if req.stream:
+        chunks = _tool_stream(events, env.stream(len(prompt[1]), req.stream_options), req.n, k, decode)
+        return StreamingResponse(
+            guard_stream(chunks), media_type="text/event-stream", headers={"x-request-id": env.id}
+        )
+    results = [ChoiceResult() for _ in range(req.n)]
+
+    async def gather() -> None:
+        async for event in events:
+            results[event.index].add(event)
+
+    try:
+        await unless_disconnected(raw, gather())
+    except ValueError as e:
+        raise from_value_error(e) from e
+    except RuntimeError as e:
+        raise APIError(500, str(e), code="internal_error") from e
+    choices = [
+        chat_choice(
+            j,
+            r.content,
+            chat_logprobs(r.token_ids, r.logprobs, k, decode) if k is not None else None,
+            r.finish_reason,
+            [c.as_openai() for c in r.calls],
+        )
+        for j, r in enumerate(results)
+    ]
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    return JSONResponse(
+        env.body(choices, len(prompt[1]), completion_tokens), headers={"x-request-id": env.id}
+    )
+
+
+async def _tool_stream(
+    events: AsyncIterator[ChoiceEvent], stream: ChunkStream, n: int, k: int | None, decode: Decode
+) -> AsyncIterator[str]:
+    """A role chunk per choice; then per event its content, each complete call (id and name,
+    then arguments) and, when the choice ends, a chunk with its finish_reason."""
+    yield stream.chunk([chat_delta(j, {"role": "assistant"}, None, None) for j in range(n)])
+    calls_sent = [0] * n
+    async for ev in events:
+        lp = chat_logprobs(ev.token_ids, ev.logprobs or [], k, decode) if k is not None else None
+        deltas: list[dict[str, Any]] = [{"content": ev.parsed.content}] if ev.parsed.content else []
+        deltas += call_deltas(ev.parsed.calls, calls_sent[ev.index])
+        calls_sent[ev.index] += len(ev.parsed.calls)
+        if not deltas and lp is not None:
+            deltas = [{}]  # the logprobs of tokens whose text the parser still holds
+        if not deltas:
+            stream.count(len(ev.token_ids))
+        for i, delta in enumerate(deltas):
+            first = i == 0
+            yield stream.chunk(
+                [chat_delta(ev.index, delta, lp if first else None, None)], len(ev.token_ids) if first else 0
+            )
+        if ev.finish_reason is not None:
+            yield stream.chunk([chat_delta(ev.index, {}, None, ev.finish_reason)])
     for event in stream.end():
         yield event

@@ -1,5 +1,6 @@
 """/v1/completions: one or many prompts, n samples each (best_of ranks more), echo, logprobs,
-streamed or whole."""
+streamed or whole, constrained by a grammar when asked (response_format, guided_*,
+structured_outputs)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from forkllm.server.requests import (
 )
 from forkllm.server.responses import Envelope, completion_choice
 from forkllm.server.state import AppState, ServerState
+from forkllm.server.structured import check_compiles, structured_request
+from forkllm.structured.params import StructuredOutputsParams
 
 router = APIRouter()
 
@@ -53,8 +56,12 @@ async def completions(req: CompletionRequest, raw: Request, state: AppState) -> 
         raise APIError(400, "best_of > n cannot be streamed", param="best_of")
     texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
     check_prompt_bytes(texts, limits, "prompt")
+    asked = structured_request(req)
+    if asked is not None:
+        await state.offload.run(check_compiles, asked)
     prompts = await state.offload.run(completion_prompts, engine, req.prompt)
-    params = [_sampling_params(engine, req, len(ids), best_of) for _, ids in prompts]
+    structured = asked.params if asked is not None else None
+    params = [_sampling_params(engine, req, len(ids), best_of, structured) for _, ids in prompts]
     state.metrics.prompt_tokens.inc(sum(len(ids) for _, ids in prompts))
     env = Envelope.completion(state.config.served_model_name)
     decode = token_decoder(engine)
@@ -68,14 +75,21 @@ async def completions(req: CompletionRequest, raw: Request, state: AppState) -> 
 
 
 def _sampling_params(
-    engine: EngineClient, req: CompletionRequest, prompt_len: int, best_of: int
+    engine: EngineClient,
+    req: CompletionRequest,
+    prompt_len: int,
+    best_of: int,
+    structured: StructuredOutputsParams | None,
 ) -> SamplingParams:
     max_tokens = max_tokens_for(engine, prompt_len, req.max_tokens, "max_tokens", "prompt")
     k = req.logprobs
     try:
         # best_of > n ranks samples by cumulative logprob, which needs logprobs computed.
         sp = req.sampling_params(
-            max_tokens, k if k is not None else (0 if best_of > req.n else None), n=best_of
+            max_tokens,
+            k if k is not None else (0 if best_of > req.n else None),
+            n=best_of,
+            structured=structured,
         )
         if req.echo and k is not None:
             sp = sp.clone(prompt_logprobs=k)

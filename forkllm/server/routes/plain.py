@@ -15,6 +15,7 @@ from forkllm.server.limits import check_prompt_bytes
 from forkllm.server.protocol import DetokenizeRequest, TokenizeRequest
 from forkllm.server.requests import tokenizer_of
 from forkllm.server.state import AppState, ServerState
+from forkllm.tools.prompt import render_chat
 
 router = APIRouter()
 
@@ -76,16 +77,18 @@ async def tokenize(req: TokenizeRequest, state: AppState) -> dict[str, Any]:
     else:
         texts = [m.content for m in req.messages or () if isinstance(m.content, str)]
         check_prompt_bytes(texts, state.config.limits, "messages")
-    ids = await state.offload.run(_tokenize, engine, req)
+    ids = await state.offload.run(_tokenize, engine, req, state)
     return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
 
 
-def _tokenize(engine: EngineClient, req: TokenizeRequest) -> list[int]:
+def _tokenize(engine: EngineClient, req: TokenizeRequest, state: ServerState) -> list[int]:
     tok = tokenizer_of(engine)
     try:
         if req.messages is not None:
-            text = tok.apply_chat_template(
+            text = render_chat(  # tool turns written as the chat route writes them
+                tok,
                 [m.for_template() for m in req.messages],
+                tool_format=state.config.tool_call_parser,
                 add_generation_prompt=req.add_generation_prompt is not False,
             )
             return tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
