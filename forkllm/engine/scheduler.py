@@ -96,14 +96,17 @@ def fair_shares(demand: dict[Request, int], slots: int, bound: int) -> dict[Requ
 
 
 def fair_split(demand: dict[Request, float], total: float) -> dict[Request, float]:
-    """Max-min fair split of `total` work over requests wanting `demand[req]` each: by priority
-    (lower first), then smallest demand first, each taking its demand or an even part of what is
-    left."""
-    order = sorted(demand, key=lambda r: (r.priority, demand[r]))
+    """Split `total` work over requests wanting `demand[req]` each, least attained service first
+    (by priority, then the work each has had so far, `Request.service`): each takes its demand
+    while work is left. A new request's prompt goes ahead of a request that has been running for
+    a while, however small that one's demand in this step (128 decode rows look small next to a
+    400-token prompt, but they are its hundredth step); the scheduler still moves every request
+    by at least one token a step."""
+    order = sorted(demand, key=lambda r: (r.priority, r.service))
     out: dict[Request, float] = {}
     left = total
-    for i, req in enumerate(order):
-        out[req] = give = min(demand[req], left / (len(order) - i))
+    for req in order:
+        out[req] = give = min(demand[req], left)
         left -= give
     return out
 
@@ -284,8 +287,10 @@ class Scheduler:
             return min(n, max(fit, 0 if req in spent else 1))
 
         def charge(seq: Sequence, n: int) -> None:
+            work = self.cost_at(seq.num_computed_tokens, n)
+            seq.request.service += work
             if caps is not None:
-                spent[seq.request] = spent.get(seq.request, 0.0) + self.cost_at(seq.num_computed_tokens, n)
+                spent[seq.request] = spent.get(seq.request, 0.0) + work
 
         def reclaim() -> bool:
             """Preempt the newest running sequence this step leaves idle because its request has

@@ -113,6 +113,9 @@ class Request:
     # Lower is scheduled sooner (vLLM's convention); orders the waiting queue and preemption.
     priority: int = 0
     deferred: DeferredSamples | None = None
+    # Work the scheduler has given this request so far (cost units, see Scheduler.cost_at): while
+    # requests compete, those that have had less are served first.
+    service: float = 0.0
 
     @property
     def finished(self) -> bool:
