@@ -528,3 +528,32 @@ def test_http_scaling_run_aborted_as_a_whole_when_the_client_leaves(live_server)
     assert all(s.num_output_tokens < 1500 for s in req.seqs)
     assert not engine.step_hooks  # the policy is no longer driven
     assert_pages_free(engine)
+
+
+def test_a_new_prompt_goes_ahead_of_a_wide_request_that_has_run_for_a_while():
+    """Contended steps hold fair_step_tokens of work, least attained service first: the wide
+    request's 8 decode rows (small next to the prompt, but its 4th step) get only what the new
+    prompt leaves, and the step stays within the cap (plus the one-token floor)."""
+    llm = tiny_llm(max_num_batched_tokens=64, long_prefill_token_threshold=16)
+    engine, sched = llm.engine, llm.engine.scheduler
+    plans = record_batches(engine)
+    wide = SamplingParams(n=8, temperature=1.0, seed=1, max_tokens=20, ignore_eos=True)
+    engine.add_request(PROMPT, wide, request_id="wide")
+    for _ in range(4):
+        engine.step()
+    assert per_request(plans[-1]) == {"wide": 8}  # alone: every row, every step
+    engine.add_request(list(range(200, 212)), SamplingParams(temperature=0, max_tokens=2), request_id="new")
+    engine.step()
+    plan = plans[-1]
+    new_n = [s.num_new_tokens for s in plan.scheduled if s.seq.request.request_id == "new"]
+    assert new_n == [12]  # all of its prompt: it has had no work yet
+    wide_rows = per_request(plan)["wide"]
+    left = sched.fair_step_cost - sched.cost_at(0, 12)
+    assert 1 <= wide_rows < 8
+    work = sum(sched.cost_at(s.seq.num_computed_tokens, s.num_new_tokens) for s in plan.scheduled)
+    assert work <= sched.fair_step_cost + sched.cost_at(len(PROMPT) + 4, 1)
+    row = sched.cost_at(len(PROMPT) + 4, 1)  # every row is 4 tokens past the shared prompt
+    assert wide_rows == max(1, int(left // row))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_pages_free(engine)
