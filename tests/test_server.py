@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -366,6 +367,38 @@ def test_overloaded_server_answers_503_with_retry_after():
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "overloaded"
     finally:
+        srv.stop()
+
+
+def test_admission_counts_the_work_of_admitted_requests():
+    """--max-pending-tokens: a request's prompt + n x max_tokens counts against admission while it
+    runs; the next one gets a 503 + Retry-After naming the work, and is admitted once it ends."""
+    llm = tiny_llm()
+    gate = threading.Event()
+    llm.engine.add_step_hook(lambda e: gate.wait(30))  # the engine holds after its first step
+    engine = AsyncEngine(llm.engine)
+    srv = LiveServer(create_app(ServerConfig(served_model_name=MODEL, max_pending_tokens=300), engine=engine))
+    body = {"prompt": [5, 6, 7, 8], "max_tokens": 150, "n": 2, "ignore_eos": True}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=60)
+            deadline = time.time() + 30
+            while engine.pending_tokens == 0:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            assert engine.pending_tokens == 4 + 2 * 150
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            err = r.json()["error"]
+            assert err["code"] == "overloaded" and "304 tokens of admitted work" in err["message"]
+            llm.engine.remove_step_hook(llm.engine.step_hooks[0])
+            gate.set()
+            assert held.result().status_code == 200
+        assert engine.pending_tokens == 0
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200
+    finally:
+        gate.set()
         srv.stop()
 
 

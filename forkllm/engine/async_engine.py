@@ -67,12 +67,20 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
 
 
+def request_work(req: Request, max_model_len: int) -> int:
+    """A request's whole cost in tokens: its prompt plus n times the most it may generate."""
+    prompt = len(req.prompt_token_ids)
+    max_new = req.params.max_tokens or max(0, max_model_len - prompt)
+    return prompt + req.params.n * max_new
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, start: bool = True) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._pending_work: dict[str, int] = {}  # request id -> request_work, until it ends
         self._streams_lock = threading.Lock()
         self._ids = itertools.count()
         self._stop = False
@@ -128,6 +136,7 @@ class AsyncEngine:
             if rid in self._streams:
                 raise ValueError(f"request_id {rid!r} is already in use")
             self._streams[rid] = stream
+            self._pending_work[rid] = request_work(req, self.engine.max_model_len)
         self._commands.put(AddRequest(req))
         self._handed_over += 1
         self._wakeup.set()
@@ -144,6 +153,7 @@ class AsyncEngine:
         finally:
             with self._streams_lock:
                 self._streams.pop(rid, None)
+                self._pending_work.pop(rid, None)
             if not finished:
                 self.abort(rid)
 
@@ -151,6 +161,13 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         """Requests not yet admitted to the running batch (queued here plus the engine's waiting)."""
         return self._handed_over - self._taken_in + int(self.metrics_snapshot.get("waiting_seqs", 0))
+
+    @property
+    def pending_tokens(self) -> int:
+        """Work admitted and not finished, in tokens: each streaming request's prompt plus n times
+        its max_tokens (the server's --max-pending-tokens admission reads it)."""
+        with self._streams_lock:
+            return sum(self._pending_work.values())
 
     def abort(self, request_id: str) -> None:
         self._commands.put(AbortRequest(request_id))

@@ -40,6 +40,10 @@ class EngineClient(Protocol):
     def num_waiting(self) -> int:
         """Requests not yet admitted to a running batch (the overload check reads it)."""
 
+    @property
+    def pending_tokens(self) -> int:
+        """Admitted, unfinished work in tokens (prompt + n x max_tokens per request)."""
+
     def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
@@ -91,6 +95,10 @@ class LocalEngineClient:
     @property
     def num_waiting(self) -> int:
         return self._async.num_waiting
+
+    @property
+    def pending_tokens(self) -> int:
+        return self._async.pending_tokens
 
     def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0

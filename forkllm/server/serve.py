@@ -83,6 +83,13 @@ def add_serve_parser(sub: Any) -> None:
         help="reject new requests with 503 + Retry-After when this many are waiting to be scheduled",
     )
     s.add_argument(
+        "--max-pending-tokens",
+        type=int,
+        default=None,
+        help="reject new requests with 503 + Retry-After while the work admitted and not finished "
+        "(each request's prompt tokens + n x max_tokens) is at least this many tokens",
+    )
+    s.add_argument(
         "--graceful-shutdown-timeout",
         type=float,
         default=30.0,
@@ -161,6 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=name,
         api_key=args.api_key or os.environ.get("FORKLLM_API_KEY") or None,
         max_num_waiting=args.max_num_waiting,
+        max_pending_tokens=args.max_pending_tokens,
         limits=limits_from_args(args),
         tool_call_parser=args.tool_call_parser,
     )

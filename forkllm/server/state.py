@@ -28,6 +28,8 @@ class ServerConfig:
     served_model_name: str
     api_key: str | None = None
     max_num_waiting: int | None = None  # beyond this many unadmitted requests: 503 + Retry-After
+    # beyond this much admitted, unfinished work (prompt + n x max_tokens, in tokens): 503 + Retry-After
+    max_pending_tokens: int | None = None
     retry_after_seconds: int = 1
     limits: Limits = field(default_factory=Limits)
     offload_threads: int = 2  # threads tokenizing / rendering / detokenizing off the event loop
@@ -85,6 +87,14 @@ class ServerState:
         return self.engine
 
     def check_capacity(self, engine: EngineClient) -> None:
+        cap = self.config.max_pending_tokens
+        if cap is not None and (work := engine.pending_tokens) >= cap:
+            raise APIError(
+                503,
+                f"server overloaded: {work} tokens of admitted work are unfinished (limit {cap}); retry later",
+                code="overloaded",
+                headers={"Retry-After": str(self.config.retry_after_seconds)},
+            )
         limit = self.config.max_num_waiting
         if limit is not None and engine.num_waiting >= limit:
             raise APIError(
