@@ -31,12 +31,22 @@ def add_bench_parser(sub: Any) -> None:
     )
     b.add_argument(
         "workload",
-        choices=["throughput", "latency", "parallel", "prefix", "shared-attention", "serve", "scaling"],
+        choices=[
+            "throughput",
+            "latency",
+            "parallel",
+            "prefix",
+            "shared-attention",
+            "serve",
+            "scaling",
+            "structured",
+        ],
         help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream); parallel = W2 (8 prompts "
         "x n=16); prefix = W3 (64 requests sharing a 1,024-token system prompt, prefix cache on vs off); "
         "shared-attention = W2 with 1,024-token prompts, decode step time with shared-prefix attention on vs off; "
         "serve = W5 against a running OpenAI-compatible server (--url); scaling = W6 (in-engine particle "
-        "filtering and self-consistency vs the same algorithms driven through the OpenAI API)",
+        "filtering and self-consistency vs the same algorithms driven through the OpenAI API); structured = "
+        "decode step time and TTFT with a JSON schema vs unconstrained (grammar-mask overhead)",
     )
     b.add_argument(
         "--dtypes",
@@ -79,6 +89,9 @@ def add_bench_parser(sub: Any) -> None:
     )
     w5.add_argument("--label", default=None, help="name of the system under test in the report")
     add_abuse_args(w5)
+    b.add_argument(
+        "--batches", default=None, help="structured: comma-separated batch sizes of the step-time rows (1,64)"
+    )
     b.add_argument("--out-dir", default="bench_results", help="where the markdown/JSON reports go")
     b.add_argument("--workload-seed", type=int, default=0, help="seed of the synthetic prompts")
     add_engine_args(b)
@@ -98,6 +111,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "shared-attention": tree_bench.bench_shared_attention,
         "serve": _serve,
         "scaling": _w6,
+        "structured": _structured,
     }
     return workloads[args.workload](args)
 
@@ -112,6 +126,12 @@ def _w6(args: argparse.Namespace) -> int:
     from forkllm.bench.w6 import bench_w6
 
     return bench_w6(args)
+
+
+def _structured(args: argparse.Namespace) -> int:
+    from forkllm.bench.structured_bench import bench_structured
+
+    return bench_structured(args)
 
 
 def _dtypes(args: argparse.Namespace) -> list[str]:

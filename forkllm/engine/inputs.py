@@ -3,30 +3,57 @@
 Pure with respect to engine state (it reads only the tokenizer and the model's limits), so the
 async engine runs it on the caller's thread and hands the engine a ready Request. The request's
 seed, when the caller gave none, is drawn later on the engine's thread (`LLMEngine.add_prepared`),
-so unseeded requests do not depend on how callers' threads interleave.
+so unseeded requests do not depend on how callers' threads interleave. A structured request's
+grammar is compiled and validated here too (a bad schema is a ValueError naming the field before
+the engine sees the request), and its root sequence gets its grammar state.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence as Seq
 from typing import Any
 
 from forkllm.engine.detokenizer import IncrementalDetokenizer
 from forkllm.engine.outputs import RequestMetrics
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Request, Sequence
+from forkllm.structured.backend import GrammarCompiler
+from forkllm.structured.state import GrammarState
 from forkllm.tokenizer import Tokenizer
 
 PromptInput = str | list[int] | dict[str, Any]
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, max_model_len: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None,
+        vocab_size: int,
+        max_model_len: int,
+        eos_token_ids: Seq[int] = (),
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self._ids = itertools.count()  # itertools.count is atomic under the GIL
+        # Grammars of structured requests (its vocabulary is built on the first such request).
+        self.grammars: GrammarCompiler | None = None
+        if tokenizer is not None:
+            eos = list(eos_token_ids)
+            if not eos and tokenizer.eos_token_id is not None:
+                eos = [tokenizer.eos_token_id]
+            self.grammars = GrammarCompiler(tokenizer, eos)
+
+    def grammar_state(self, params: SamplingParams) -> GrammarState | None:
+        """The initial grammar state of a request's output (None when unconstrained); raises
+        ValueError naming the field when the grammar library cannot use the spec."""
+        if params.structured is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("structured_outputs needs a tokenizer; this engine was loaded without one")
+        return self.grammars.new_state(params.structured)
 
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         """Text, token ids or {"prompt": ...} / {"prompt_token_ids": [...]} -> (text, ids)."""
@@ -71,6 +98,7 @@ class InputProcessor:
         params.check_vocab(self.vocab_size)  # logit_bias ids index the logits
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        grammar = self.grammar_state(params)
         text, ids = self.tokenize_prompt(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(
@@ -94,6 +122,7 @@ class InputProcessor:
                 seed=0,  # set with the request's seed on the engine's thread
                 detok=IncrementalDetokenizer.for_prompt(len(ids)),
                 logprobs=[] if params.logprobs is not None else None,
+                grammar=grammar,
             )
         )
         return req

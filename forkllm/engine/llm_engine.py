@@ -106,7 +106,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.seqs: dict[str, Sequence] = {}  # live sequences by id (fork / prune address them)
         self.tree = TreeOps(self.kv, self.scheduler, self.seqs)
-        self.inputs = InputProcessor(tok, mcfg.vocab_size, self.max_model_len)
+        self.inputs = InputProcessor(tok, mcfg.vocab_size, self.max_model_len, eos)
         self.outputs = OutputProcessor(tok, eos, self.max_model_len, self.tree.finish)
         self._step_hooks: list[StepHook] = []
         # Called once a step's batch is scheduled, before the model runs (the async engine

@@ -2,9 +2,11 @@
 
 `append_tokens` takes one or more tokens per sequence per step (speculative decoding accepts
 several): each is appended, detokenized and checked against the stop conditions in order, and
-tokens after the one that finished the sequence are dropped. `make_output` builds a request's
-RequestOutput in the shape its params ask for (cumulative, delta, or final only), holding back
-text that could still turn into a stop string.
+tokens after the one that finished the sequence are dropped. A constrained sequence's grammar
+state advances by each token before it is appended (a token the grammar rejects is never
+appended: GrammarViolation), and the sequence ends ("stop") when its grammar is complete.
+`make_output` builds a request's RequestOutput in the shape its params ask for (cumulative,
+delta, or final only), holding back text that could still turn into a stop string.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from forkllm.engine.detokenizer import find_stop_string
 from forkllm.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind
 from forkllm.engine.sequence import Request, Sequence
+from forkllm.structured.state import GrammarViolation
 from forkllm.tokenizer import Tokenizer
 
 TokenLogprob = tuple[float, PositionLogprobs] | None
@@ -46,6 +49,11 @@ class OutputProcessor:
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob) -> bool:
         """Append one token; True when it finished the sequence."""
+        if seq.grammar is not None:
+            try:
+                seq.grammar.advance((token,))
+            except GrammarViolation as e:
+                raise GrammarViolation(f"sequence {seq.seq_id!r}: {e}") from None
         seq.token_ids.append(token)
         if lp is not None and seq.logprobs is not None:
             seq.cumulative_logprob += lp[0]
@@ -68,6 +76,8 @@ class OutputProcessor:
                     i, stop = hit
                     seq.detok.text = seq.detok.text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
                     reason, stop_reason = "stop", stop
+        if reason is None and seq.grammar is not None and seq.grammar.is_finished:
+            reason = "stop"  # the grammar is complete: only EOS could follow
         max_new = p.max_tokens if p.max_tokens is not None else self.max_model_len - seq.num_prompt_tokens
         if reason is None and (n_out >= max_new or seq.num_tokens >= self.max_model_len):
             reason = "length"

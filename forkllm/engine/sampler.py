@@ -1,4 +1,10 @@
-"""Batched sampler: logit bias, penalties, temperature, min-p, top-k, top-p, logprobs, per-sequence seeds.
+"""Batched sampler: grammar masks, logit bias, penalties, temperature, min-p, top-k, top-p, logprobs,
+per-sequence seeds.
+
+Structured output: rows whose sequence has a grammar state get the tokens their grammar disallows
+set to -inf first, in one batched op over those rows (forkllm/structured/mask.py), so bias,
+penalties and every sampling path (greedy, PyTorch, the fused C++ kernel) only ever see allowed
+tokens. Without a constrained row the logits are not touched (no copy).
 
 Determinism: a sequence's sample depends only on its own logits, its seed and its step. Sampling
 is by inverse CDF with one uniform number per row, drawn from a counter-based hash of
@@ -17,6 +23,7 @@ from forkllm.engine.outputs import Logprob, PositionLogprobs
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence
 from forkllm.kernels import KernelOps, Kernels
+from forkllm.structured.mask import apply_bitmask, fill_bitmasks
 
 _MASK64 = (1 << 64) - 1
 
@@ -62,6 +69,7 @@ class Sampler:
         raw = logits
         params = [s.params for s in seqs]
         want_lp = [p.logprobs is not None for p in params]
+        logits = _apply_grammars(logits, seqs)
         logits = _apply_logit_bias(logits, params)
         logits = self._apply_penalties_and_bans(logits, seqs)
 
@@ -107,7 +115,12 @@ class Sampler:
                 if t < vocab
             ]
             if stop_ids:
+                kept = logits[i, stop_ids]
                 logits[i, stop_ids] = float("-inf")
+                # A grammar that allows nothing but a stop token here wins over min_tokens (the
+                # row would have no token left to draw).
+                if seqs[i].grammar is not None and bool(torch.isneginf(logits[i]).all()):
+                    logits[i, stop_ids] = kept
         if pen:
             rows = torch.tensor(pen, device=dev)
             sub = logits[rows]
@@ -184,6 +197,14 @@ class Sampler:
         if chosen not in pos:
             pos[chosen] = Logprob(lp.chosen[j], lp.chosen_rank[j], dec(chosen) if callable(dec) else None)
         return lp.chosen[j], pos
+
+
+def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Disallowed tokens of every constrained row to -inf (a copy); untouched without one."""
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if not rows:
+        return logits
+    return apply_bitmask(logits, rows, fill_bitmasks([seqs[i].grammar for i in rows]))  # type: ignore[misc]
 
 
 def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

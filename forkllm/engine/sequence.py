@@ -18,6 +18,7 @@ from forkllm.engine.detokenizer import IncrementalDetokenizer
 from forkllm.engine.outputs import PositionLogprobs, RequestMetrics
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.kv.prefix_cache import CacheNode
+from forkllm.structured.state import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -54,6 +55,9 @@ class Sequence:
     sent_text_len: int = 0
     sent_tokens: int = 0
     finish_sent: bool = False
+    # Structured output: where the output stands in the request's grammar (None: unconstrained).
+    # Made with the root sequence, forked with every copy, advanced by every appended token.
+    grammar: GrammarState | None = None
 
     @property
     def params(self) -> SamplingParams:

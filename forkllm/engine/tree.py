@@ -86,8 +86,8 @@ class TreeOps:
         parent: Sequence,
         status: SequenceStatus = SequenceStatus.WAITING,
     ) -> Sequence:
-        """A new sequence continuing from `source`: its tokens and sampling state, its pages
-        shared (copy-on-write)."""
+        """A new sequence continuing from `source`: its tokens and sampling state (its grammar
+        state copied, so the two diverge independently), its pages shared (copy-on-write)."""
         return Sequence(
             seq_id=seq_id,
             request=source.request,
@@ -105,6 +105,7 @@ class TreeOps:
             logprobs=None if source.logprobs is None else list(source.logprobs),
             parent=parent,
             status=status,
+            grammar=None if source.grammar is None else source.grammar.fork(),
         )
 
     def release(self, anchor: Sequence) -> None:

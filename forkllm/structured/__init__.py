@@ -1,8 +1,15 @@
 """Structured output: grammars (JSON schema, regex, choice, Lark) that constrain sampling.
 
-`params.py` is what a request asks for; the grammar backend (llguidance) and the per-sequence
-matcher state live beside it. The engine imports this package; it imports nothing above it."""
+- `params.py`: what a request asks for (`StructuredOutputsParams`, vLLM's field names).
+- `backend.py`: `GrammarCompiler`, one per engine: llguidance grammars from specs, validated at
+  request creation (ValueError naming the field), cached.
+- `state.py`: `GrammarState`, one per sequence: forks with it, advances by its tokens.
+- `mask.py`: the batch's token bitmasks, filled per sequence and applied to the logits at once.
 
+The engine imports this package; it imports nothing above it."""
+
+from forkllm.structured.backend import GrammarCompiler
 from forkllm.structured.params import StructuredOutputsParams
+from forkllm.structured.state import GrammarState, GrammarViolation
 
-__all__ = ["StructuredOutputsParams"]
+__all__ = ["GrammarCompiler", "GrammarState", "GrammarViolation", "StructuredOutputsParams"]

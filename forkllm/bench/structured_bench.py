@@ -1,0 +1,246 @@
+"""`forkllm bench structured`: what a JSON schema costs (issue 16's mask-overhead targets).
+
+- Decode step time with a nested JSON schema vs unconstrained, at batch 1 and batch 64: the
+  median wall time of engine steps in which every sequence of the batch decodes one token (no
+  prefill in the step, nobody finished). The schema's shortest valid object is longer than the
+  measured tokens, so constrained sequences never end early; they cross structural states
+  (few allowed tokens) and string states (nearly all allowed), as real JSON does.
+- Time to first token of a request whose schema the engine has never seen (compiled when the
+  request is made) vs an unconstrained request, one at a time; the first structured request of an
+  engine also builds llguidance's view of the vocabulary, reported on its own.
+
+Variants run interleaved, rep by rep, so a drifting shared machine shifts both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import time
+from typing import Any
+
+import torch
+
+from forkllm.bench.report import Row, machine_info, median, save, table
+from forkllm.engine.args import engine_kwargs
+
+# Nested objects, arrays, enums, numbers. Its shortest valid object is ~45 tokens (the summary's
+# minLength alone is ~10), so 32 decoded tokens never complete it.
+BENCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "editor", "viewer"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 24},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                "geo": {
+                    "type": "object",
+                    "properties": {
+                        "lat": {"type": "number", "minimum": -90, "maximum": 90},
+                        "lon": {"type": "number", "minimum": -180, "maximum": 180},
+                    },
+                    "required": ["lat", "lon"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["city", "zip", "geo"],
+            "additionalProperties": False,
+        },
+        "summary": {"type": "string", "minLength": 40, "maxLength": 120},
+    },
+    "required": ["name", "age", "role", "tags", "address", "summary"],
+    "additionalProperties": False,
+}
+
+
+def _prompt_ids(tok: Any, i: int) -> list[int]:
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": f"({i}) Describe user number {i} of our web site as a JSON object."}]
+    )
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _decode_step_times(
+    engine: Any, prompts: list[list[int]], params: Any, mask_times: dict[str, list[float]] | None = None
+) -> list[float]:
+    """Wall times of the steps in which every request decoded exactly one token. With
+    `mask_times`, after each such step the live sequences' masks are filled and applied once
+    more, outside the timed step, to time those two parts on their own."""
+    engine.kv.pool.drop_cached()
+    for p in prompts:
+        engine.add_request(p, params)
+    times = []
+    while engine.has_unfinished_requests():
+        gen0, pre0 = engine.stats.generation_tokens, engine.stats.prompt_tokens_computed
+        t0 = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t0
+        full = engine.stats.generation_tokens - gen0 == len(prompts)
+        if full and engine.stats.prompt_tokens_computed == pre0:
+            times.append(dt)
+            if mask_times is not None:
+                _time_masks(engine, mask_times)
+    return times
+
+
+def _time_masks(engine: Any, mask_times: dict[str, list[float]]) -> None:
+    from forkllm.structured.mask import apply_bitmask, fill_bitmasks
+
+    states = [s.grammar for s in engine.seqs.values() if s.grammar is not None and not s.finished]
+    if not states:
+        return
+    logits = torch.zeros(len(states), engine.model_config.vocab_size)
+    t0 = time.perf_counter()
+    bitmask = fill_bitmasks(states)
+    t1 = time.perf_counter()
+    apply_bitmask(logits, list(range(len(states))), bitmask)
+    t2 = time.perf_counter()
+    mask_times["fill"].append(t1 - t0)
+    mask_times["apply"].append(t2 - t1)
+
+
+def _ttft(engine: Any, prompt: list[int], params: Any) -> float:
+    """Seconds from making the request (grammar compile included) to its first token."""
+    t0 = time.perf_counter()
+    rid = engine.add_request(prompt, params)
+    req = engine.requests[rid]
+    while req.metrics.first_token_time is None:
+        engine.step()
+    t = time.perf_counter() - t0
+    engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return t
+
+
+def _fresh_schema(i: int) -> dict[str, Any]:
+    """A schema no earlier request used (a property named after the rep): a cache miss."""
+    s = copy.deepcopy(BENCH_SCHEMA)
+    s["properties"][f"note_{i}"] = {"type": "string", "maxLength": 16}
+    s["required"] = [*s["required"], f"note_{i}"]
+    return s
+
+
+def bench_structured(args: argparse.Namespace) -> int:
+    from forkllm import LLM, SamplingParams, StructuredOutputsParams
+
+    reps = args.reps
+    out_len = args.output_len or 32
+    batches = [int(b) for b in (args.batches or "1,64").split(",")]
+    kw = engine_kwargs(args)
+    kw["max_num_seqs"] = max(kw.get("max_num_seqs") or 0, max(batches))
+    llm = LLM(**kw)
+    engine = llm.engine
+    tok = llm.get_tokenizer()
+    dtype = str(engine.dtype).removeprefix("torch.")
+    schema = StructuredOutputsParams(json=BENCH_SCHEMA)
+    plain = SamplingParams(temperature=1.0, max_tokens=out_len, ignore_eos=True, seed=0)
+    constrained = plain.clone(structured=schema)
+
+    # Warm-up: kernels, allocator, and the first structured request (it builds the vocabulary).
+    t0 = time.perf_counter()
+    grammars = engine.inputs.grammars
+    assert grammars is not None, "structured output needs a model with a tokenizer"
+    _ = grammars.ll_tokenizer
+    vocab_seconds = time.perf_counter() - t0
+    llm.generate([_prompt_ids(tok, -1)], constrained.clone(max_tokens=4), use_tqdm=False)
+    llm.generate([_prompt_ids(tok, -2)], plain.clone(max_tokens=4), use_tqdm=False)
+
+    rows: list[Row] = []
+    results: dict[str, Any] = {"vocab_seconds": vocab_seconds}
+    for b in batches:
+        prompts = [_prompt_ids(tok, i) for i in range(b)]
+        samples: dict[str, list[float]] = {"plain": [], "json": []}
+        mask_times: dict[str, list[float]] = {"fill": [], "apply": []}
+        for rep in range(reps):
+            order = [("plain", plain), ("json", constrained)]
+            for name, sp in order if rep % 2 == 0 else order[::-1]:
+                samples[name] += _decode_step_times(
+                    engine, prompts, sp, mask_times if name == "json" else None
+                )
+        p_ms, j_ms = median(samples["plain"]) * 1e3, median(samples["json"]) * 1e3
+        fill_ms, apply_ms = median(mask_times["fill"]) * 1e3, median(mask_times["apply"]) * 1e3
+        results[f"batch{b}"] = {
+            "plain_ms": p_ms,
+            "json_ms": j_ms,
+            "overhead": j_ms / p_ms - 1,
+            "mask_fill_ms": fill_ms,
+            "mask_apply_ms": apply_ms,
+        }
+        note = (
+            f"{len(samples['json'])} / {len(samples['plain'])} full decode steps; masks alone: "
+            f"fill {fill_ms:.2f} ms + apply {apply_ms:.2f} ms per step"
+        )
+        rows.append(
+            Row(f"unconstrained, batch {b}", dtype, {"step_ms": p_ms}, samples={"step": samples["plain"]})
+        )
+        rows.append(
+            Row(
+                f"JSON schema, batch {b}",
+                dtype,
+                {"step_ms": j_ms, "overhead_pct": 100 * (j_ms / p_ms - 1)},
+                note=note,
+                samples={"step": samples["json"]},
+            )
+        )
+        print(
+            f"batch {b}: step {p_ms:.2f} ms unconstrained, {j_ms:.2f} ms JSON "
+            f"({100 * (j_ms / p_ms - 1):+.1f}%); {note}",
+            flush=True,
+        )
+
+    ttft: dict[str, list[float]] = {"plain": [], "json": []}
+    for rep in range(max(reps, 5)):
+        prompt = _prompt_ids(tok, 1000 + rep)
+        first_sp = plain.clone(max_tokens=2)
+        fresh = first_sp.clone(structured=StructuredOutputsParams(json=_fresh_schema(rep)))
+        order = [("plain", first_sp), ("json", fresh)]
+        for name, sp in order if rep % 2 == 0 else order[::-1]:
+            engine.kv.pool.drop_cached()
+            ttft[name].append(_ttft(engine, prompt, sp))
+    p_t, j_t = median(ttft["plain"]) * 1e3, median(ttft["json"]) * 1e3
+    results["ttft"] = {"plain_ms": p_t, "json_never_seen_ms": j_t, "delta_ms": j_t - p_t}
+    rows.append(Row("TTFT unconstrained", dtype, {"ttft_ms": p_t}, samples={"ttft": ttft["plain"]}))
+    rows.append(
+        Row(
+            "TTFT never-seen JSON schema",
+            dtype,
+            {"ttft_ms": j_t, "delta_ms": j_t - p_t},
+            note="schema compiled when the request is made",
+            samples={"ttft": ttft["json"]},
+        )
+    )
+    print(
+        f"TTFT: {p_t:.1f} ms unconstrained, {j_t:.1f} ms never-seen schema ({j_t - p_t:+.1f} ms)", flush=True
+    )
+
+    m = machine_info()
+    md = (
+        f"## structured output: JSON-schema masks (median of {reps} interleaved reps)\n\n"
+        f"machine: {m['nproc']} cores, {m['cpu']}, torch {m['torch']} with {m['torch_threads']} threads; "
+        f"temperature 1.0, {out_len} decoded tokens per sequence; llguidance vocabulary built once per "
+        f"engine in {vocab_seconds * 1e3:.0f} ms (first structured request)\n\n"
+    )
+    md += table(
+        rows,
+        [
+            ("step_ms", "decode step ms"),
+            ("overhead_pct", "overhead %"),
+            ("ttft_ms", "TTFT ms"),
+            ("delta_ms", "+ms"),
+        ],
+        None,
+        "step_ms",
+    )
+    print("\n" + md)
+    path = save(args.out_dir, "structured", md, rows, {"results": results})
+    print(f"\nsaved {path}")
+    del llm, engine
+    gc.collect()
+    return 0
