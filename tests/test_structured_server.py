@@ -7,7 +7,6 @@ openai SDK (n=8 objects valid against their schema, the SDK's own `parse`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
@@ -54,13 +53,6 @@ SCHEMA = {
     "required": ["kind", "legs", "pet", "tags", "home"],
     "additionalProperties": False,
 }
-
-# The engine's side of issue 16 (grammar masks in the sampler) lands separately; until it is in
-# the tree, what the model writes is not constrained and these tests have nothing to check.
-needs_engine_grammars = pytest.mark.skipif(
-    importlib.util.find_spec("forkllm.structured.backend") is None,
-    reason="the engine does not apply grammars in this tree yet",
-)
 
 
 # ---- the mapping, without an engine ---------------------------------------------------------------
@@ -203,7 +195,6 @@ def client(live):
     return openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
 
 
-@needs_engine_grammars
 def test_json_schema_n8_gives_8_valid_objects(client):
     r = client.chat.completions.create(
         model="tiny",
@@ -255,7 +246,6 @@ def test_the_sdks_parse_sends_a_schema_we_compile_and_reads_our_answer():
         srv.stop()
 
 
-@needs_engine_grammars
 def test_streamed_json_schema_is_valid_when_put_together(client):
     stream = client.chat.completions.create(
         model="tiny",
@@ -269,7 +259,6 @@ def test_streamed_json_schema_is_valid_when_put_together(client):
     jsonschema.validate(json.loads(text), SCHEMA)
 
 
-@needs_engine_grammars
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_object_starts_an_object_and_stays_valid(client, stream):
     kw = dict(model="tiny", messages=MSGS, response_format={"type": "json_object"}, max_tokens=24, seed=4)
@@ -284,7 +273,6 @@ def test_json_object_starts_an_object_and_stays_valid(client, stream):
     assert JsonObjectScanner().scan(text) in (Scan.MORE, Scan.DONE), text  # cut by max_tokens, never invalid
 
 
-@needs_engine_grammars
 def test_guided_choice_and_regex_on_chat_and_completions(client):
     r = client.chat.completions.create(
         model="tiny", messages=MSGS, n=4, max_tokens=10, extra_body={"guided_choice": ["sunny", "rainy day"]}
@@ -306,7 +294,6 @@ def test_guided_choice_and_regex_on_chat_and_completions(client):
     assert ": " not in r.choices[0].text and ", " not in r.choices[0].text
 
 
-@needs_engine_grammars
 def test_guided_grammar_lark_on_completions(client):
     r = client.completions.create(
         model="tiny",
