@@ -12,6 +12,15 @@ from forkllm.engine.outputs import CompletionOutput, RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.tree import TreePolicy, run_policies
 from forkllm.tokenizer import Tokenizer
+from forkllm.tools.executor import ToolExecutor
+from forkllm.tools.formats import DEFAULT_FORMAT, get_format
+from forkllm.tools.prompt import render_chat
+from forkllm.tools.runtime import (
+    RoundGrammar,
+    ToolPolicy,
+    ToolTurnRenderer,
+)
+from forkllm.tools.runtime_schema import ToolLike, as_tools
 
 R = TypeVar("R")
 
@@ -29,6 +38,7 @@ class LLM:
 
     def __init__(self, model: Any = None, **engine_kwargs: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self._tool_executor: ToolExecutor | None = None
 
     def get_tokenizer(self) -> Tokenizer:
         if self.engine.tokenizer is None:
@@ -56,8 +66,26 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         continue_final_message: bool = False,
+        tools: Seq[ToolLike] | None = None,
+        run_tools: bool = False,
+        max_tool_rounds: int = 8,
+        tool_timeout: float | None = 60.0,
+        tool_grammar: RoundGrammar | Seq[RoundGrammar | None] | None = None,
+        tool_format: str = DEFAULT_FORMAT,
     ) -> list[RequestOutput]:
-        """Chat with one conversation (a list of {"role", "content"}) or a batch of them."""
+        """Chat with one conversation (a list of {"role", "content"}) or a batch of them.
+
+        `tools`: Python callables (their JSON schema comes from the signature and docstring),
+        `Tool`s, or (OpenAI tool dict, callable) pairs; they are listed in the system prompt.
+        With `run_tools` the engine runs the calls the model makes itself, while it keeps decoding
+        (forkllm.tools.runtime): each call starts as soon as its markup closes, the calls of one
+        message run concurrently, a call that raises or passes `tool_timeout` seconds gives the
+        model an error message, and the sequence resumes from its own KV with the results, for at
+        most `max_tool_rounds` messages with calls. Each output is then a ToolCompletionOutput:
+        the last assistant message plus `tool_calls` (arguments, results, timings) and `messages`.
+        n > 1 samples each run their own tools. `tool_grammar(r)` may force the format of
+        assistant message r (a StructuredOutputsParams, or None); a list gives one per conversation. `tool_format`: how calls are
+        written and read (forkllm.tools.formats: hermes, llama3_json, pythonic)."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError(
                 "messages must be a non-empty list of {'role', 'content'} dicts (or a list of those)"
@@ -67,19 +95,50 @@ class LLM:
         else:
             convs = list(messages)  # type: ignore[arg-type]
         tok = self.get_tokenizer()
-        prompts: list[PromptInput] = []
+        if run_tools and not tools:
+            raise ValueError("run_tools=True needs tools")
+        table = as_tools(tools) if tools else None
+        fmt = get_format(tool_format)
+        rendered: list[tuple[str, list[int]]] = []
         for conv in convs:
-            text = tok.apply_chat_template(
+            text = render_chat(
+                tok,
                 conv,
-                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                tools=[t.spec() for t in table.values()] if table is not None else None,
+                tool_format=fmt.name,
                 chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
             )
             if continue_final_message:
                 last = conv[-1].get("content") or ""
                 text = text[: text.rfind(last) + len(last)] if last else text
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+            rendered.append((text, tok.encode(text, add_special_tokens=False)))
+        prompts: list[PromptInput] = [{"prompt": t, "prompt_token_ids": ids} for t, ids in rendered]
         params = self._params_for(prompts, sampling_params)
-        return self._run(prompts, params, use_tqdm)
+        if not run_tools or table is None:
+            return self._run(prompts, params, use_tqdm)
+        renderer = ToolTurnRenderer(tok, fmt, chat_template)
+        grammars: list[RoundGrammar | None]
+        if isinstance(tool_grammar, (list, tuple)):
+            grammars = list(tool_grammar)
+            if len(grammars) != len(rendered):
+                raise ValueError(f"got {len(grammars)} tool_grammar for {len(rendered)} conversations")
+        else:
+            grammars = [tool_grammar] * len(rendered)  # type: ignore[list-item]
+        jobs: list[tuple[TreePolicy[RequestOutput], list[int], str]] = []
+        for (text, ids), p, g in zip(rendered, params, grammars):
+            policy = ToolPolicy(
+                p, table, self.tool_executor, renderer, max_tool_rounds, tool_timeout, g, prompt=text
+            )
+            jobs.append((policy, ids, ""))
+        return run_policies(self.engine, jobs)
+
+    @property
+    def tool_executor(self) -> ToolExecutor:
+        """Runs the tools of `chat(..., run_tools=True)` (one thread pool and event loop per LLM)."""
+        if self._tool_executor is None:
+            self._tool_executor = ToolExecutor()
+        return self._tool_executor
 
     # ---- inference-time scaling -----------------------------------------------------------------
     def scale(self, prompt: str | list[int] | Conversation, strategy: TreePolicy[R], chat: bool = True) -> R:

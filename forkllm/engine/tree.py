@@ -1,8 +1,11 @@
 """The generation tree: the one API every tree policy (scaling strategies, threads, tools) uses.
 
-- `TreeOps`: fork / pause / resume / prune on the engine's live sequences. A fork shares every
-  page of its parent (copy-on-write on the partial last page), so n samples, beams and particles
-  cost one prefill.
+- `TreeOps`: fork / pause / resume / prune / extend on the engine's live sequences. A fork shares
+  every page of its parent (copy-on-write on the partial last page), so n samples, beams and
+  particles cost one prefill. `extend` appends tokens nobody sampled (a tool's result) to a paused
+  sequence: resumed, it computes only them, as one chunk after the KV it has, and samples after
+  them. A policy may also park its sequences when they stop by themselves (`park_on_stop`: an
+  assistant message that ended with tool calls waits for their results, pages kept).
 - `TreeRun`: one request's tree as a policy sees it: its sequences by state, the tokens it
   generated, its token budget, and the tree operations scoped to it.
 - `TreePolicy`: the protocol a policy implements (start / on_step / stop / result).
@@ -16,14 +19,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
+from forkllm.engine.detokenizer import IncrementalDetokenizer
 from forkllm.engine.sampler import derive_seed
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.scheduler import Scheduler
 from forkllm.engine.sequence import Request, Sequence, SequenceStatus
 from forkllm.kv.manager import KVCacheManager
+from forkllm.structured.state import GrammarState
 
 if TYPE_CHECKING:
     from forkllm.engine.llm_engine import LLMEngine
@@ -31,6 +38,9 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 StepHook = Callable[["LLMEngine"], None]
+# Asked when one of a request's sequences stops by itself (EOS, a stop token or string, its grammar
+# complete: finish_reason "stop"): True parks it (paused, pages kept) instead of finishing it.
+StopGate = Callable[[Sequence], bool]
 
 
 class TreeOps:
@@ -40,6 +50,7 @@ class TreeOps:
         self.kv, self.scheduler, self.seqs = kv, scheduler, seqs
         self.num_forks = 0
         self.num_prunes = 0
+        self.stop_gates: dict[str, StopGate] = {}  # by request id (see park_on_stop)
 
     def fork(self, parent: Sequence, k: int, seeds: list[int] | None = None) -> list[Sequence]:
         """k children of a live sequence, scheduled right after it; each samples with its own seed
@@ -133,7 +144,48 @@ class TreeOps:
         self.num_prunes += 1
 
     def finish(self, seq: Sequence) -> None:
+        """End a sequence and release its pages; one that stopped by itself (finish_reason
+        "stop") is parked instead when its request's stop gate says so (see park_on_stop)."""
+        gate = self.stop_gates.get(seq.request.request_id)
+        if gate is not None and seq.finish_reason == "stop" and not seq.finished and gate(seq):
+            self.scheduler.pause(seq)
+            return
         self.scheduler.finish(seq)
+        self.seqs.pop(seq.seq_id, None)
+
+    def park_on_stop(self, request_id: str, gate: StopGate | None) -> None:
+        """When a sequence of the request stops by itself, ask `gate(seq)`: True parks it (PAUSED,
+        pages kept, finish_reason still "stop") for its policy to `extend` and `resume` or `end`.
+        None removes the gate."""
+        if gate is None:
+            self.stop_gates.pop(request_id, None)
+        else:
+            self.stop_gates[request_id] = gate
+
+    def extend(self, seq: Sequence, token_ids: Seq[int], grammar: GrammarState | None = None) -> None:
+        """Append tokens that were not sampled (a tool's result, the next turn's header) to a
+        paused sequence. Its KV stays: resumed, it computes the tokens it had not computed (the
+        last sampled one) plus these, as one chunk, and samples after them. They are output
+        tokens by position but carry no logprobs and add no text (the detokenizer starts after
+        them); `grammar` is the state of what the sequence samples next (None: unconstrained)."""
+        if seq.status is not SequenceStatus.PAUSED or self.seqs.get(seq.seq_id) is not seq:
+            raise ValueError(f"no paused sequence {seq.seq_id!r} to extend")
+        if not token_ids:
+            raise ValueError("extend needs at least one token")
+        seq.token_ids.extend(token_ids)
+        n = seq.num_tokens
+        detok = IncrementalDetokenizer.for_prompt(n)
+        detok.text = seq.detok.text
+        seq.detok = detok
+        seq.finish_reason = seq.stop_reason = None
+        seq.grammar = grammar
+
+    def end(self, seq: Sequence, reason: str) -> None:
+        """Finish a live or parked sequence now with `reason` ("stop", "length", ...)."""
+        if seq.finished:
+            raise ValueError(f"no live sequence {seq.seq_id!r} to end")
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)  # not self.finish: no stop gate asked
         self.seqs.pop(seq.seq_id, None)
 
 
@@ -211,6 +263,30 @@ class TreeRun:
 
     def resume(self, seq: Sequence) -> None:
         self.engine.tree.resume(seq)
+
+    def park_on_stop(self, gate: StopGate | None) -> None:
+        """Park this tree's sequences that stop by themselves when `gate(seq)` (see TreeOps)."""
+        self.engine.tree.park_on_stop(self.request.request_id, gate)
+
+    def extend(self, seq: Sequence, token_ids: Seq[int], grammar: GrammarState | None = None) -> None:
+        """Append unsampled tokens to a paused sequence (TreeOps.extend); ValueError when they
+        would not fit max_model_len."""
+        limit = self.engine.max_model_len
+        if seq.num_tokens + len(token_ids) >= limit:
+            raise ValueError(
+                f"{len(token_ids)} more tokens do not fit: the sequence has {seq.num_tokens} of "
+                f"max_model_len {limit}"
+            )
+        self.engine.tree.extend(seq, token_ids, grammar)
+
+    def end(self, seq: Sequence, reason: str) -> None:
+        """Finish a sequence now with `reason`; the request is retired when it was the last."""
+        if seq.finished:
+            return
+        self.engine.tree.end(seq, reason)
+        if self.request.finished and self.engine.requests.get(self.request.request_id) is self.request:
+            self.request.metrics.finished_time = time.time()
+            self.engine.abort_request(self.request.request_id)  # nothing left to abort: retires it
 
     def enforce_budget(self, priority: Callable[[Sequence], float] | None = None) -> bool:
         """Prune live sequences (lowest priority first) so that the next step cannot take the

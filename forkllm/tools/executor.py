@@ -59,8 +59,7 @@ class ToolCallRecord:
             "result": self.result,
             "error": self.error,
             "timed_out": self.timed_out,
-            "started": self.started,
-            "finished": self.finished,
+            "seconds": self.seconds,  # how long it ran (till it returned, raised or timed out)
         }
 
 
