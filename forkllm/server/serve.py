@@ -64,6 +64,14 @@ def add_serve_parser(sub: Any) -> None:
         "Prometheus text; /tokenize and /detokenize are vLLM-style helpers.",
     )
     add_engine_args(s, positional_model=True)
+    s.add_argument(
+        "--tools",
+        action="append",
+        default=None,
+        metavar="MODULE:ATTR",
+        help="register Python tools (a callable, a list or a dict of them) that run inside the engine, "
+        "served at /v1/tools/chat/completions (server/tools_mode.py); repeatable",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     s.add_argument("--port", type=int, default=8000, help="port to bind")
     s.add_argument(
@@ -184,6 +192,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return client
 
     app = create_app(config, engine_factory=factory)
+    if args.tools:
+        from forkllm.server.tools_mode import enable_tools_mode, load_tools
+
+        enable_tools_mode(app, load_tools(args.tools))
     print(
         f"forkllm serve: loading {kw.get('model') or 'the embedded default model'}; listening on "
         f"http://{args.host}:{args.port} (/health is 503 until the model is ready)",
