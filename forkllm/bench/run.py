@@ -40,13 +40,15 @@ def add_bench_parser(sub: Any) -> None:
             "serve",
             "scaling",
             "structured",
+            "tools",
         ],
         help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream); parallel = W2 (8 prompts "
         "x n=16); prefix = W3 (64 requests sharing a 1,024-token system prompt, prefix cache on vs off); "
         "shared-attention = W2 with 1,024-token prompts, decode step time with shared-prefix attention on vs off; "
         "serve = W5 against a running OpenAI-compatible server (--url); scaling = W6 (in-engine particle "
         "filtering and self-consistency vs the same algorithms driven through the OpenAI API); structured = "
-        "decode step time and TTFT with a JSON schema vs unconstrained (grammar-mask overhead)",
+        "decode step time and TTFT with a JSON schema vs unconstrained (grammar-mask overhead); tools = W9 (tools "
+        "run inside the engine vs the usual client loop through the OpenAI server)",
     )
     b.add_argument(
         "--dtypes",
@@ -112,6 +114,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "serve": _serve,
         "scaling": _w6,
         "structured": _structured,
+        "tools": _w9,
     }
     return workloads[args.workload](args)
 
@@ -132,6 +135,12 @@ def _structured(args: argparse.Namespace) -> int:
     from forkllm.bench.structured_bench import bench_structured
 
     return bench_structured(args)
+
+
+def _w9(args: argparse.Namespace) -> int:
+    from forkllm.bench.tools_bench import bench_tools
+
+    return bench_tools(args)
 
 
 def _dtypes(args: argparse.Namespace) -> list[str]:
