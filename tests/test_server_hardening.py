@@ -330,6 +330,15 @@ def test_n_and_best_of_limits(http):
     assert "--max-best-of" in _error(r, 400, "best_of")["message"]
 
 
+def test_a_list_of_prompts_multiplies_the_samples_under_one_limit(http):
+    r = http.post("/v1/completions", json={"prompt": ["x"] * 9, "n": 128, "max_tokens": 1})
+    msg = _error(r, 400, "prompt")["message"]
+    assert "9 prompts x 128 samples = 1152 sequences" in msg and "--max-request-sequences" in msg
+    # one prompt given as token ids is one prompt, not a list of 20
+    r = http.post("/v1/completions", json={"prompt": list(range(10, 30)), "n": 2, "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+
+
 @pytest.mark.parametrize(
     "spec, param",
     [
@@ -381,6 +390,7 @@ def test_serve_help_shows_the_limits():
         "--max-scaling-budget",
         "--max-prompt-bytes",
         "--max-request-body",
+        "--max-request-sequences",
     ):
         assert flag in text, flag
     assert limits_from_args(parser.parse_args(["serve"])) == Limits()

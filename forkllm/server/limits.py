@@ -31,6 +31,8 @@ def _api_error(*args: Any, **kwargs: Any) -> APIError:
 class Limits:
     max_n: int = 128  # --max-n: samples per prompt (`n`)
     max_best_of: int = 128  # --max-best-of: samples ranked per prompt (`best_of`)
+    # --max-request-sequences: prompts x samples of one completion request (a list of prompts)
+    max_request_sequences: int = 1024
     max_scaling_width: int = 64  # --max-scaling-width: scaling n / particles / width x expand
     max_scaling_budget: int = 65536  # --max-scaling-budget: tokens one scaling run may generate
     max_prompt_bytes: int = 2 * MiB  # --max-prompt-bytes: UTF-8 bytes of a request's prompt text
@@ -49,6 +51,19 @@ def check_count(value: int, limit: int, field: str, flag: str) -> None:
     if value > limit:
         raise _api_error(
             400, f"{field} must be at most {limit} on this server ({flag}), got {value}", param=field
+        )
+
+
+def check_request_sequences(num_prompts: int, samples: int, limits: Limits) -> None:
+    """A list of prompts multiplies the samples: their product is one request's sequences."""
+    total = num_prompts * samples
+    if total > limits.max_request_sequences:
+        raise _api_error(
+            400,
+            f"this request would run {num_prompts} prompts x {samples} samples = {total} sequences, over "
+            f"this server's limit of {limits.max_request_sequences} (--max-request-sequences); send "
+            "fewer prompts per request",
+            param="prompt",
         )
 
 

@@ -124,6 +124,12 @@ def _add_limit_args(s: argparse.ArgumentParser) -> None:
         "--max-best-of", type=int, default=d.max_best_of, help="most samples ranked per prompt (best_of)"
     )
     g.add_argument(
+        "--max-request-sequences",
+        type=int,
+        default=d.max_request_sequences,
+        help="most sequences of one completion request: prompts x best_of (or n)",
+    )
+    g.add_argument(
         "--max-scaling-width",
         type=int,
         default=d.max_scaling_width,
@@ -154,6 +160,7 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
     return Limits(
         max_n=args.max_n,
         max_best_of=args.max_best_of,
+        max_request_sequences=args.max_request_sequences,
         max_scaling_width=args.max_scaling_width,
         max_scaling_budget=args.max_scaling_budget,
         max_prompt_bytes=args.max_prompt_bytes,

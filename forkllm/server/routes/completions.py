@@ -13,7 +13,7 @@ from forkllm.engine.outputs import PositionLogprobs, RequestOutput
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError, from_value_error
-from forkllm.server.limits import check_count, check_prompt_bytes
+from forkllm.server.limits import check_count, check_prompt_bytes, check_request_sequences
 from forkllm.server.logprobs import Decode, completion_logprobs
 from forkllm.server.protocol import CompletionRequest
 from forkllm.server.requests import (
@@ -59,6 +59,8 @@ async def completions(req: CompletionRequest, raw: Request, state: AppState) -> 
     asked = structured_request(req)
     if asked is not None:
         await state.offload.run(check_compiles, asked)
+    num_prompts = 1 if isinstance(req.prompt, str) or _token_ids(req.prompt) else len(req.prompt)
+    check_request_sequences(num_prompts, best_of, limits)
     prompts = await state.offload.run(completion_prompts, engine, req.prompt)
     structured = asked.params if asked is not None else None
     params = [_sampling_params(engine, req, len(ids), best_of, structured) for _, ids in prompts]
@@ -162,3 +164,8 @@ def _body(
             lp = completion_logprobs(ids, positions, k, decode) if k is not None else None
             choices.append(completion_choice(i * n + j, text, lp, c.finish_reason))
     return env.body(choices, sum(len(ids) for _, ids in prompts), completion_tokens)
+
+
+def _token_ids(prompt: object) -> bool:
+    """One prompt given as token ids (a flat list of integers), not a list of prompts."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
