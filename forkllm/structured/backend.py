@@ -29,6 +29,11 @@ from forkllm.structured.params import StructuredOutputsParams
 from forkllm.structured.state import GrammarState
 
 DEFAULT_CACHE_SIZE = 256
+# JSON whitespace between tokens: at most 20 characters per gap (a newline and 2-space indents 9
+# deep). Unbounded, a small model at temperature 1.0 sometimes pads a gap with newlines until
+# max_tokens (3 of 200 samples of the 135M model, tests/test_structured.py's schema). A schema's
+# own "x-guidance" options override this; disable_any_whitespace allows none.
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,20}"
 
 
 class TokenizerLike(Protocol):
@@ -66,14 +71,18 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
     """llguidance's grammar for a spec (not validated yet). Raises ValueError naming the field."""
     kind = spec.kind
     field = f"structured_outputs.{kind}"
-    json_options: dict[str, Any] | None = (
-        {"whitespace_flexible": False} if spec.disable_any_whitespace else None
+    defaults: dict[str, Any] = {"whitespace_pattern": JSON_WHITESPACE}
+    overrides: dict[str, Any] | None = (
+        {"whitespace_flexible": False, "whitespace_pattern": None} if spec.disable_any_whitespace else None
     )
     try:
-        if kind == "json":
-            return llguidance.LLMatcher.grammar_from_json_schema(spec.schema(), overrides=json_options)  # type: ignore[arg-type]
-        if kind == "json_object":
-            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=json_options)  # type: ignore[arg-type]
+        if kind in ("json", "json_object"):
+            schema = spec.schema() if kind == "json" else {"type": "object"}
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                schema,  # type: ignore[arg-type]
+                defaults=defaults,  # type: ignore[arg-type]
+                overrides=overrides,  # type: ignore[arg-type]
+            )
         if kind == "regex":
             assert spec.regex is not None
             return llguidance.LLMatcher.grammar_from_regex(spec.regex)
