@@ -120,8 +120,7 @@ def compiler() -> GrammarCompiler:
 
 # ---- the grammar state ---------------------------------------------------------------------------
 def _allowed(state: GrammarState) -> set[int]:
-    bits = fill_bitmasks([state])
-    logits = apply_bitmask(torch.zeros(1, state.vocab_size), [0], bits)
+    logits = apply_bitmask(torch.zeros(1, state.vocab_size), fill_bitmasks([state]))
     return set(torch.isfinite(logits[0]).nonzero()[:, 0].tolist())
 
 
@@ -170,11 +169,9 @@ def test_states_of_a_compiled_spec_come_from_the_cache():
 # ---- masks on hand-made logits -------------------------------------------------------------------
 def _dense_reference(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
     out = logits.clone()
-    bits = bitmask.shape[1] * 32
     for j, r in enumerate(rows):
         for t in range(out.shape[1]):
-            word = int(bitmask[j, t // 32]) if t < bits else 0
-            if t >= bits or not (word >> (t % 32)) & 1:
+            if not (int(bitmask[j, t // 32]) >> (t % 32)) & 1:
                 out[r, t] = float("-inf")
     return out
 
@@ -182,16 +179,40 @@ def _dense_reference(logits: torch.Tensor, rows: list[int], bitmask: torch.Tenso
 @pytest.mark.parametrize("width", [96, 130, 80])  # = the mask's bits, wider (model > tokenizer), narrower
 def test_apply_bitmask_matches_a_bit_by_bit_reference(width):
     g = torch.Generator().manual_seed(width)
-    words = 3
+    words = max(3, (width + 31) // 32)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=g)
+    bitmask[:, 3:] = 0  # past a 96-token vocabulary (as fill_bitmasks writes them)
     bitmask[0, 0], bitmask[1, 1], bitmask[2, 2] = 0, -1, -(2**31)  # all-zero, all-one, only bit 31
     bitmask[2, 0] = 0x00010001
     logits = torch.randn(5, width, generator=g)
     rows = [0, 2, 4]
-    got = apply_bitmask(logits, rows, bitmask)
+    got = apply_bitmask(logits, bitmask, rows)
     assert torch.equal(got, _dense_reference(logits, rows, bitmask))
     assert torch.equal(got[[1, 3]], logits[[1, 3]])  # unconstrained rows untouched
     assert not torch.isinf(logits).any()  # the input is not modified
+    # every row at once: all-ones mask rows leave theirs alone
+    full = torch.full((5, words), -1, dtype=torch.int32)
+    full[rows] = bitmask
+    assert torch.equal(apply_bitmask(logits, full), got)
+
+
+def test_logits_wider_than_the_vocabulary(compiler):
+    """A model whose logits have columns past the tokenizer's vocabulary: constrained rows never
+    draw them, unconstrained rows in the same batch keep them (and everything else) untouched."""
+    state = compiler.new_state(S(regex="[a-z]+"))
+    allowed = _allowed(state)
+    width = state.vocab_size + 64
+    logits = torch.randn(3, width)
+    logits[:, state.vocab_size :] = 50.0  # the extra columns would win every draw
+    for states, expect_rows in (([state, None, state], [0, 2]), ([None, None, state], [2])):
+        seqs = [_seq(SamplingParams(), st) for st in states]
+        got = _apply_grammars(logits, seqs)
+        for r in range(3):
+            finite = set(torch.isfinite(got[r]).nonzero()[:, 0].tolist())
+            if r in expect_rows:
+                assert finite == allowed
+            else:
+                assert torch.equal(got[r], logits[r])
 
 
 def _seq(params: SamplingParams, grammar: GrammarState | None = None, seed: int = 0) -> Sequence:

@@ -99,7 +99,7 @@ def _time_masks(engine: Any, mask_times: dict[str, list[float]]) -> None:
     t0 = time.perf_counter()
     bitmask = fill_bitmasks(states)
     t1 = time.perf_counter()
-    apply_bitmask(logits, list(range(len(states))), bitmask)
+    apply_bitmask(logits, bitmask)
     t2 = time.perf_counter()
     mask_times["fill"].append(t1 - t0)
     mask_times["apply"].append(t2 - t1)

@@ -204,7 +204,10 @@ def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
     if not rows:
         return logits
-    return apply_bitmask(logits, rows, fill_bitmasks([seqs[i].grammar for i in rows]))  # type: ignore[misc]
+    width = logits.shape[1]
+    if 2 * len(rows) >= len(seqs):  # mostly constrained: every row in two ops, the rest all-allowed
+        return apply_bitmask(logits, fill_bitmasks([s.grammar for s in seqs], width))
+    return apply_bitmask(logits, fill_bitmasks([seqs[i].grammar for i in rows], width), rows)
 
 
 def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
