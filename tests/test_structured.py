@@ -20,7 +20,7 @@ from conftest import tiny_llm
 from forkllm import SamplingParams, StructuredOutputsParams
 from forkllm.engine.detokenizer import IncrementalDetokenizer
 from forkllm.engine.outputs import RequestMetrics
-from forkllm.engine.sampler import Sampler, _apply_grammars, derive_seed
+from forkllm.engine.sampler import Sampler, derive_seed
 from forkllm.engine.sampling_params import RequestOutputKind
 from forkllm.engine.sequence import Request, Sequence
 from forkllm.models.loader import default_tokenizer
@@ -196,6 +196,25 @@ def test_apply_bitmask_matches_a_bit_by_bit_reference(width):
     assert torch.equal(apply_bitmask(logits, full), got)
 
 
+def test_masks_from_the_pool_equal_those_one_by_one(compiler):
+    import llguidance
+
+    tok = default_tokenizer()
+    text = '{"name":"Al","age":41,"role":"viewer","scores":[1,-2],"pos":{"x":7,"ok":true}}'
+    ids = tok.encode(text, add_special_tokens=False)
+    states: list[GrammarState | None] = []
+    for k in range(0, len(ids), 3):
+        state = compiler.new_state(S(json=BOUNDED_SCHEMA, disable_any_whitespace=True))
+        state.advance(ids[:k])
+        states += [state, None] if k % 2 else [state]
+    pool = llguidance.LLExecutor()
+    vocab = tok.vocab_size
+    for width in (vocab, vocab + 70):
+        one_by_one = fill_bitmasks(states, width)
+        assert torch.equal(fill_bitmasks(states, width, pool), one_by_one)
+        assert all(bool((one_by_one[i] == -1).all()) for i, s in enumerate(states) if s is None)
+
+
 def test_logits_wider_than_the_vocabulary(compiler):
     """A model whose logits have columns past the tokenizer's vocabulary: constrained rows never
     draw them, unconstrained rows in the same batch keep them (and everything else) untouched."""
@@ -206,7 +225,7 @@ def test_logits_wider_than_the_vocabulary(compiler):
     logits[:, state.vocab_size :] = 50.0  # the extra columns would win every draw
     for states, expect_rows in (([state, None, state], [0, 2]), ([None, None, state], [2])):
         seqs = [_seq(SamplingParams(), st) for st in states]
-        got = _apply_grammars(logits, seqs)
+        got = Sampler([])._apply_grammars(logits, seqs)
         for r in range(3):
             finite = set(torch.isfinite(got[r]).nonzero()[:, 0].tolist())
             if r in expect_rows:
@@ -225,7 +244,7 @@ def _seq(params: SamplingParams, grammar: GrammarState | None = None, seed: int 
 def test_rows_without_a_grammar_cost_nothing():
     logits = torch.randn(3, 16)
     seqs = [_seq(SamplingParams()) for _ in range(3)]
-    assert _apply_grammars(logits, seqs) is logits
+    assert Sampler([])._apply_grammars(logits, seqs) is logits
 
 
 @pytest.mark.parametrize("kernels", [False, True])

@@ -96,8 +96,9 @@ def _time_masks(engine: Any, mask_times: dict[str, list[float]]) -> None:
     if not states:
         return
     logits = torch.zeros(len(states), engine.model_config.vocab_size)
+    pool = engine.sampler._grammar_pool  # the engine's mask pool (made by its first constrained step)
     t0 = time.perf_counter()
-    bitmask = fill_bitmasks(states)
+    bitmask = fill_bitmasks(states, logits.shape[1], pool)
     t1 = time.perf_counter()
     apply_bitmask(logits, bitmask)
     t2 = time.perf_counter()

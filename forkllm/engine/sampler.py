@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import llguidance
 import torch
 
 from forkllm.engine.outputs import Logprob, PositionLogprobs
@@ -61,6 +62,8 @@ class Sampler:
         # The engine's C++ CPU kernels (resolved for its device, so logits are on the CPU when
         # set): fused temperature / min-p / top-k / top-p sampling. None: PyTorch only.
         self.ops: KernelOps | None = kernels.ops if kernels is not None else None
+        # llguidance's thread pool for the batch's grammar masks (made on the first constrained row).
+        self._grammar_pool: llguidance.LLExecutor | None = None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         n = len(seqs)
@@ -69,7 +72,7 @@ class Sampler:
         raw = logits
         params = [s.params for s in seqs]
         want_lp = [p.logprobs is not None for p in params]
-        logits = _apply_grammars(logits, seqs)
+        logits = self._apply_grammars(logits, seqs)
         logits = _apply_logit_bias(logits, params)
         logits = self._apply_penalties_and_bans(logits, seqs)
 
@@ -99,6 +102,18 @@ class Sampler:
         return SamplerOutput(token_list, out_lp)
 
     # ---- processing ---------------------------------------------------------------------------
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Disallowed tokens of every constrained row to -inf (a copy); untouched without one."""
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return logits
+        if self._grammar_pool is None:
+            self._grammar_pool = llguidance.LLExecutor()
+        width, pool = logits.shape[1], self._grammar_pool
+        if 2 * len(rows) >= len(seqs):  # mostly constrained: every row in two ops, the rest all-allowed
+            return apply_bitmask(logits, fill_bitmasks([s.grammar for s in seqs], width, pool))
+        return apply_bitmask(logits, fill_bitmasks([seqs[i].grammar for i in rows], width, pool), rows)
+
     def _apply_penalties_and_bans(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         pen = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
         ban = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
@@ -197,17 +212,6 @@ class Sampler:
         if chosen not in pos:
             pos[chosen] = Logprob(lp.chosen[j], lp.chosen_rank[j], dec(chosen) if callable(dec) else None)
         return lp.chosen[j], pos
-
-
-def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Disallowed tokens of every constrained row to -inf (a copy); untouched without one."""
-    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
-    if not rows:
-        return logits
-    width = logits.shape[1]
-    if 2 * len(rows) >= len(seqs):  # mostly constrained: every row in two ops, the rest all-allowed
-        return apply_bitmask(logits, fill_bitmasks([s.grammar for s in seqs], width))
-    return apply_bitmask(logits, fill_bitmasks([seqs[i].grammar for i in rows], width), rows)
 
 
 def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
