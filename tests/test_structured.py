@@ -176,24 +176,40 @@ def _dense_reference(logits: torch.Tensor, rows: list[int], bitmask: torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("width", [96, 130, 80])  # = the mask's bits, wider (model > tokenizer), narrower
-def test_apply_bitmask_matches_a_bit_by_bit_reference(width):
+def _kernel_ops():
+    from forkllm.kernels import Kernels
+
+    ops = Kernels.resolve(True, torch.device("cpu"), torch.float32).ops
+    if ops is None:
+        pytest.skip("C++ kernels could not be built here")
+    return ops
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [96, 130, 80, 75])  # = the mask's bits, wider, narrower, mid-word
+def test_apply_bitmask_matches_a_bit_by_bit_reference(width, dtype, kernels):
+    ops = _kernel_ops() if kernels else None
     g = torch.Generator().manual_seed(width)
     words = max(3, (width + 31) // 32)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=g)
     bitmask[:, 3:] = 0  # past a 96-token vocabulary (as fill_bitmasks writes them)
     bitmask[0, 0], bitmask[1, 1], bitmask[2, 2] = 0, -1, -(2**31)  # all-zero, all-one, only bit 31
     bitmask[2, 0] = 0x00010001
-    logits = torch.randn(5, width, generator=g)
+    logits = torch.randn(5, width, generator=g).to(dtype)
     rows = [0, 2, 4]
-    got = apply_bitmask(logits, bitmask, rows)
+    got = apply_bitmask(logits, bitmask, rows, ops)
     assert torch.equal(got, _dense_reference(logits, rows, bitmask))
     assert torch.equal(got[[1, 3]], logits[[1, 3]])  # unconstrained rows untouched
     assert not torch.isinf(logits).any()  # the input is not modified
     # every row at once: all-ones mask rows leave theirs alone
     full = torch.full((5, words), -1, dtype=torch.int32)
     full[rows] = bitmask
-    assert torch.equal(apply_bitmask(logits, full), got)
+    assert torch.equal(apply_bitmask(logits, full, None, ops), got)
+    if ops is not None:  # in place: the same values, in the tensor given
+        inplace = logits.clone()
+        assert apply_bitmask(inplace, bitmask, rows, ops, in_place=True) is inplace
+        assert torch.equal(inplace, got)
 
 
 def test_masks_from_the_pool_equal_those_one_by_one(compiler):
@@ -261,7 +277,7 @@ def test_every_sampling_path_draws_only_allowed_tokens(compiler, params, kernels
     from forkllm.kernels import Kernels
 
     k = Kernels.resolve(True, torch.device("cpu"), torch.float32) if kernels else None
-    if kernels and (k is None or k.ops is None):
+    if k is not None and k.ops is None:
         pytest.skip("C++ kernels could not be built here")
     tok = default_tokenizer()
     prefixes = ["", '{"name":"ab', '{"name":"a","age":1', '{"name":"a","age":12,"role":"ed']

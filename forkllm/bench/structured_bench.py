@@ -2,14 +2,16 @@
 
 - Decode step time with a nested JSON schema vs unconstrained, at batch 1 and batch 64: the
   median wall time of engine steps in which every sequence of the batch decodes one token (no
-  prefill in the step, nobody finished). The schema's shortest valid object is longer than the
+  prefill in the step, nobody finished). The variants run on two engines of the same model,
+  stepped in turn, so the shared machine's busy moments fall on both alike; the engines swap
+  variants every rep. The schema's shortest valid object is longer than the
   measured tokens, so constrained sequences never end early; they cross structural states
   (few allowed tokens) and string states (nearly all allowed), as real JSON does.
 - Time to first token of a request whose schema the engine has never seen (compiled when the
   request is made) vs an unconstrained request, one at a time; the first structured request of an
   engine also builds llguidance's view of the vocabulary, reported on its own.
 
-Variants run interleaved, rep by rep, so a drifting shared machine shifts both alike.
+TTFT variants run interleaved, rep by rep, so a drifting shared machine shifts both alike.
 """
 
 from __future__ import annotations
@@ -66,26 +68,39 @@ def _prompt_ids(tok: Any, i: int) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-def _decode_step_times(
-    engine: Any, prompts: list[list[int]], params: Any, mask_times: dict[str, list[float]] | None = None
-) -> list[float]:
-    """Wall times of the steps in which every request decoded exactly one token. With
-    `mask_times`, after each such step the live sequences' masks are filled and applied once
+def _paired_decode_steps(
+    engines: dict[str, Any],
+    prompts: list[list[int]],
+    params: dict[str, Any],
+    mask_times: dict[str, list[float]],
+) -> dict[str, list[float]]:
+    """Each variant decodes the same prompts on its own engine, one step of each in turn (the
+    order flipping every step), so a busy moment of the shared machine lands on both alike.
+    Returns the wall times of the steps in which every request of a variant decoded one token;
+    after each such step of a constrained engine its live masks are filled and applied once
     more, outside the timed step, to time those two parts on their own."""
-    engine.kv.pool.drop_cached()
-    for p in prompts:
-        engine.add_request(p, params)
-    times = []
-    while engine.has_unfinished_requests():
-        gen0, pre0 = engine.stats.generation_tokens, engine.stats.prompt_tokens_computed
-        t0 = time.perf_counter()
-        engine.step()
-        dt = time.perf_counter() - t0
-        full = engine.stats.generation_tokens - gen0 == len(prompts)
-        if full and engine.stats.prompt_tokens_computed == pre0:
-            times.append(dt)
-            if mask_times is not None:
-                _time_masks(engine, mask_times)
+    for name, engine in engines.items():
+        engine.kv.pool.drop_cached()
+        for p in prompts:
+            engine.add_request(p, params[name])
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    names = list(engines)
+    turn = 0
+    while any(e.has_unfinished_requests() for e in engines.values()):
+        turn += 1
+        for name in names if turn % 2 else names[::-1]:
+            engine = engines[name]
+            if not engine.has_unfinished_requests():
+                continue
+            gen0, pre0 = engine.stats.generation_tokens, engine.stats.prompt_tokens_computed
+            t0 = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t0
+            full = engine.stats.generation_tokens - gen0 == len(prompts)
+            if full and engine.stats.prompt_tokens_computed == pre0:
+                times[name].append(dt)
+                if params[name].structured is not None:
+                    _time_masks(engine, mask_times)
     return times
 
 
@@ -100,7 +115,7 @@ def _time_masks(engine: Any, mask_times: dict[str, list[float]]) -> None:
     t0 = time.perf_counter()
     bitmask = fill_bitmasks(states, logits.shape[1], pool)
     t1 = time.perf_counter()
-    apply_bitmask(logits, bitmask)
+    apply_bitmask(logits, bitmask, None, engine.sampler.ops)
     t2 = time.perf_counter()
     mask_times["fill"].append(t1 - t0)
     mask_times["apply"].append(t2 - t1)
@@ -131,27 +146,37 @@ def _fresh_schema(i: int) -> dict[str, Any]:
 def bench_structured(args: argparse.Namespace) -> int:
     from forkllm import LLM, SamplingParams, StructuredOutputsParams
 
-    reps = args.reps
+    reps = args.reps + args.reps % 2  # even: each variant as often on each engine
     out_len = args.output_len or 32
     batches = [int(b) for b in (args.batches or "1,64").split(",")]
     kw = engine_kwargs(args)
     kw["max_num_seqs"] = max(kw.get("max_num_seqs") or 0, max(batches))
-    llm = LLM(**kw)
-    engine = llm.engine
-    tok = llm.get_tokenizer()
-    dtype = str(engine.dtype).removeprefix("torch.")
+    kw["kv_cache_memory"] = kw.get("kv_cache_memory") or "1GiB"  # two engines live side by side
+    # Two engines of the same model and settings, one per variant, stepped in turn; they swap
+    # variants every rep (two identical engines differed by up to 12% at batch 1 here, memory
+    # placement, so each variant runs on each engine equally often).
+    pair = [LLM(**kw), LLM(**kw)]
+    tok = pair[0].get_tokenizer()
+    dtype = str(pair[0].engine.dtype).removeprefix("torch.")
     schema = StructuredOutputsParams(json=BENCH_SCHEMA)
     plain = SamplingParams(temperature=1.0, max_tokens=out_len, ignore_eos=True, seed=0)
-    constrained = plain.clone(structured=schema)
+    params = {"plain": plain, "json": plain.clone(structured=schema)}
 
     # Warm-up: kernels, allocator, and the first structured request (it builds the vocabulary).
-    t0 = time.perf_counter()
-    grammars = engine.inputs.grammars
-    assert grammars is not None, "structured output needs a model with a tokenizer"
-    _ = grammars.ll_tokenizer
-    vocab_seconds = time.perf_counter() - t0
-    llm.generate([_prompt_ids(tok, -1)], constrained.clone(max_tokens=4), use_tqdm=False)
-    llm.generate([_prompt_ids(tok, -2)], plain.clone(max_tokens=4), use_tqdm=False)
+    vocab_times = []
+    for llm in pair:
+        grammars = llm.engine.inputs.grammars
+        assert grammars is not None, "structured output needs a model with a tokenizer"
+        t0 = time.perf_counter()
+        _ = grammars.ll_tokenizer
+        vocab_times.append(time.perf_counter() - t0)
+        for sp in params.values():
+            llm.generate([_prompt_ids(tok, -1)], sp.clone(max_tokens=4), use_tqdm=False)
+    vocab_seconds = min(vocab_times)
+
+    def engines_for(rep: int) -> dict[str, Any]:
+        a, b = (pair[0].engine, pair[1].engine) if rep % 2 == 0 else (pair[1].engine, pair[0].engine)
+        return {"plain": a, "json": b}
 
     rows: list[Row] = []
     results: dict[str, Any] = {"vocab_seconds": vocab_seconds}
@@ -160,11 +185,8 @@ def bench_structured(args: argparse.Namespace) -> int:
         samples: dict[str, list[float]] = {"plain": [], "json": []}
         mask_times: dict[str, list[float]] = {"fill": [], "apply": []}
         for rep in range(reps):
-            order = [("plain", plain), ("json", constrained)]
-            for name, sp in order if rep % 2 == 0 else order[::-1]:
-                samples[name] += _decode_step_times(
-                    engine, prompts, sp, mask_times if name == "json" else None
-                )
+            for name, ts in _paired_decode_steps(engines_for(rep), prompts, params, mask_times).items():
+                samples[name] += ts
         p_ms, j_ms = median(samples["plain"]) * 1e3, median(samples["json"]) * 1e3
         fill_ms, apply_ms = median(mask_times["fill"]) * 1e3, median(mask_times["apply"]) * 1e3
         results[f"batch{b}"] = {
@@ -197,14 +219,15 @@ def bench_structured(args: argparse.Namespace) -> int:
         )
 
     ttft: dict[str, list[float]] = {"plain": [], "json": []}
-    for rep in range(max(reps, 5)):
+    for rep in range(max(reps, 6)):
         prompt = _prompt_ids(tok, 1000 + rep)
-        first_sp = plain.clone(max_tokens=2)
-        fresh = first_sp.clone(structured=StructuredOutputsParams(json=_fresh_schema(rep)))
-        order = [("plain", first_sp), ("json", fresh)]
+        first = plain.clone(max_tokens=2)
+        fresh = first.clone(structured=StructuredOutputsParams(json=_fresh_schema(rep)))
+        order = [("plain", first), ("json", fresh)]
+        engines = engines_for(rep // 2)
         for name, sp in order if rep % 2 == 0 else order[::-1]:
-            engine.kv.pool.drop_cached()
-            ttft[name].append(_ttft(engine, prompt, sp))
+            engines[name].kv.pool.drop_cached()
+            ttft[name].append(_ttft(engines[name], prompt, sp))
     p_t, j_t = median(ttft["plain"]) * 1e3, median(ttft["json"]) * 1e3
     results["ttft"] = {"plain_ms": p_t, "json_never_seen_ms": j_t, "delta_ms": j_t - p_t}
     rows.append(Row("TTFT unconstrained", dtype, {"ttft_ms": p_t}, samples={"ttft": ttft["plain"]}))
@@ -223,7 +246,7 @@ def bench_structured(args: argparse.Namespace) -> int:
 
     m = machine_info()
     md = (
-        f"## structured output: JSON-schema masks (median of {reps} interleaved reps)\n\n"
+        f"## structured output: JSON-schema masks ({reps} reps; engines stepped in turn)\n\n"
         f"machine: {m['nproc']} cores, {m['cpu']}, torch {m['torch']} with {m['torch_threads']} threads; "
         f"temperature 1.0, {out_len} decoded tokens per sequence; llguidance vocabulary built once per "
         f"engine in {vocab_seconds * 1e3:.0f} ms (first structured request)\n\n"
@@ -242,6 +265,6 @@ def bench_structured(args: argparse.Namespace) -> int:
     print("\n" + md)
     path = save(args.out_dir, "structured", md, rows, {"results": results})
     print(f"\nsaved {path}")
-    del llm, engine
+    pair.clear()  # free both engines before the caller goes on
     gc.collect()
     return 0

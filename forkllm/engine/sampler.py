@@ -15,6 +15,7 @@ vLLM.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import llguidance
@@ -66,13 +67,15 @@ class Sampler:
         self._grammar_pool: llguidance.LLExecutor | None = None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """One token per row. `logits` is consumed: with the C++ kernels and no row asking for
+        logprobs, constrained rows are masked in place (the engine never reads them again)."""
         n = len(seqs)
         if n == 0:
             return SamplerOutput([], [])
         raw = logits
         params = [s.params for s in seqs]
         want_lp = [p.logprobs is not None for p in params]
-        logits = self._apply_grammars(logits, seqs)
+        logits = self._apply_grammars(logits, seqs, in_place=not any(want_lp))
         logits = _apply_logit_bias(logits, params)
         logits = self._apply_penalties_and_bans(logits, seqs)
 
@@ -102,17 +105,22 @@ class Sampler:
         return SamplerOutput(token_list, out_lp)
 
     # ---- processing ---------------------------------------------------------------------------
-    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Disallowed tokens of every constrained row to -inf (a copy); untouched without one."""
+    def _apply_grammars(
+        self, logits: torch.Tensor, seqs: list[Sequence], in_place: bool = False
+    ) -> torch.Tensor:
+        """Disallowed tokens of every constrained row to -inf (a copy unless `in_place` and the
+        kernels run); untouched without a constrained row."""
         rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if not rows:
             return logits
         if self._grammar_pool is None:
-            self._grammar_pool = llguidance.LLExecutor()
-        width, pool = logits.shape[1], self._grammar_pool
-        if 2 * len(rows) >= len(seqs):  # mostly constrained: every row in two ops, the rest all-allowed
+            self._grammar_pool = llguidance.LLExecutor(num_threads=os.cpu_count() or 1)
+        width, pool, ops = logits.shape[1], self._grammar_pool, self.ops
+        if ops is None and 2 * len(rows) >= len(seqs):
+            # mostly constrained, PyTorch ops: every row in two ops, the rest with all-ones masks
             return apply_bitmask(logits, fill_bitmasks([s.grammar for s in seqs], width, pool))
-        return apply_bitmask(logits, fill_bitmasks([seqs[i].grammar for i in rows], width, pool), rows)
+        bitmask = fill_bitmasks([seqs[i].grammar for i in rows], width, pool)
+        return apply_bitmask(logits, bitmask, None if len(rows) == len(seqs) else rows, ops, in_place)
 
     def _apply_penalties_and_bans(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         pen = [i for i, s in enumerate(seqs) if s.params.needs_penalties]

@@ -8,6 +8,7 @@
 - `packed_linear`: bf16 x @ w.T for any rows on weights repacked by `pack_weight` (AVX512-BF16
   CPUs without AMX, where it beats oneDNN's bf16 GEMM at every batch size measured).
 - `add_rms_norm_`, `silu_mul`, `rope_`, `kv_write_`: the decoder's elementwise ops, one pass each.
+- `apply_token_bitmask_`: a grammar's token bitmask onto the logits (structured output), in place.
 
 Everything here is optional. An engine resolves one `Kernels` object at start-up
 (`Kernels.resolve`: EngineConfig.enable_cpu_kernels, the FORKLLM_KERNELS=0 override read there
@@ -41,6 +42,7 @@ _SOURCES = (
     "gemv.cpp",
     "packed_gemm.cpp",
     "elementwise.cpp",
+    "bitmask.cpp",
 )
 ENV_SWITCH = "FORKLLM_KERNELS"  # "0" turns the kernels off whatever the config says
 _BUILD_LOCK = threading.Lock()  # two engines starting on two threads build the extension once
@@ -119,6 +121,9 @@ class KernelOps(Protocol):
         self, cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None: ...
     def small_linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def apply_token_bitmask_(
+        self, logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> None: ...
     def packed_linear_supported(self) -> bool: ...
     def packed_silu_linear(self, x: torch.Tensor, P: torch.Tensor, I: int) -> torch.Tensor: ...  # noqa: E741
     def packed_linear(

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import llguidance
 import torch
 
+from forkllm.kernels import KernelOps
 from forkllm.structured.state import GrammarState
 
 assert sys.byteorder == "little", "token bitmasks are unpacked as little-endian bytes"
@@ -91,12 +92,23 @@ def bitmask_bias(bitmask: torch.Tensor, width: int, dtype: torch.dtype) -> torch
 
 
 def apply_bitmask(
-    logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int] | None = None
+    logits: torch.Tensor,
+    bitmask: torch.Tensor,
+    rows: Sequence[int] | None = None,
+    ops: KernelOps | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """A copy of `logits` [n, V] with every token its bitmask row disallows set to -inf. Bitmask
-    row j belongs to logits row rows[j] (default: row j, every row); other rows are unchanged
-    (x + 0 is x: an allowed logit keeps its exact value)."""
+    """`logits` [n, V] with every token its bitmask row disallows set to -inf. Bitmask row j
+    belongs to logits row rows[j] (default: row j, every row); other rows are unchanged. With the
+    C++ kernels (`ops`, CPU logits) one pass writing only the disallowed tokens, into a copy or,
+    with `in_place`, into `logits` itself; else a copy through the table bias (x + 0 is x: an
+    allowed logit keeps its exact value either way)."""
     n, width = logits.shape
+    if ops is not None and logits.device.type == "cpu":
+        out = logits if in_place else logits.clone()
+        idx = None if rows is None else torch.tensor(list(rows), dtype=torch.long)
+        ops.apply_token_bitmask_(out, bitmask, idx)
+        return out
     bias = bitmask_bias(bitmask.to(logits.device, non_blocking=True), width, logits.dtype)
     if rows is None:
         return logits + bias

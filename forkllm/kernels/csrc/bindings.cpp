@@ -28,6 +28,8 @@ torch::Tensor packed_silu_linear(torch::Tensor x, torch::Tensor P, int64_t I);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias,
                             bool float_out);
 
+void apply_token_bitmask_(torch::Tensor logits, torch::Tensor bitmask, c10::optional<torch::Tensor> rows);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged attention for single-query rows over [start, ctx)");
   m.def("paged_decode_supports", &paged_decode_supports, "whether (head_dim, group) is compiled in");
@@ -45,5 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear, "bf16 x @ w.T (+ bias), any rows, w packed by pack_weight", py::arg("x"),
         py::arg("P"), py::arg("N"), py::arg("bias"), py::arg("float_out") = false);
   m.def("packed_silu_linear", &packed_silu_linear, "silu(x @ wg.T) * (x @ wu.T), bf16, weights from pack_gate_up");
+  m.def("apply_token_bitmask_", &apply_token_bitmask_,
+        "-inf where a grammar's token bitmask row disallows, in place (rows: logits row of each mask row)",
+        py::arg("logits"), py::arg("bitmask"), py::arg("rows") = py::none());
   m.def("packed_linear_supported", &packed_linear_supported, "whether packed_linear is compiled in (AVX512-BF16, no AMX)");
 }
