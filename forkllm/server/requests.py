@@ -165,13 +165,19 @@ async def run_to_completion(
             if out.finished:
                 finals[i] = out
 
+    await generation_unless_disconnected(raw, consume())
+    return [finals[i] for i in range(len(prompts))]
+
+
+async def generation_unless_disconnected(raw: Request, work: Awaitable[T]) -> T:
+    """`unless_disconnected` for a non-streaming generation: invalid input the engine found is a
+    400 naming the field, an engine failure a 500."""
     try:
-        await unless_disconnected(raw, consume())
+        return await unless_disconnected(raw, work)
     except ValueError as e:
         raise from_value_error(e) from e
     except RuntimeError as e:
         raise APIError(500, str(e), code="internal_error") from e
-    return [finals[i] for i in range(len(prompts))]
 
 
 async def unless_disconnected(raw: Request, work: Awaitable[T]) -> T:

@@ -19,13 +19,13 @@ from forkllm.server.logprobs import Decode, chat_logprobs
 from forkllm.server.protocol import ChatCompletionRequest
 from forkllm.server.requests import (
     check_stream_options,
+    generation_unless_disconnected,
     guard_stream,
     max_tokens_for,
     merged_outputs,
     run_to_completion,
     token_decoder,
     tokenizer_of,
-    unless_disconnected,
 )
 from forkllm.server.responses import ChunkStream, Envelope, chat_choice, chat_delta
 from forkllm.server.routes.scaling import scaled_chat
@@ -271,12 +271,7 @@ async def _chat_with_tools(
         async for event in events:
             results[event.index].add(event)
 
-    try:
-        await unless_disconnected(raw, gather())
-    except ValueError as e:
-        raise from_value_error(e) from e
-    except RuntimeError as e:
-        raise APIError(500, str(e), code="internal_error") from e
+    await generation_unless_disconnected(raw, gather())
     choices = [
         chat_choice(
             j,
