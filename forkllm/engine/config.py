@@ -100,6 +100,14 @@ class EngineConfig:
     enable_cpu_kernels: bool = _flag(
         True, "the optional C++ CPU kernels (FORKLLM_KERNELS=0 also turns them off); off = PyTorch ops"
     )
+    speculative: str | None = _flag(
+        None,
+        "speculative decoding: 'ngram' (prompt lookup over each sequence's own text) or 'suffix' "
+        "(one n-gram table per request over its prompt and all its samples' outputs); lossless, "
+        "and a draft is made only when the step's measured cost says it pays",
+        choices=["ngram", "suffix"],
+    )
+    num_speculative_tokens: int = _flag(8, "most draft tokens per sequence per step")
     seed: int = _flag(0, "engine seed: seeds of requests that give none")
     num_threads: int | None = _flag(None, "torch CPU threads (default: all cores)")
 
@@ -124,6 +132,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(set(DTYPES))}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.speculative is not None and self.speculative not in ("ngram", "suffix"):
+            raise ValueError(f"speculative must be 'ngram' or 'suffix', got {self.speculative!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
 

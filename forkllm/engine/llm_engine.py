@@ -21,13 +21,14 @@ import torch
 
 from forkllm.engine.config import EngineConfig
 from forkllm.engine.inputs import InputProcessor, PromptInput
-from forkllm.engine.output_processor import OutputProcessor
+from forkllm.engine.output_processor import OutputProcessor, TokenLogprob
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.runner import ModelRunner, RunnerOutput
 from forkllm.engine.sampler import Sampler, compute_logprobs, derive_seed
 from forkllm.engine.sampling_params import SamplingParams
-from forkllm.engine.scheduler import Scheduler, SchedulerOutput
+from forkllm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from forkllm.engine.sequence import DeferredSamples, Request, Sequence
+from forkllm.engine.spec import SpeculativeDecoder, make_proposer
 from forkllm.engine.startup import resolve_max_model_len, resolve_placement, size_kv_cache
 from forkllm.engine.tree import StepHook, TreeOps
 from forkllm.kernels import Kernels
@@ -103,6 +104,12 @@ class LLMEngine:
             fair_step_tokens=config.fair_step_budget(),
             attention_cost_tokens=mcfg.attention_cost_tokens,
         )
+        # Speculative decoding (engine/spec): drafts verified in the batch's forward.
+        self.spec: SpeculativeDecoder | None = None
+        if config.speculative:
+            self.spec = SpeculativeDecoder(
+                make_proposer(config.speculative), config.num_speculative_tokens, self.max_model_len
+            )
         self.requests: dict[str, Request] = {}
         self.seqs: dict[str, Sequence] = {}  # live sequences by id (fork / prune address them)
         self.tree = TreeOps(self.kv, self.scheduler, self.seqs)
@@ -182,6 +189,8 @@ class LLMEngine:
                 if not seq.finished:
                     seq.finish_reason = "abort"
                     self.tree.finish(seq)
+            if self.spec is not None:
+                self.spec.drop(req)
 
     def cancel_pending_samples(self, request_id: str) -> None:
         """Give up the samples of an n > 1 request not forked yet (a policy that has decided);
@@ -264,6 +273,7 @@ class LLMEngine:
             "deferred_samples": sum(r.pending_samples for r in sched.deferred.values()),
             "generation_tokens": self.stats.generation_tokens,
             "prompt_tokens_computed": self.stats.prompt_tokens_computed,
+            **(self.spec.metrics() if self.spec is not None else {}),
         }
 
     # ---- the step -----------------------------------------------------------------------------
@@ -278,6 +288,8 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         now = time.time()
         if sched:
+            if self.spec is not None:
+                self.spec.plan(sched, self.kv, self.config.max_num_batched_tokens - sched.num_batched_tokens)
             if self.on_batch_scheduled is not None:
                 self.on_batch_scheduled(self)
             now = self._run_batch(sched, touched)
@@ -300,6 +312,8 @@ class LLMEngine:
         now = time.time()
         for s in sched.scheduled:
             seq = s.seq
+            if s.draft:
+                continue  # advanced by what verification keeps (_verify)
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.stats.prompt_tokens_computed += min(
                     s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
@@ -310,20 +324,68 @@ class LLMEngine:
             )
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
+        num_plain = len(out.sample_seqs)
         sample_seqs, logits = self._fork_pending_samples(out.sample_seqs, out.logits)
-        sampled = self.sampler(logits, sample_seqs)
-        self.stats.model_seconds += time.perf_counter() - t0
+        forked = sample_seqs[num_plain:]
+        if out.drafted:
+            assert self.spec is not None
+            draft_rows = [row for item in out.drafted for row in self.spec.rows(item)]
+            sampled = self.sampler(logits, [*sample_seqs[:num_plain], *draft_rows, *forked])
+        else:
+            sampled = self.sampler(logits, sample_seqs)
+        seconds = time.perf_counter() - t0
+        self.stats.model_seconds += seconds
         self.stats.steps += 1
         self._record_prompt_logprobs(out)
-        for seq, token, lp in zip(sample_seqs, sampled.token_ids, sampled.logprobs):
-            self.stats.generation_tokens += self.outputs.append_tokens(seq, (token,), (lp,), now)
+        tokens, lps = sampled.token_ids, sampled.logprobs
+        plain = list(range(num_plain)) + list(range(len(tokens) - len(forked), len(tokens)))
+        for seq, i in zip(sample_seqs, plain):
+            self.stats.generation_tokens += self.outputs.append_tokens(seq, (tokens[i],), (lps[i],), now)
             touched[seq.request.request_id] = seq.request
+        if out.drafted:
+            self._verify(out.drafted, tokens[num_plain:], lps[num_plain:], now, touched)
+            if all(s.draft or s.num_new_tokens == 1 for s in sched.scheduled):
+                assert self.spec is not None
+                self.spec.cost.record(sched.num_batched_tokens, seconds)
+        elif self.spec is not None and all(s.num_new_tokens == 1 for s in sched.scheduled):
+            self.spec.cost.record(sched.num_batched_tokens, seconds)
         return now
+
+    def _verify(
+        self,
+        drafted: list[ScheduledSequence],
+        tokens: list[int],
+        lps: list[TokenLogprob],
+        now: float,
+        touched: dict[str, Request],
+    ) -> None:
+        """Keep each drafted sequence's sampled tokens up to the first that differs from its draft
+        (inclusive): their KV is in place; the rejected positions' pages beyond the kept tokens
+        go back to the pool (a later fork must not share a page holding a rejected draft's KV)."""
+        assert self.spec is not None
+        row = 0
+        for item in drafted:
+            seq = item.seq
+            n = 1 + len(item.draft)
+            sampled = tokens[row : row + n]
+            a = self.spec.accept(item, sampled)
+            kept = sampled[: a + 1]
+            keep_lp = lps[row : row + a + 1]
+            row += n
+            seq.num_computed_tokens += 1 + a
+            self.kv.trim(seq.block_table, seq.num_tokens + len(kept))
+            self.kv.register_full_pages(
+                seq.token_ids + kept, seq.block_table, seq.cache_nodes, seq.num_computed_tokens
+            )
+            self.stats.generation_tokens += self.outputs.append_tokens(seq, kept, keep_lp, now)
+            touched[seq.request.request_id] = seq.request
 
     def _retire(self, req: Request, now: float) -> None:
         req.metrics.finished_time = now
         self.requests.pop(req.request_id, None)
         self.stats.requests_finished += 1
+        if self.spec is not None:
+            self.spec.drop(req)
 
     def _fork_pending_samples(
         self, seqs: list[Sequence], logits: torch.Tensor

@@ -2,7 +2,8 @@
 cache slots), asks the attention backend for the step's metadata, runs the model once.
 
 Returns logits only for the rows that need them: the last token of every sequence that samples
-this step, plus prompt positions of requests that asked for prompt_logprobs.
+this step, every position of a drafted sequence (speculative decoding verifies each), plus prompt
+positions of requests that asked for prompt_logprobs.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ class PromptLogitsChunk:
 @dataclass
 class RunnerOutput:
     sample_seqs: list[Sequence]
-    logits: torch.Tensor  # [len(sample_seqs), vocab] float32
+    # [len(sample_seqs) + draft rows, vocab] float32: the sampling rows, then 1 + len(draft)
+    # rows for each drafted sequence, in `drafted` order
+    logits: torch.Tensor
     prompt_logits: list[PromptLogitsChunk] = field(default_factory=list)
+    drafted: list[ScheduledSequence] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -96,23 +100,28 @@ class ModelRunner:
         self.copy_blocks(sched.copies)
         bs = self.block_size
         # Decodes (one query each) first, then multi-token chunks: the layout attention expects.
-        decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
-        chunks = [s for s in sched.scheduled if s.num_new_tokens != 1]
+        # A drafted sequence is one decode row per position (its last token, then each draft
+        # token), each seeing the context up to itself: causal verification of the chain.
+        decodes = [s for s in sched.scheduled if s.num_new_tokens == 1 or s.draft]
+        chunks = [s for s in sched.scheduled if s.num_new_tokens != 1 and not s.draft]
 
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         ctx_lens: list[int] = []
+        tables: list[list[int]] = []
         for s in decodes:
             seq = s.seq
             pos = seq.num_computed_tokens
-            input_ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            # A fully cached prompt recomputes its last token for the logits only: that KV exists.
-            slots.append(
-                NULL_SLOT if pos < seq.num_reused_tokens else seq.block_table[pos // bs] * bs + pos % bs
-            )
-            ctx_lens.append(pos + 1)
+            table = seq.block_table
+            for j, token in enumerate((seq.token_ids[pos], *s.draft)):
+                p = pos + j
+                input_ids.append(token)
+                positions.append(p)
+                # A fully cached prompt recomputes its last token for the logits only: that KV exists.
+                slots.append(NULL_SLOT if p < seq.num_reused_tokens else table[p // bs] * bs + p % bs)
+                ctx_lens.append(p + 1)
+                tables.append(table)
         # Prompt chunks: many tokens, attending to their cached prefix and causally to themselves.
         prefill_chunks: list[PrefillChunk] = []
         for s in chunks:
@@ -129,7 +138,7 @@ class ModelRunner:
             prefill_chunks.append(PrefillChunk(c, n, table_t))
         batch = AttentionBatch(
             torch.tensor(slots, dtype=torch.long),
-            [s.seq.block_table for s in decodes],
+            tables,
             ctx_lens,
             prefill_chunks,
         )
@@ -141,14 +150,20 @@ class ModelRunner:
         return self._logits(hidden, decodes + chunks)
 
     def _logits(self, hidden: torch.Tensor, items: list[ScheduledSequence]) -> RunnerOutput:
-        """Project the rows that need logits: sampling rows and requested prompt positions."""
+        """Project the rows that need logits: sampling rows, then every row of the drafted
+        sequences, and requested prompt positions."""
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
+        draft_rows: list[int] = []
+        drafted: list[ScheduledSequence] = []
         prompt_rows: list[tuple[ScheduledSequence, int, int, int]] = []  # (item, first row, count, start pos)
         row = 0
         for s in items:
             seq, n = s.seq, s.num_new_tokens
-            if s.samples:
+            if s.draft:
+                draft_rows.extend(range(row, row + n))
+                drafted.append(s)
+            elif s.samples:
                 sample_rows.append(row + n - 1)
                 sample_seqs.append(seq)
             req = seq.request
@@ -163,9 +178,10 @@ class ModelRunner:
                     prompt_rows.append((s, row + first - c, last - first, first))
             row += n
         dev = hidden.device
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)])
+        rows = torch.tensor(sample_rows + draft_rows, dtype=torch.long, device=dev)
+        logits = self.model.compute_logits(hidden[rows])
         prompt_logits = [
             PromptLogitsChunk(s.seq, start, self.model.compute_logits(hidden[r0 : r0 + cnt]))
             for s, r0, cnt, start in prompt_rows
         ]
-        return RunnerOutput(sample_seqs, logits, prompt_logits)
+        return RunnerOutput(sample_seqs, logits, prompt_logits, drafted)

@@ -16,16 +16,18 @@ vLLM.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Protocol
 
 import llguidance
 import torch
 
 from forkllm.engine.outputs import Logprob, PositionLogprobs
 from forkllm.engine.sampling_params import SamplingParams
-from forkllm.engine.sequence import Sequence
 from forkllm.kernels import KernelOps, Kernels
 from forkllm.structured.mask import apply_bitmask, fill_bitmasks
+from forkllm.structured.state import GrammarState
 
 _MASK64 = (1 << 64) - 1
 
@@ -47,6 +49,26 @@ def derive_seed(seed: int, index: int) -> int:
     return _splitmix64((seed & _MASK64) ^ _splitmix64(index + 0x5EED)) if index else seed
 
 
+class SampleRow(Protocol):
+    """What the sampler reads of a row's sequence: a Sequence, or a speculative draft position
+    (engine.spec.decoder.DraftRow)."""
+
+    @property
+    def params(self) -> SamplingParams: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def grammar(self) -> GrammarState | None: ...
+    @property
+    def num_prompt_tokens(self) -> int: ...
+    @property
+    def num_output_tokens(self) -> int: ...
+    @property
+    def token_ids(self) -> list[int]: ...
+    @property
+    def output_token_ids(self) -> list[int]: ...
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -66,7 +88,7 @@ class Sampler:
         # llguidance's thread pool for the batch's grammar masks (made on the first constrained row).
         self._grammar_pool: llguidance.LLExecutor | None = None
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, seqs: Seq[SampleRow]) -> SamplerOutput:
         """One token per row. `logits` is consumed: with the C++ kernels and no row asking for
         logprobs, constrained rows are masked in place (the engine never reads them again)."""
         n = len(seqs)
@@ -106,7 +128,7 @@ class Sampler:
 
     # ---- processing ---------------------------------------------------------------------------
     def _apply_grammars(
-        self, logits: torch.Tensor, seqs: list[Sequence], in_place: bool = False
+        self, logits: torch.Tensor, seqs: Seq[SampleRow], in_place: bool = False
     ) -> torch.Tensor:
         """Disallowed tokens of every constrained row to -inf (a copy unless `in_place` and the
         kernels run); untouched without a constrained row."""
@@ -122,7 +144,7 @@ class Sampler:
         bitmask = fill_bitmasks([seqs[i].grammar for i in rows], width, pool)
         return apply_bitmask(logits, bitmask, None if len(rows) == len(seqs) else rows, ops, in_place)
 
-    def _apply_penalties_and_bans(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _apply_penalties_and_bans(self, logits: torch.Tensor, seqs: Seq[SampleRow]) -> torch.Tensor:
         pen = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
         ban = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
         if not pen and not ban:
@@ -177,7 +199,7 @@ class Sampler:
             u,
         )
 
-    def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, seqs: Seq[SampleRow]) -> torch.Tensor:
         dev = logits.device
         params = [s.params for s in seqs]
         if self.ops is not None:

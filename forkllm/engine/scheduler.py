@@ -48,12 +48,14 @@ from forkllm.kv.manager import KVCacheManager, PageCopy
 @dataclass
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # includes the draft tokens
+    # Speculative decoding (engine/spec): tokens to verify after the sequence's last token.
+    draft: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the sequence, so the step samples a token for it."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft) == self.seq.num_tokens
 
 
 @dataclass

@@ -152,19 +152,53 @@ def load_extension() -> KernelOps | None:
         return _load()
 
 
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+
+def build_directory() -> Path:
+    """Where the extension is built: one folder per content of the sources, flags, torch version
+    and machine, under $FORKLLM_KERNELS_DIR (default ~/.cache/forkllm/kernels). Two checkouts
+    with the same sources share a build; different sources never rebuild over each other (with
+    one shared folder, two checkouts kept rebuilding it in turn and could leave a lock behind)."""
+    import hashlib
+    import platform
+
+    h = hashlib.sha256()
+    for f in sorted(p.name for p in _CSRC.iterdir() if p.suffix in (".cpp", ".h")):
+        h.update(f.encode() + b"\0" + (_CSRC / f).read_bytes())
+    h.update(" ".join(_CFLAGS + [torch.__version__, platform.machine(), platform.node()]).encode())
+    base = os.environ.get("FORKLLM_KERNELS_DIR") or Path.home() / ".cache" / "forkllm" / "kernels"
+    return Path(base) / h.hexdigest()[:16]
+
+
 @functools.cache
 def _load() -> KernelOps | None:
     try:
+        import fcntl
+
         from torch.utils.cpp_extension import load
 
-        module = load(
-            name="forkllm_cpu_kernels",
-            sources=[str(_CSRC / f) for f in _SOURCES],
-            extra_include_paths=[str(_CSRC)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        build = build_directory()
+        build.mkdir(parents=True, exist_ok=True)
+        # torch marks a build in progress with a `lock` file and waits for it to go away: one
+        # left by a process killed mid-build would make every later start wait forever. Builders
+        # here hold an OS lock (released when a process dies), so a `lock` found while holding
+        # it is stale.
+        with open(build / "forkllm.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            stale = build / "lock"
+            if stale.exists():
+                logger.warning("forkllm: removing a stale kernel build lock %s", stale)
+                stale.unlink(missing_ok=True)
+            module = load(
+                name="forkllm_cpu_kernels",
+                sources=[str(_CSRC / f) for f in _SOURCES],
+                extra_include_paths=[str(_CSRC)],
+                extra_cflags=_CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                verbose=False,
+            )
     except Exception as e:  # no compiler or headers: the PyTorch path still works
         logger.warning("forkllm: C++ CPU kernels unavailable (%s); using PyTorch ops", e)
         return None

@@ -78,6 +78,14 @@ class KVCacheManager:
             block_table.extend(pool.allocate(need))
         return True
 
+    def trim(self, block_table: list[int], num_tokens: int) -> None:
+        """Release the pages past those holding `num_tokens` tokens (speculative drafts that were
+        rejected leave such pages behind)."""
+        keep = self.blocks_for(num_tokens)
+        if len(block_table) > keep:
+            self.pool.decref(block_table[keep:])
+            del block_table[keep:]
+
     def free(self, block_table: list[int], nodes: list[CacheNode] | None = None) -> None:
         """Drop this holder's reference to every page; pages nobody else holds become free/idle."""
         if block_table:

@@ -1,0 +1,244 @@
+"""SpeculativeDecoder: drafts for a scheduled batch, and what verification keeps.
+
+`plan` runs after the scheduler: every decoding sequence may get a draft, as long as it is worth
+its cost in this step, and its pages are grown to hold it. `rows` gives the sampler one row per
+draft position (the sequence's state as if the draft so far were appended), and `accept` keeps
+the sampled tokens up to the first that differs from the draft, plus that one.
+
+Never slower: a draft token costs one more query row in the step and is worth a token only when
+accepted. Its value is the probability it is accepted (the request's measured per-token
+acceptance to the power of its depth); its cost is the share of a step's time one row adds,
+relative to the step time per generated token. At one stream a step is bound by reading the
+weights and a row costs ~1% of it, so nearly any draft pays; in a batch of 64 decodes a row is
+worth only a good guess. `StepCost` measures the ratio online from the steps themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from forkllm.engine.sampling_params import SamplingParams
+from forkllm.engine.scheduler import ScheduledSequence, SchedulerOutput
+from forkllm.engine.sequence import Request, Sequence
+from forkllm.engine.spec.proposers import Proposer
+from forkllm.kv.manager import KVCacheManager
+from forkllm.structured.state import GrammarState
+
+
+@dataclass
+class SpecStats:
+    draft_tokens: int = 0  # draft tokens verified
+    accepted_tokens: int = 0  # of those, accepted
+    drafts: int = 0  # sequence-steps that carried a draft
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a drafted sequence gained per step: accepted drafts plus the one sampled token."""
+        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 0.0
+
+
+class DraftRow:
+    """A sequence as the sampler sees it at one draft position: its tokens followed by the draft
+    tokens before that position (penalties, min_tokens and the per-step random number see the
+    output exactly as the sequence would have it there), with its grammar advanced as far."""
+
+    __slots__ = ("seq", "extra", "grammar")
+
+    def __init__(self, seq: Sequence, extra: list[int], grammar: GrammarState | None) -> None:
+        self.seq, self.extra, self.grammar = seq, extra, grammar
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.seq.params
+
+    @property
+    def seed(self) -> int:
+        return self.seq.seed
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.seq.num_prompt_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.seq.num_output_tokens + len(self.extra)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids + self.extra
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids + self.extra
+
+
+class StepCost:
+    """The cost of one more query row as a fraction of a step's fixed cost, fitted online by
+    least squares (with decay) over steps made of decode rows only: step seconds = base + row x
+    rows. Until the rows vary enough to fit, `prior`."""
+
+    def __init__(self, prior: float = 0.02, decay: float = 0.98) -> None:
+        self.prior, self.decay = prior, decay
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def record(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self.n = self.n * d + 1
+        self.sx = self.sx * d + rows
+        self.sy = self.sy * d + seconds
+        self.sxx = self.sxx * d + rows * rows
+        self.sxy = self.sxy * d + rows * seconds
+
+    def ratio(self) -> float:
+        """Seconds per row / seconds of an empty step."""
+        var = self.n * self.sxx - self.sx * self.sx
+        if self.n < 8 or var < 4.0 * self.n * self.n:
+            return self.prior  # rows have not varied by ~2 across the window: no fit yet
+        slope = (self.n * self.sxy - self.sx * self.sy) / var
+        base = (self.sy - slope * self.sx) / self.n
+        if slope <= 0 or base <= 0:
+            return self.prior
+        return max(slope / base, 1e-4)
+
+
+@dataclass
+class _Acceptance:
+    """A request's per-token acceptance, counted with decay: accepted tokens and rejections (a
+    draft stops at its first rejected token), so the estimate is accepted / (accepted + rejections)
+    with a prior of one of each; steps without a draft decay it back towards the prior."""
+
+    accepted: float = 0.0
+    rejected: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return (self.accepted + 1.0) / (self.accepted + self.rejected + 2.0)
+
+    def update(self, accepted: int, rejected: bool, decay: float = 0.9) -> None:
+        self.accepted = self.accepted * decay + accepted
+        self.rejected = self.rejected * decay + rejected
+
+
+@dataclass
+class SpeculativeDecoder:
+    proposer: Proposer
+    num_speculative_tokens: int
+    max_model_len: int
+    stats: SpecStats = field(default_factory=SpecStats)
+    cost: StepCost = field(default_factory=StepCost)
+    _acceptance: dict[str, _Acceptance] = field(default_factory=dict)
+
+    # ---- planning -----------------------------------------------------------------------------
+    def threshold(self, rows: int) -> float:
+        """Least acceptance probability that makes a draft token worth its row in a step of
+        `rows` query rows, `rows` of them generating."""
+        r = self.cost.ratio()
+        return min(1.0, r * rows / (1.0 + r * rows))
+
+    def plan(self, sched: SchedulerOutput, kv: KVCacheManager, budget: int) -> int:
+        """Give worthwhile drafts to the batch's decoding sequences, growing their pages (never
+        preempting: a draft that does not fit is cut to the pages held); returns the draft
+        tokens planned. Every decoding sequence is shown to the proposer, drafting or not, so
+        its text feeds its siblings' drafts."""
+        items = [
+            s for s in sched.scheduled if s.num_new_tokens == 1 and s.samples and s.seq.num_output_tokens
+        ]
+        if not items or budget <= 0:
+            for s in items:
+                self.proposer.propose(s.seq, 0)
+            return 0
+        theta = self.threshold(len(sched.scheduled))
+        bs = kv.block_size
+        planned = 0
+        for item in sorted(items, key=lambda s: -self._rate(s.seq.request)):
+            seq = item.seq
+            rate = self._rate(seq.request)
+            k = 0
+            p = rate
+            while k < self.num_speculative_tokens and p >= theta:
+                k += 1
+                p *= rate
+            k = min(k, budget - planned, self._room(seq))
+            draft = self.proposer.propose(seq, max(k, 0))
+            acc = self._acceptance.get(seq.request.request_id)
+            if not draft:
+                if acc is not None:
+                    acc.update(0, False)  # decay towards the prior: drafting is tried again
+                continue
+            if seq.grammar is not None:
+                draft = draft[: seq.grammar.matcher.validate_tokens(draft)]
+                if not draft:
+                    continue
+            c = seq.num_computed_tokens
+            if not kv.allocate(seq.block_table, c + 1 + len(draft), seq.first_write, sched.copies):
+                draft = draft[: len(seq.block_table) * bs - c - 1]
+                if not draft:
+                    continue
+            item.draft = draft
+            item.num_new_tokens = 1 + len(draft)
+            planned += len(draft)
+        return planned
+
+    def _rate(self, req: Request) -> float:
+        acc = self._acceptance.get(req.request_id)
+        return acc.rate if acc is not None else 0.5
+
+    def _room(self, seq: Sequence) -> int:
+        """Most draft tokens that could still be kept: before the sequence's max_tokens and the
+        context limit (one sampled token always follows the accepted drafts)."""
+        p = seq.params
+        left = self.max_model_len - seq.num_tokens
+        if p.max_tokens is not None:
+            left = min(left, p.max_tokens - seq.num_output_tokens)
+        return max(0, left - 1)
+
+    # ---- verification -------------------------------------------------------------------------
+    @staticmethod
+    def rows(item: ScheduledSequence) -> list[DraftRow]:
+        """The sampler's rows for a drafted sequence: one per position, from its last token."""
+        seq, draft = item.seq, item.draft
+        grammars: list[GrammarState | None] = [seq.grammar]
+        if seq.grammar is not None:
+            for token in draft:
+                g = grammars[-1]
+                assert g is not None
+                g = g.fork()
+                g.advance((token,))
+                grammars.append(g)
+        else:
+            grammars *= len(draft) + 1
+        return [DraftRow(seq, draft[:j], grammars[j]) for j in range(len(draft) + 1)]
+
+    def accept(self, item: ScheduledSequence, sampled: list[int]) -> int:
+        """How many draft tokens passed: the sampled tokens agree with the draft up to there, and
+        sampled[accepted] is the token drawn after them."""
+        draft = item.draft
+        a = 0
+        while a < len(draft) and sampled[a] == draft[a]:
+            a += 1
+        st = self.stats
+        st.draft_tokens += len(draft)
+        st.accepted_tokens += a
+        st.drafts += 1
+        acc = self._acceptance.setdefault(item.seq.request.request_id, _Acceptance())
+        acc.update(a, a < len(draft))
+        return a
+
+    def drop(self, req: Request) -> None:
+        self._acceptance.pop(req.request_id, None)
+        self.proposer.drop(req)
+
+    def metrics(self) -> dict[str, float]:
+        st = self.stats
+        return {
+            "spec_draft_tokens": st.draft_tokens,
+            "spec_accepted_tokens": st.accepted_tokens,
+            "spec_drafts": st.drafts,
+            "spec_acceptance_rate": st.acceptance_rate,
+            "spec_mean_accepted_length": st.mean_accepted_length,
+            "spec_row_cost_ratio": self.cost.ratio(),
+        }

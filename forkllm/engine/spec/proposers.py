@@ -1,0 +1,172 @@
+"""Proposers: where draft tokens come from. Each drafts a chain of tokens for one sequence from
+text its request already holds, so a draft costs a few dictionary lookups and no model run.
+
+- `NgramProposer` ("ngram", prompt lookup): the continuation of the latest earlier occurrence of
+  the sequence's last n tokens in its own prompt and output (longest n first).
+- `SuffixProposer` ("suffix"): one n-gram table per request, fed by the prompt and by the output
+  of every sequence of the request (n > 1 samples, beams, particles, forks), counting what
+  followed each context; a draft follows the most frequent continuation of the longest context
+  seen. Siblings write nearly the same text, so each one's output drafts for the others.
+
+State is per request (and per sequence for prompt lookup), made on first use and dropped when the
+request ends: nothing is carried from one request to the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from forkllm.engine.sequence import Request, Sequence
+
+
+class Proposer(Protocol):
+    name: str
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        """Up to k draft tokens to follow seq.token_ids (empty when there is no guess)."""
+        ...
+
+    def drop(self, request: Request) -> None:
+        """Forget a request's state (it finished or was aborted)."""
+        ...
+
+
+@dataclass
+class _Index:
+    """Latest continuation of every n-gram (n in orders) ending at positions [start, upto)."""
+
+    table: dict[tuple[int, ...], int] = field(default_factory=dict)
+    upto: int = 0
+
+
+class NgramProposer:
+    """Prompt lookup over the sequence's own tokens."""
+
+    name = "ngram"
+
+    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
+        self.orders = range(max_n, min_n - 1, -1)
+        self._prompts: dict[str, _Index] = {}  # request id -> n-grams inside the prompt
+        self._outputs: dict[str, _Index] = {}  # sequence id -> n-grams reaching into its output
+        self._seq_ids: dict[str, list[str]] = {}  # request id -> its sequences with state
+
+    def _index(self, index: _Index, tokens: list[int], start: int, end: int) -> None:
+        """Record the n-grams ending at positions [max(start, index.upto), end) with the position
+        of the token that followed each (later occurrences replace earlier ones)."""
+        table = index.table
+        for i in range(max(start, index.upto), end):
+            for n in self.orders:
+                if i + 1 >= n:
+                    table[tuple(tokens[i + 1 - n : i + 1])] = i + 1
+        index.upto = max(index.upto, end)
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        tokens, p = seq.token_ids, seq.num_prompt_tokens
+        rid = seq.request.request_id
+        prompt = self._prompts.get(rid)
+        if prompt is None:
+            prompt = self._prompts[rid] = _Index()
+            self._index(prompt, tokens, 0, p - 1)
+        out = self._outputs.get(seq.seq_id)
+        if out is None:
+            out = self._outputs[seq.seq_id] = _Index(upto=p - 1)
+            self._seq_ids.setdefault(rid, []).append(seq.seq_id)
+        # n-grams ending before the last token (their continuation is known)
+        self._index(out, tokens, p - 1, len(tokens) - 1)
+        for n in self.orders:
+            if n > len(tokens):
+                continue
+            key = tuple(tokens[-n:])
+            at = out.table.get(key)
+            if at is None:
+                at = prompt.table.get(key)
+            if at is not None:
+                return tokens[at : at + k]
+        return []
+
+    def drop(self, request: Request) -> None:
+        self._prompts.pop(request.request_id, None)
+        for sid in self._seq_ids.pop(request.request_id, ()):
+            self._outputs.pop(sid, None)
+
+
+@dataclass
+class _Counts:
+    """One request's n-gram table: context -> {next token: count}, and how far each of its
+    sequences has been read into it."""
+
+    table: dict[tuple[int, ...], dict[int, int]] = field(default_factory=dict)
+    read: dict[str, int] = field(default_factory=dict)  # sequence id -> positions counted up to
+
+
+class SuffixProposer:
+    """Most frequent continuation over the request's prompt and all its sequences' outputs."""
+
+    name = "suffix"
+
+    def __init__(self, min_n: int = 2, max_n: int = 6) -> None:
+        self.orders = range(max_n, min_n - 1, -1)
+        self._requests: dict[str, _Counts] = {}
+
+    def _count(self, counts: _Counts, tokens: list[int], start: int, end: int) -> None:
+        """Count, for every position i in [start, end), the token at i + 1 after each context
+        ending at i."""
+        table = counts.table
+        for i in range(start, end):
+            nxt = tokens[i + 1]
+            for n in self.orders:
+                if i + 1 < n:
+                    continue
+                after = table.setdefault(tuple(tokens[i + 1 - n : i + 1]), {})
+                after[nxt] = after.get(nxt, 0) + 1
+
+    def _feed(self, seq: Sequence) -> _Counts:
+        """Bring the request's table up to date with this sequence's tokens (every sequence feeds
+        its own as it drafts, so siblings see each other's text one step later)."""
+        req = seq.request
+        counts = self._requests.get(req.request_id)
+        if counts is None:
+            counts = self._requests[req.request_id] = _Counts()
+            self._count(counts, seq.token_ids, 0, seq.num_prompt_tokens - 1)
+        # A fork's tokens before its fork point were its parent's: counted there.
+        start = counts.read.get(seq.seq_id, seq.num_prompt_tokens + seq.num_output_at_fork - 1)
+        end = len(seq.token_ids) - 1
+        if end > start:
+            self._count(counts, seq.token_ids, start, end)
+        counts.read[seq.seq_id] = max(start, end)
+        return counts
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        table = self._feed(seq).table
+        ctx = seq.token_ids[-max(self.orders) :]
+        draft: list[int] = []
+        while len(draft) < k:
+            nxt = None
+            for n in self.orders:
+                if n > len(ctx):
+                    continue
+                after = table.get(tuple(ctx[-n:]))
+                if after:
+                    nxt = max(after, key=after.__getitem__)
+                    break
+            if nxt is None:
+                break
+            draft.append(nxt)
+            ctx.append(nxt)
+        return draft
+
+    def drop(self, request: Request) -> None:
+        self._requests.pop(request.request_id, None)
+
+
+PROPOSERS = ("ngram", "suffix")
+
+
+def make_proposer(name: str) -> Proposer:
+    """The proposer for `--speculative NAME`."""
+    if name == "ngram":
+        return NgramProposer()
+    if name == "suffix":
+        return SuffixProposer()
+    raise ValueError(f"speculative must be one of {list(PROPOSERS)}, got {name!r}")
