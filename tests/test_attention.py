@@ -36,8 +36,17 @@ def test_forks_share_their_whole_prefix():
 
 def test_only_pages_before_the_newest_token_are_shared():
     # ctx 12 with 4-token pages: the newest token sits on page 2, which stays the row's own.
-    assert group_shared_prefixes([[1, 2, 3], [1, 2, 3]], [12, 12], 4, 2) == [PrefixGroup([0, 1], 2)]
-    assert group_shared_prefixes([[1, 2, 3], [1, 2, 3]], [13, 12], 4, 2) == [PrefixGroup([0, 1], 2)]
+    assert group_shared_prefixes([[1, 2, 3], [1, 2, 4]], [12, 12], 4, 2) == [PrefixGroup([0, 1], 2)]
+    assert group_shared_prefixes([[1, 2, 3], [1, 2, 4]], [13, 12], 4, 2) == [PrefixGroup([0, 1], 2)]
+
+
+def test_rows_of_one_drafted_sequence_group_through_their_first_row_only():
+    """Speculative drafts are verified one row per position with the sequence's own table: only
+    the first (shortest context) may join a group, so draft rows attend as they would alone."""
+    seq, sibling = [1, 2, 3, 9], [1, 2, 3, 8]
+    groups = group_shared_prefixes([seq, seq, seq, sibling], [14, 15, 16, 14], 4, 2)
+    assert groups == [PrefixGroup([3, 0], 3)]
+    assert group_shared_prefixes([seq, seq, seq], [14, 15, 16], 4, 2) == []
 
 
 def test_a_rise_moves_the_previous_row_into_a_deeper_run():

@@ -34,7 +34,14 @@ def group_shared_prefixes(
     saves there, the longer prefix, beats what it saved in the old run). Only pages wholly
     before a row's newest token are shared (the newest token's page is the row's own)."""
     limit = [(c - 1) // block_size for c in ctx_lens]
-    order = sorted((i for i in range(len(tables)) if limit[i] >= min_pages), key=lambda i: tables[i])
+    order = sorted(
+        (i for i in range(len(tables)) if limit[i] >= min_pages), key=lambda i: (tables[i], ctx_lens[i])
+    )
+    # Rows with the very same table are positions of one sequence (a speculative draft verified
+    # as one row per token: two sequences never share the page their newest token is written to).
+    # Only its first row may join a group, so each draft row attends exactly as that position
+    # would alone: with the same rounding as without speculation.
+    order = [r for k, r in enumerate(order) if k == 0 or tables[order[k - 1]] != tables[r]]
     groups: list[PrefixGroup] = []
     run: list[int] = []
     shared = 0

@@ -41,6 +41,7 @@ def add_bench_parser(sub: Any) -> None:
             "scaling",
             "structured",
             "tools",
+            "speculative",
         ],
         help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream); parallel = W2 (8 prompts "
         "x n=16); prefix = W3 (64 requests sharing a 1,024-token system prompt, prefix cache on vs off); "
@@ -48,7 +49,8 @@ def add_bench_parser(sub: Any) -> None:
         "serve = W5 against a running OpenAI-compatible server (--url); scaling = W6 (in-engine particle "
         "filtering and self-consistency vs the same algorithms driven through the OpenAI API); structured = "
         "decode step time and TTFT with a JSON schema vs unconstrained (grammar-mask overhead); tools = W9 (tools "
-        "run inside the engine vs the usual client loop through the OpenAI server)",
+        "run inside the engine vs the usual client loop through the OpenAI server); speculative = W7 (16 "
+        "input-grounded prompts, single stream and batched, plus W2 and W1, with and without speculation)",
     )
     b.add_argument(
         "--dtypes",
@@ -94,6 +96,10 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument(
         "--batches", default=None, help="structured: comma-separated batch sizes of the step-time rows (1,64)"
     )
+    spec = b.add_argument_group("speculative (W7)")
+    spec.add_argument("--proposers", default=None, help="comma-separated proposers to compare (ngram,suffix)")
+    spec.add_argument("--limit", type=int, default=None, help="W7: only the first N of the 16 prompts")
+    spec.add_argument("--skip-throughput", action="store_true", help="W7 rows only (no W2 / W1 rows)")
     b.add_argument("--out-dir", default="bench_results", help="where the markdown/JSON reports go")
     b.add_argument("--workload-seed", type=int, default=0, help="seed of the synthetic prompts")
     add_engine_args(b)
@@ -115,6 +121,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "scaling": _w6,
         "structured": _structured,
         "tools": _w9,
+        "speculative": _w7,
     }
     return workloads[args.workload](args)
 
@@ -129,6 +136,12 @@ def _w6(args: argparse.Namespace) -> int:
     from forkllm.bench.w6 import bench_w6
 
     return bench_w6(args)
+
+
+def _w7(args: argparse.Namespace) -> int:
+    from forkllm.bench.spec_bench import bench_speculative
+
+    return bench_speculative(args)
 
 
 def _structured(args: argparse.Namespace) -> int:

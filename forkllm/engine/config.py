@@ -107,7 +107,11 @@ class EngineConfig:
         "and a draft is made only when the step's measured cost says it pays",
         choices=["ngram", "suffix"],
     )
-    num_speculative_tokens: int = _flag(8, "most draft tokens per sequence per step")
+    num_speculative_tokens: int = _flag(
+        7,
+        "most draft tokens per sequence per step (7: with its last token a sequence is 8 rows, the most "
+        "the decode matmul kernel takes in one pass)",
+    )
     seed: int = _flag(0, "engine seed: seeds of requests that give none")
     num_threads: int | None = _flag(None, "torch CPU threads (default: all cores)")
 

@@ -62,6 +62,16 @@ class ServerMetrics:
         )
         self.preemptions = Gauge("forkllm_preemptions", "sequences preempted so far", registry=r)
         self.forks = Gauge("forkllm_forks", "sequences forked so far", registry=r)
+        # speculative decoding (0 when off)
+        self.spec = {
+            key: Gauge(f"forkllm_{key}", help, registry=r)
+            for key, help in (
+                ("spec_draft_tokens", "draft tokens verified so far"),
+                ("spec_accepted_tokens", "draft tokens accepted so far"),
+                ("spec_acceptance_rate", "accepted / drafted tokens"),
+                ("spec_mean_accepted_length", "tokens a drafted sequence gains per step (accepted + 1)"),
+            )
+        }
 
     def update_engine(self, m: dict[str, float]) -> None:
         self.running.set(m.get("running_seqs", 0))
@@ -72,6 +82,8 @@ class ServerMetrics:
         self.hit_rate.set(m.get("prefix_cache_hit_rate", 0.0))
         self.preemptions.set(m.get("preemptions", 0))
         self.forks.set(m.get("forks", 0))
+        for key, gauge in self.spec.items():
+            gauge.set(m.get(key, 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

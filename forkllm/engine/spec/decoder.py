@@ -142,28 +142,33 @@ class SpeculativeDecoder:
     def plan(self, sched: SchedulerOutput, kv: KVCacheManager, budget: int) -> int:
         """Give worthwhile drafts to the batch's decoding sequences, growing their pages (never
         preempting: a draft that does not fit is cut to the pages held); returns the draft
-        tokens planned. Every decoding sequence is shown to the proposer, drafting or not, so
-        its text feeds its siblings' drafts."""
+        tokens planned. A sequence not worth a draft is not shown to the proposer at all (its
+        tables catch up from where they were the next time it drafts)."""
+        if budget <= 0:
+            return 0
         items = [
             s for s in sched.scheduled if s.num_new_tokens == 1 and s.samples and s.seq.num_output_tokens
         ]
-        if not items or budget <= 0:
-            for s in items:
-                self.proposer.propose(s.seq, 0)
+        if not items:
             return 0
         theta = self.threshold(len(sched.scheduled))
+        rates = {id(s): self._rate(s.seq.request) for s in items}
+        if max(rates.values()) < theta:
+            return 0  # a compute-bound step: no draft pays (acceptance estimates wait)
         bs = kv.block_size
         planned = 0
-        for item in sorted(items, key=lambda s: -self._rate(s.seq.request)):
+        for item in sorted(items, key=lambda s: -rates[id(s)]):
             seq = item.seq
-            rate = self._rate(seq.request)
+            rate = rates[id(item)]
             k = 0
             p = rate
             while k < self.num_speculative_tokens and p >= theta:
                 k += 1
                 p *= rate
             k = min(k, budget - planned, self._room(seq))
-            draft = self.proposer.propose(seq, max(k, 0))
+            if k <= 0:
+                continue
+            draft = self.proposer.propose(seq, k)
             acc = self._acceptance.get(seq.request.request_id)
             if not draft:
                 if acc is not None:

@@ -45,7 +45,7 @@ class NgramProposer:
 
     name = "ngram"
 
-    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
+    def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
         self.orders = range(max_n, min_n - 1, -1)
         self._prompts: dict[str, _Index] = {}  # request id -> n-grams inside the prompt
         self._outputs: dict[str, _Index] = {}  # sequence id -> n-grams reaching into its output
@@ -105,7 +105,7 @@ class SuffixProposer:
 
     name = "suffix"
 
-    def __init__(self, min_n: int = 2, max_n: int = 6) -> None:
+    def __init__(self, min_n: int = 1, max_n: int = 6) -> None:
         self.orders = range(max_n, min_n - 1, -1)
         self._requests: dict[str, _Counts] = {}
 

@@ -1,0 +1,212 @@
+"""`forkllm bench speculative`: W7 and speculation's effect on W1 / W2 (issue 17's targets).
+
+Rows, each measured with and without speculation on engines loaded side by side, the variants
+run in turn rep by rep (so a drifting machine shifts both alike), outputs compared token for token:
+- W7 single stream: 16 input-grounded prompts (summarize / repeat with edits / code edit / answer
+  from a passage), 256 tokens, greedy, one request at a time: decode tokens/s (prompt time
+  excluded: each request's first-token time is taken off).
+- W7 batch: the same 16 prompts in one batch: output tokens/s over the whole run.
+- W2: 8 prompts x n = 16, t = 0.8, 128 tokens (sibling drafts: "suffix").
+- W1: 64 prompts x 128 tokens greedy: speculation must back off, not slow it down.
+Mean accepted length and acceptance rate per proposer come from the engine's metrics. Outputs
+are compared with the run without speculation (the least identical count over reps is reported):
+float32 gives the same tokens; bf16 can differ where a draft row is computed in a different
+batch shape than its position would have been (shared-prefix groups of siblings), as any change
+of batch composition can in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from typing import Any
+
+from forkllm.bench.report import Row, machine_info, median, save, table
+from forkllm.engine.args import engine_kwargs
+
+_PASSAGES = [
+    (
+        "The Amazon rainforest covers much of the Amazon basin of South America. The basin spans seven "
+        "million square kilometres, of which five and a half million are covered by the rainforest. The "
+        "region includes territory of nine nations and 3,344 indigenous territories. The majority of the "
+        "forest, sixty percent, is in Brazil, followed by Peru with thirteen percent and Colombia with ten "
+        "percent. The rainforest likely formed during the Eocene era, after a global reduction of tropical "
+        "temperatures when the Atlantic Ocean had widened enough to provide a warm, moist climate."
+    ),
+    (
+        "Photosynthesis is the process by which green plants, algae and some bacteria turn light energy "
+        "into chemical energy. During photosynthesis, light energy is captured and used to convert water, "
+        "carbon dioxide and minerals into oxygen and energy-rich organic compounds. The light-dependent "
+        "reactions take place in the thylakoid membranes of the chloroplasts, while the Calvin cycle takes "
+        "place in the stroma. Nearly all life on Earth depends on photosynthesis, directly or indirectly, "
+        "as the source of its energy and of the oxygen in the atmosphere."
+    ),
+    (
+        "The meeting opened at nine. Maria presented the quarterly sales report: revenue grew by twelve "
+        "percent, driven by the new subscription plan, while hardware sales fell by four percent. Tom "
+        "raised concerns about the delayed shipping software, which is now three weeks behind schedule. "
+        "The team agreed to move two engineers from the website project to the shipping software until the "
+        "end of the month. The next meeting will review the hiring plan and the budget for the second half "
+        "of the year."
+    ),
+    (
+        "def load_users(path):\n    users = []\n    with open(path) as f:\n        for line in f:\n"
+        "            name, age, city = line.strip().split(',')\n            users.append({'name': name, "
+        "'age': int(age), 'city': city})\n    return users\n\n\ndef users_in_city(users, city):\n"
+        "    result = []\n    for user in users:\n        if user['city'] == city:\n"
+        "            result.append(user)\n    return result\n"
+    ),
+]
+
+_TASKS = [
+    "Summarize the following text in a few sentences.\n\n{p}",
+    "Repeat the following text exactly, but replace every number with the word NUMBER.\n\n{p}",
+    "Rewrite the following text, keeping every sentence but putting each sentence on its own line.\n\n{p}",
+    "Using only the following text, answer: what is the main subject, and what facts are given about "
+    "it? Quote the sentences you use.\n\n{p}",
+]
+
+
+def w7_messages() -> list[list[dict[str, str]]]:
+    """16 input-grounded chat prompts: 4 tasks x 4 passages (the code passage gets code edits)."""
+    out = []
+    for i, p in enumerate(_PASSAGES):
+        tasks = _TASKS
+        if i == 3:
+            tasks = [
+                "Add type hints and a docstring to every function in this code. Output the whole code.\n\n{p}",
+                "Rename the variable `users` to `people` everywhere in this code. Output the whole code.\n\n{p}",
+                "Rewrite this code to use list comprehensions. Output the whole code.\n\n{p}",
+                "Explain what this code does, quoting each line you explain.\n\n{p}",
+            ]
+        out += [[{"role": "user", "content": t.format(p=p)}] for t in tasks]
+    return out
+
+
+def _spec_metrics(engine: Any) -> dict[str, float]:
+    return {k: v for k, v in engine.metrics().items() if k.startswith("spec_")}
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    d = after.get("spec_draft_tokens", 0) - before.get("spec_draft_tokens", 0)
+    a = after.get("spec_accepted_tokens", 0) - before.get("spec_accepted_tokens", 0)
+    n = after.get("spec_drafts", 0) - before.get("spec_drafts", 0)
+    return {"draft": d, "accepted": a, "rate": a / d if d else 0.0, "mean_len": 1 + a / n if n else 0.0}
+
+
+def _single_stream(llm: Any, prompts: list[list[int]], sp: Any) -> tuple[float, list[list[int]]]:
+    """Decode tokens/s of requests run one at a time (time after each first token)."""
+    eng = llm.engine
+    tokens, seconds, outs = 0, 0.0, []
+    for ids in prompts:
+        eng.add_request(ids, sp)
+        first = None
+        done = None
+        while eng.has_unfinished_requests():
+            for ro in eng.step():
+                if first is None and ro.outputs and ro.outputs[0].token_ids:
+                    first = time.perf_counter()
+                if ro.finished:
+                    done = ro
+        end = time.perf_counter()
+        assert done is not None and first is not None
+        out = done.outputs[0].token_ids
+        outs.append(out)
+        tokens += len(out) - 1
+        seconds += end - first
+    return tokens / seconds, outs
+
+
+def _batch(llm: Any, prompts: list[Any], sp: Any) -> tuple[float, list[list[list[int]]]]:
+    t0 = time.perf_counter()
+    res = llm.generate(prompts, sp, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    outs = [[o.token_ids for o in r.outputs] for r in res]
+    return sum(len(o) for r in outs for o in r) / dt, outs
+
+
+def bench_speculative(args: argparse.Namespace) -> int:
+    from forkllm import LLM, SamplingParams
+    from forkllm.bench.workloads import make_prompts
+
+    kw = engine_kwargs(args)
+    kw.pop("speculative", None)
+    reps = max(1, args.reps)
+    proposers = [p for p in (args.proposers or "ngram,suffix").split(",") if p]
+    base = LLM(**kw)
+    tok = base.engine.tokenizer
+    assert tok is not None
+    w7 = [tok.encode(tok.apply_chat_template(m), add_special_tokens=False) for m in w7_messages()]
+    if args.limit:
+        w7 = w7[: args.limit]
+    engines = {"off": base} | {p: LLM(**kw, speculative=p) for p in proposers}
+    rows: list[Row] = []
+    results: dict[str, Any] = {}
+    greedy = SamplingParams(temperature=0, max_tokens=256)
+
+    def run(
+        name: str, fn: Any, prompts: Any, sp: Any, variants: list[str]
+    ) -> dict[str, tuple[float, dict[str, float]]]:
+        speeds: dict[str, list[float]] = {v: [] for v in variants}
+        acc: dict[str, dict[str, float]] = {}
+        same: dict[str, int] = {}
+        ref: Any = None
+        for rep in range(reps):
+            order = variants if rep % 2 == 0 else variants[::-1]
+            for v in order:
+                llm = engines[v]
+                llm.engine.kv.pool.drop_cached()
+                before = _spec_metrics(llm.engine)
+                speed, outs = fn(llm, prompts, sp)
+                speeds[v].append(speed)
+                acc[v] = _delta(_spec_metrics(llm.engine), before)
+                if ref is None:
+                    ref = outs
+                same[v] = min(same.get(v, len(outs)), sum(a == b for a, b in zip(outs, ref)))
+        out = {v: (median(speeds[v]), acc[v]) for v in variants}
+        off = out["off"][0]
+        for v in variants:
+            speed, a = out[v]
+            note = f"{same[v]}/{len(ref)} outputs identical to off"
+            if v != "off":
+                note += (
+                    f"; accepted {a['rate']:.0%} of {a['draft']:.0f} drafted, mean length {a['mean_len']:.2f}"
+                )
+            rows.append(
+                Row(
+                    f"{name}: {v}",
+                    str(kw.get("dtype") or "auto"),
+                    {"tok_s": speed, "speedup": speed / off},
+                    note=note,
+                    samples={"tok_s": speeds[v]},
+                )
+            )
+            print(f"{name}: {v}: {speed:.1f} tok/s ({speed / off:.2f}x) {note}", flush=True)
+        results[name] = {v: {"tok_s": s, "identical": same[v], **a} for v, (s, a) in out.items()}
+        return out
+
+    variants = ["off", *proposers]
+    run("W7 single stream", _single_stream, w7, greedy, variants)
+    run("W7 batch of 16", _batch, w7, greedy, variants)
+    if not args.skip_throughput:
+        w2 = [p.token_ids for p in make_prompts(tok, 8, 96, 160, seed=2)]
+        w2_sp = SamplingParams(temperature=0.8, top_p=0.95, n=16, seed=0, max_tokens=128, ignore_eos=True)
+        run("W2 8 x n=16", _batch, w2, w2_sp, variants)
+        w1 = [p.token_ids for p in make_prompts(tok, 64, 96, 160, seed=1)]
+        w1_sp = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+        run("W1 64 x 128", _batch, w1, w1_sp, variants)
+
+    m = machine_info()
+    md = (
+        f"## W7 speculative decoding ({reps} reps, variants in turn)\n\n"
+        f"machine: {m['nproc']} cores, {m['cpu']}, torch {m['torch']} with {m['torch_threads']} threads; "
+        f"num_speculative_tokens {kw.get('num_speculative_tokens', 8)}\n\n"
+    )
+    md += table(rows, [("tok_s", "tok/s"), ("speedup", "x off")], None, "tok_s")
+    print("\n" + md)
+    path = save(args.out_dir, "speculative", md, rows, {"results": results})
+    print(f"\nsaved {path}")
+    engines.clear()
+    gc.collect()
+    return 0
