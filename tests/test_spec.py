@@ -165,6 +165,32 @@ def test_structured_output_stays_in_grammar_with_drafts(plain, spec):
         assert re.fullmatch(r"(ab|cd){5,30}", o.text), o.text
 
 
+def test_self_speculation_greedy_and_sampled_identical(plain):
+    """--speculative self: the model's first layer + LM head drafts (its KV at a draft position is
+    what the full model writes there); output unchanged. Its drafting cost is zeroed here so the
+    tiny model (whose LM head is nearly all its weights) drafts at all."""
+    spec = tiny_llm(speculative="self", speculative_draft_layers=1, num_speculative_tokens=4)
+    spec.engine.spec.proposer.draft_cost = 0.0
+    base = spec.engine.kv.pool.num_used
+    for sp in (
+        SamplingParams(temperature=0, max_tokens=48, ignore_eos=True),
+        SamplingParams(temperature=0.8, n=2, seed=4, max_tokens=32, ignore_eos=True),
+    ):
+        assert _ids(spec.generate(PROMPTS, sp)) == _ids(plain.generate(PROMPTS, sp))
+    m = spec.engine.metrics()
+    assert m["spec_draft_tokens"] > 0
+    assert spec.engine.kv.pool.num_used == base
+
+
+def test_self_speculation_backs_off_when_drafting_costs_more_than_it_saves():
+    """With its real cost (the tiny model's LM head is ~97% of its weights) an early exit never
+    pays: no draft is made and nothing is slower for it."""
+    spec = tiny_llm(speculative="self")
+    assert spec.engine.spec.proposer.draft_cost > 0.9
+    spec.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert spec.engine.metrics()["spec_draft_tokens"] == 0
+
+
 # ---- proposers --------------------------------------------------------------------------------
 class _Seq:
     def __init__(self, tokens, prompt, sid="s", index=0, at_fork=0, req=None):

@@ -102,10 +102,14 @@ class EngineConfig:
     )
     speculative: str | None = _flag(
         None,
-        "speculative decoding: 'ngram' (prompt lookup over each sequence's own text) or 'suffix' "
-        "(one n-gram table per request over its prompt and all its samples' outputs); lossless, "
-        "and a draft is made only when the step's measured cost says it pays",
-        choices=["ngram", "suffix"],
+        "speculative decoding: 'ngram' (prompt lookup over each sequence's own text), 'suffix' "
+        "(one n-gram table per request over its prompt and all its samples' outputs) or 'self' (the "
+        "model's first layers + LM head draft); lossless, and a draft is made only when the step's "
+        "measured cost says it pays",
+        choices=["ngram", "suffix", "self"],
+    )
+    speculative_draft_layers: int | None = _flag(
+        None, "--speculative self: layers of the early exit that drafts (default: a quarter of the model's)"
     )
     num_speculative_tokens: int = _flag(
         7,
@@ -138,8 +142,10 @@ class EngineConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
-        if self.speculative is not None and self.speculative not in ("ngram", "suffix"):
-            raise ValueError(f"speculative must be 'ngram' or 'suffix', got {self.speculative!r}")
+        if self.speculative is not None and self.speculative not in ("ngram", "suffix", "self"):
+            raise ValueError(f"speculative must be 'ngram', 'suffix' or 'self', got {self.speculative!r}")
+        if self.speculative_draft_layers is not None and self.speculative_draft_layers < 1:
+            raise ValueError(f"speculative_draft_layers must be >= 1, got {self.speculative_draft_layers}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
 

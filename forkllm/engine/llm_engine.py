@@ -107,9 +107,16 @@ class LLMEngine:
         # Speculative decoding (engine/spec): drafts verified in the batch's forward.
         self.spec: SpeculativeDecoder | None = None
         if config.speculative:
-            self.spec = SpeculativeDecoder(
-                make_proposer(config.speculative), config.num_speculative_tokens, self.max_model_len
+            exit_layer = min(mcfg.num_layers, config.speculative_draft_layers or max(1, mcfg.num_layers // 4))
+            runner = self.runner
+            proposer = make_proposer(
+                config.speculative,
+                lambda rows: runner.draft_greedy(rows, exit_layer),
+                num_layers=exit_layer,
+                total_layers=mcfg.num_layers,
+                head_share=mcfg.vocab_size * mcfg.hidden_size / max(1, mcfg.num_params),
             )
+            self.spec = SpeculativeDecoder(proposer, config.num_speculative_tokens, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.seqs: dict[str, Sequence] = {}  # live sequences by id (fork / prune address them)
         self.tree = TreeOps(self.kv, self.scheduler, self.seqs)

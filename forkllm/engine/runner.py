@@ -149,6 +149,26 @@ class ModelRunner:
         hidden = self.model(ids_t, pos_t, self.attention.context(self.kv_caches, meta))
         return self._logits(hidden, decodes + chunks)
 
+    @torch.inference_mode()
+    def draft_greedy(self, rows: list[tuple[Sequence, int, int]], num_layers: int) -> list[int]:
+        """Self-speculation: one early-exit pass over single-token rows (sequence, position, token
+        at that position), the first `num_layers` layers then the final norm and LM head; returns
+        each row's most likely next token. Writes those layers' KV at the positions (pages must
+        be allocated); the verifying forward later writes the same values there."""
+        bs = self.block_size
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p, _ in rows]
+        batch = AttentionBatch(
+            torch.tensor(slots, dtype=torch.long),
+            [seq.block_table for seq, _, _ in rows],
+            [p + 1 for _, p, _ in rows],
+        )
+        meta = self.attention.build_metadata(batch)
+        dev = self.device
+        ids_t = torch.tensor([t for _, _, t in rows], dtype=torch.long, device=dev)
+        pos_t = torch.tensor([p for _, p, _ in rows], dtype=torch.long, device=dev)
+        hidden = self.model(ids_t, pos_t, self.attention.context(self.kv_caches, meta), num_layers=num_layers)
+        return self.model.compute_logits(hidden).argmax(dim=-1).tolist()
+
     def _logits(self, hidden: torch.Tensor, items: list[ScheduledSequence]) -> RunnerOutput:
         """Project the rows that need logits: sampling rows, then every row of the drafted
         sequences, and requested prompt positions."""

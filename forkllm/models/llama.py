@@ -190,13 +190,19 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionContext,
+        num_layers: int | None = None,
     ) -> torch.Tensor:
-        """Flat batch in, final-normed hidden states [T, hidden] out."""
+        """Flat batch in, final-normed hidden states [T, hidden] out. `num_layers`: only the first
+        layers (self-speculation drafts from an early exit; their KV is what the full model
+        writes for the same tokens)."""
         x = self.embed_tokens(input_ids)
         rope = RotaryApplier(self.rotary, positions, x.dtype, self.ops)
         delta: torch.Tensor | None = None
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x, delta = layer(x, delta, rope, attn)
         return self.norm.add_forward(x, delta)[1]
 

@@ -151,12 +151,15 @@ class SpeculativeDecoder:
         ]
         if not items:
             return 0
-        theta = self.threshold(len(sched.scheduled))
+        # A drafted token must also pay for its drafting (an early-exit pass: a share of a step).
+        theta = min(1.0, self.threshold(len(sched.scheduled)) + self.proposer.draft_cost)
         rates = {id(s): self._rate(s.seq.request) for s in items}
         if max(rates.values()) < theta:
             return 0  # a compute-bound step: no draft pays (acceptance estimates wait)
         bs = kv.block_size
         planned = 0
+        chosen: list[ScheduledSequence] = []
+        ks: list[int] = []
         for item in sorted(items, key=lambda s: -rates[id(s)]):
             seq = item.seq
             rate = rates[id(item)]
@@ -167,22 +170,32 @@ class SpeculativeDecoder:
                 p *= rate
             k = min(k, budget - planned, self._room(seq))
             if k <= 0:
+                acc = self._acceptance.get(seq.request.request_id)
+                if acc is not None:
+                    acc.update(0, False, decay=0.98)  # drift back towards the prior: tried again later
                 continue
-            draft = self.proposer.propose(seq, k)
+            c = seq.num_computed_tokens
+            if not kv.allocate(seq.block_table, c + 1 + k, seq.first_write, sched.copies):
+                k = min(k, len(seq.block_table) * bs - c - 1)  # what the pages held already fit
+                if k <= 0:
+                    continue
+            chosen.append(item)
+            ks.append(k)
+            planned += k
+        if not chosen:
+            return 0
+        planned = 0
+        for item, draft in zip(chosen, self.proposer.propose_batch([s.seq for s in chosen], ks)):
+            seq = item.seq
+            if draft and seq.grammar is not None:
+                draft = draft[: seq.grammar.matcher.validate_tokens(draft)]
+            # pages past the draft go back now (a sequence without a draft skips verification)
+            kv.trim(seq.block_table, seq.num_computed_tokens + 1 + len(draft))
             acc = self._acceptance.get(seq.request.request_id)
             if not draft:
                 if acc is not None:
                     acc.update(0, False)  # decay towards the prior: drafting is tried again
                 continue
-            if seq.grammar is not None:
-                draft = draft[: seq.grammar.matcher.validate_tokens(draft)]
-                if not draft:
-                    continue
-            c = seq.num_computed_tokens
-            if not kv.allocate(seq.block_table, c + 1 + len(draft), seq.first_write, sched.copies):
-                draft = draft[: len(seq.block_table) * bs - c - 1]
-                if not draft:
-                    continue
             item.draft = draft
             item.num_new_tokens = 1 + len(draft)
             planned += len(draft)

@@ -7,6 +7,10 @@ text its request already holds, so a draft costs a few dictionary lookups and no
   of every sequence of the request (n > 1 samples, beams, particles, forks), counting what
   followed each context; a draft follows the most frequent continuation of the longest context
   seen. Siblings write nearly the same text, so each one's output drafts for the others.
+- `SelfDraftProposer` ("self"): the model's own first layers, final norm and LM head (an early
+  exit, Draft & Verify / LayerSkip style) draft greedily, one pass per draft position over every
+  drafting sequence at once; no second model, and no KV of its own (the early layers' KV at a
+  position is what the full model writes there).
 
 State is per request (and per sequence for prompt lookup), made on first use and dropped when the
 request ends: nothing is carried from one request to the next.
@@ -14,6 +18,7 @@ request ends: nothing is carried from one request to the next.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,9 +27,12 @@ from forkllm.engine.sequence import Request, Sequence
 
 class Proposer(Protocol):
     name: str
+    # What drafting one token costs, as a fraction of a decode step (0: dictionary lookups).
+    draft_cost: float
 
-    def propose(self, seq: Sequence, k: int) -> list[int]:
-        """Up to k draft tokens to follow seq.token_ids (empty when there is no guess)."""
+    def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        """Up to ks[i] draft tokens to follow each seqs[i].token_ids (empty: no guess). The
+        pages for them are allocated."""
         ...
 
     def drop(self, request: Request) -> None:
@@ -44,6 +52,10 @@ class NgramProposer:
     """Prompt lookup over the sequence's own tokens."""
 
     name = "ngram"
+    draft_cost = 0.0
+
+    def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        return [self.propose(s, k) for s, k in zip(seqs, ks)]
 
     def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
         self.orders = range(max_n, min_n - 1, -1)
@@ -104,6 +116,10 @@ class SuffixProposer:
     """Most frequent continuation over the request's prompt and all its sequences' outputs."""
 
     name = "suffix"
+    draft_cost = 0.0
+
+    def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        return [self.propose(s, k) for s, k in zip(seqs, ks)]
 
     def __init__(self, min_n: int = 1, max_n: int = 6) -> None:
         self.orders = range(max_n, min_n - 1, -1)
@@ -160,13 +176,51 @@ class SuffixProposer:
         self._requests.pop(request.request_id, None)
 
 
-PROPOSERS = ("ngram", "suffix")
+DraftPass = Callable[[list[tuple[Sequence, int, int]]], list[int]]
 
 
-def make_proposer(name: str) -> Proposer:
-    """The proposer for `--speculative NAME`."""
+class SelfDraftProposer:
+    """Early-exit drafts: `draft_pass` (ModelRunner.draft_greedy bound to the exit layer) maps
+    rows (sequence, position, token there) to each row's most likely next token."""
+
+    name = "self"
+
+    def __init__(self, draft_pass: DraftPass, num_layers: int, total_layers: int, head_share: float) -> None:
+        self.draft_pass = draft_pass
+        self.num_layers = num_layers
+        # A draft position runs num_layers of total_layers plus the LM head (head_share of the
+        # model's weights): a step of a bandwidth-bound decode costs about its share of them.
+        self.draft_cost = head_share + (1.0 - head_share) * num_layers / total_layers
+
+    def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in seqs]
+        for j in range(max(ks, default=0)):
+            live = [i for i, k in enumerate(ks) if k > j]
+            rows = [
+                (seqs[i], seqs[i].num_tokens - 1 + j, drafts[i][-1] if j else seqs[i].token_ids[-1])
+                for i in live
+            ]
+            for i, token in zip(live, self.draft_pass(rows)):
+                drafts[i].append(token)
+        return drafts
+
+    def drop(self, request: Request) -> None:
+        pass
+
+
+PROPOSERS = ("ngram", "suffix", "self")
+
+
+def make_proposer(name: str, draft_pass: DraftPass | None = None, **shape: float) -> Proposer:
+    """The proposer for `--speculative NAME` ("self" needs the runner's draft pass and the
+    model's shape: num_layers, total_layers, head_share)."""
     if name == "ngram":
         return NgramProposer()
     if name == "suffix":
         return SuffixProposer()
+    if name == "self":
+        assert draft_pass is not None
+        return SelfDraftProposer(
+            draft_pass, int(shape["num_layers"]), int(shape["total_layers"]), float(shape["head_share"])
+        )
     raise ValueError(f"speculative must be one of {list(PROPOSERS)}, got {name!r}")
