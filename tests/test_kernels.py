@@ -364,3 +364,14 @@ def test_packed_silu_linear_matches_reference(rows):
     assert torch.allclose(out.float(), ref, rtol=8e-3, atol=1e-3)
     with pytest.raises(RuntimeError, match="pack_gate_up"):
         kernels.packed_silu_linear(x, p, i + 16)
+
+
+def test_kernel_build_directory_is_per_checkout_under_the_env_folder(monkeypatch, tmp_path):
+    """One build folder per checkout and source content (torch's build names the source paths, so
+    two checkouts sharing a folder rebuilt it in turn and could leave a lock that hung startup)."""
+    from forkllm.kernels import build_directory
+
+    monkeypatch.setenv("FORKLLM_KERNELS_DIR", str(tmp_path))
+    d = build_directory()
+    assert d.parent == tmp_path and len(d.name) == 16
+    assert build_directory() == d

@@ -156,14 +156,15 @@ _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
 def build_directory() -> Path:
-    """Where the extension is built: one folder per content of the sources, flags, torch version
-    and machine, under $FORKLLM_KERNELS_DIR (default ~/.cache/forkllm/kernels). Two checkouts
-    with the same sources share a build; different sources never rebuild over each other (with
-    one shared folder, two checkouts kept rebuilding it in turn and could leave a lock behind)."""
+    """Where the extension is built: one folder per checkout (torch's build includes the source
+    paths, so two checkouts sharing a folder rebuild it in turn) and per content of the sources,
+    flags, torch version and machine, under $FORKLLM_KERNELS_DIR (default
+    ~/.cache/forkllm/kernels). With torch's one folder per extension name, two checkouts kept
+    rebuilding it and a build killed mid-way left a lock that hung every later start."""
     import hashlib
     import platform
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(str(_CSRC.resolve()).encode())
     for f in sorted(p.name for p in _CSRC.iterdir() if p.suffix in (".cpp", ".h")):
         h.update(f.encode() + b"\0" + (_CSRC / f).read_bytes())
     h.update(" ".join(_CFLAGS + [torch.__version__, platform.machine(), platform.node()]).encode())
