@@ -333,29 +333,29 @@ class LLMEngine:
                 seq.request.metrics.first_scheduled_time = now
         num_plain = len(out.sample_seqs)
         sample_seqs, logits = self._fork_pending_samples(out.sample_seqs, out.logits)
-        forked = sample_seqs[num_plain:]
-        if out.drafted:
+        if out.drafted:  # logits rows: plain samples, draft positions, then forked samples
             assert self.spec is not None
             draft_rows = [row for item in out.drafted for row in self.spec.rows(item)]
-            sampled = self.sampler(logits, [*sample_seqs[:num_plain], *draft_rows, *forked])
+            sampled = self.sampler(logits, [*sample_seqs[:num_plain], *draft_rows, *sample_seqs[num_plain:]])
+            end = num_plain + len(draft_rows)
+            tokens, lps = sampled.token_ids, sampled.logprobs
+            draft_tokens, draft_lps = tokens[num_plain:end], lps[num_plain:end]
+            tokens, lps = tokens[:num_plain] + tokens[end:], lps[:num_plain] + lps[end:]
         else:
             sampled = self.sampler(logits, sample_seqs)
+            tokens, lps = sampled.token_ids, sampled.logprobs
         seconds = time.perf_counter() - t0
         self.stats.model_seconds += seconds
         self.stats.steps += 1
         self._record_prompt_logprobs(out)
-        tokens, lps = sampled.token_ids, sampled.logprobs
-        plain = list(range(num_plain)) + list(range(len(tokens) - len(forked), len(tokens)))
-        for seq, i in zip(sample_seqs, plain):
-            self.stats.generation_tokens += self.outputs.append_tokens(seq, (tokens[i],), (lps[i],), now)
+        for seq, token, lp in zip(sample_seqs, tokens, lps):
+            self.stats.generation_tokens += self.outputs.append_tokens(seq, (token,), (lp,), now)
             touched[seq.request.request_id] = seq.request
-        if out.drafted:
-            self._verify(out.drafted, tokens[num_plain:], lps[num_plain:], now, touched)
-            if all(s.draft or s.num_new_tokens == 1 for s in sched.scheduled):
-                assert self.spec is not None
+        if self.spec is not None:
+            if out.drafted:
+                self._verify(out.drafted, draft_tokens, draft_lps, now, touched)
+            if all(s.draft or s.num_new_tokens == 1 for s in sched.scheduled):  # decode-only step
                 self.spec.cost.record(sched.num_batched_tokens, seconds)
-        elif self.spec is not None and all(s.num_new_tokens == 1 for s in sched.scheduled):
-            self.spec.cost.record(sched.num_batched_tokens, seconds)
         return now
 
     def _verify(

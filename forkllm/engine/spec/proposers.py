@@ -48,14 +48,22 @@ class _Index:
     upto: int = 0
 
 
-class NgramProposer:
-    """Prompt lookup over the sequence's own tokens."""
+class _LookupProposer:
+    """A proposer that drafts each sequence on its own by dictionary lookups (no model run)."""
 
-    name = "ngram"
     draft_cost = 0.0
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        raise NotImplementedError
 
     def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         return [self.propose(s, k) for s, k in zip(seqs, ks)]
+
+
+class NgramProposer(_LookupProposer):
+    """Prompt lookup over the sequence's own tokens."""
+
+    name = "ngram"
 
     def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
         self.orders = range(max_n, min_n - 1, -1)
@@ -112,14 +120,10 @@ class _Counts:
     read: dict[str, int] = field(default_factory=dict)  # sequence id -> positions counted up to
 
 
-class SuffixProposer:
+class SuffixProposer(_LookupProposer):
     """Most frequent continuation over the request's prompt and all its sequences' outputs."""
 
     name = "suffix"
-    draft_cost = 0.0
-
-    def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
-        return [self.propose(s, k) for s, k in zip(seqs, ks)]
 
     def __init__(self, min_n: int = 1, max_n: int = 6) -> None:
         self.orders = range(max_n, min_n - 1, -1)
