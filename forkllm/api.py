@@ -11,6 +11,8 @@ from forkllm.engine.llm_engine import LLMEngine, PromptInput
 from forkllm.engine.outputs import CompletionOutput, RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.tree import TreePolicy, run_policies
+from forkllm.threads import Fanout, MapReduce, ThreadPolicy, ThreadResult
+from forkllm.threads.policy import DEFAULT_MAX_DEPTH
 from forkllm.tokenizer import Tokenizer
 from forkllm.tools.executor import ToolExecutor
 from forkllm.tools.formats import DEFAULT_FORMAT, get_format
@@ -157,6 +159,44 @@ class LLM:
             )
         jobs = [(strategy, *self._scale_prompt(p, chat)) for p, strategy in zip(prompts, strategies)]
         return run_policies(self.engine, [(s, ids, q) for s, ids, q in jobs])
+
+    # ---- reasoning threads ----------------------------------------------------------------------
+    def threads(
+        self,
+        prompt: str | list[int] | Conversation | Seq[str],
+        spec: Fanout | MapReduce,
+        sampling_params: SamplingParams | None = None,
+        chat: bool = True,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> ThreadResult:
+        """Run a thread tree inside the engine (forkllm.threads): a `Fanout` from `prompt`, or a
+        `MapReduce` over `prompt` (a list of chunks). Greedy unless `sampling_params` says."""
+        return self.threads_batch([prompt], [spec], sampling_params, chat, max_depth)[0]
+
+    def threads_batch(
+        self,
+        prompts: Seq[str | list[int] | Conversation | Seq[str]],
+        specs: Seq[Fanout | MapReduce],
+        sampling_params: SamplingParams | None = None,
+        chat: bool = True,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> list[ThreadResult]:
+        """Several thread trees at once; all their threads share each step's batch."""
+        if len(prompts) != len(specs):
+            raise ValueError(f"got {len(specs)} thread specs for {len(prompts)} prompts; pass one per prompt")
+        jobs: list[tuple[TreePolicy[ThreadResult], list[int], str]] = []
+        for prompt, spec in zip(prompts, specs):
+            if isinstance(spec, MapReduce):
+                if isinstance(prompt, str) or not all(isinstance(c, str) for c in prompt):
+                    raise ValueError("MapReduce: the prompt must be a list of chunks (strings)")
+                fan = spec.fanout(list(prompt))  # type: ignore[arg-type]
+                prompt = spec.context
+            else:
+                fan = spec
+            policy = ThreadPolicy(fan, sampling_params, max_depth)
+            ids, question = self._scale_prompt(prompt, chat)  # type: ignore[arg-type]
+            jobs.append((policy, ids, question))
+        return run_policies(self.engine, jobs)
 
     def _scale_prompt(self, prompt: str | list[int] | Conversation, chat: bool) -> tuple[list[int], str]:
         """(prompt token ids, the question text scorers see)."""

@@ -25,6 +25,8 @@ class PrefillChunk:
     num_cached: int  # tokens of the sequence already in the cache before the chunk
     num_new: int
     block_ids: torch.Tensor  # pages covering [0, num_cached + num_new)
+    # bool [num_cached + num_new]: False at slots holding no token (a page-joined thread's holes)
+    key_valid: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,12 @@ class TorchAttention:
         for chunk in batch.chunks:
             c, n = chunk.num_cached, chunk.num_new
             if c == 0:
+                assert chunk.key_valid is None, "a sequence with holes has cached tokens"
                 span = PrefillSpan(offset, n, 0, None, None)
             else:
                 mask = torch.arange(c + n)[None, :] <= torch.arange(c, c + n)[:, None]
+                if chunk.key_valid is not None:
+                    mask &= chunk.key_valid[None, :]
                 span = PrefillSpan(offset, n, c, chunk.block_ids, mask)
             meta.prefills.append(span)
             offset += n

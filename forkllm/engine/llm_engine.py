@@ -326,9 +326,10 @@ class LLMEngine:
                     s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
                 )
             seq.num_computed_tokens += s.num_new_tokens
-            self.kv.register_full_pages(
-                seq.token_ids, seq.block_table, seq.cache_nodes, seq.num_computed_tokens
-            )
+            if not seq.kv_pinned:  # a page-joined thread's pages are not what its tokens compute to
+                self.kv.register_full_pages(
+                    seq.token_ids, seq.block_table, seq.cache_nodes, seq.num_computed_tokens
+                )
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
         num_plain = len(out.sample_seqs)

@@ -79,7 +79,8 @@ class OutputProcessor:
         if reason is None and seq.grammar is not None and seq.grammar.is_finished:
             reason = "stop"  # the grammar is complete: only EOS could follow
         max_new = p.max_tokens if p.max_tokens is not None else self.max_model_len - seq.num_prompt_tokens
-        if reason is None and (n_out >= max_new or seq.num_tokens >= self.max_model_len):
+        over = seq.token_limit is not None and seq.num_tokens >= seq.token_limit
+        if reason is None and (n_out >= max_new or seq.num_tokens >= self.max_model_len or over):
             reason = "length"
         if reason is None:
             return False

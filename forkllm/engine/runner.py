@@ -42,6 +42,16 @@ class RunnerOutput:
     drafted: list[ScheduledSequence] = field(default_factory=list)
 
 
+def key_valid(holes: list[tuple[int, int]], num_slots: int) -> torch.Tensor | None:
+    """bool [num_slots]: False at the slots of a page-joined sequence that hold no token."""
+    if not holes:
+        return None
+    valid = torch.ones(num_slots, dtype=torch.bool)
+    for start, end in holes:
+        valid[start:end] = False
+    return valid
+
+
 class ModelRunner:
     """Owns the KV tensors, the attention backend (chosen once here from the kernels and the
     shared-prefix settings) and the model, with its layers swapped onto the kernels."""
@@ -102,8 +112,9 @@ class ModelRunner:
         # Decodes (one query each) first, then multi-token chunks: the layout attention expects.
         # A drafted sequence is one decode row per position (its last token, then each draft
         # token), each seeing the context up to itself: causal verification of the chain.
-        decodes = [s for s in sched.scheduled if s.num_new_tokens == 1 or s.draft]
-        chunks = [s for s in sched.scheduled if s.num_new_tokens != 1 and not s.draft]
+        # A page-joined thread (holes in its pages) always runs as a chunk: chunks take a key mask.
+        decodes = [s for s in sched.scheduled if (s.num_new_tokens == 1 or s.draft) and not s.seq.kv_holes]
+        chunks = [s for s in sched.scheduled if not (s.num_new_tokens == 1 or s.draft) or s.seq.kv_holes]
 
         input_ids: list[int] = []
         positions: list[int] = []
@@ -117,7 +128,7 @@ class ModelRunner:
             for j, token in enumerate((seq.token_ids[pos], *s.draft)):
                 p = pos + j
                 input_ids.append(token)
-                positions.append(p)
+                positions.append(p - seq.position_shift)
                 # A fully cached prompt recomputes its last token for the logits only: that KV exists.
                 slots.append(NULL_SLOT if p < seq.num_reused_tokens else table[p // bs] * bs + p % bs)
                 ctx_lens.append(p + 1)
@@ -129,13 +140,13 @@ class ModelRunner:
             c = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[c : c + n])
             chunk_pos = torch.arange(c, c + n)
-            positions.extend(range(c, c + n))
+            positions.extend(range(c - seq.position_shift, c + n - seq.position_shift))
             table_t = torch.tensor(seq.block_table[: -(-(c + n) // bs)], dtype=torch.long)
             chunk_slots = table_t[chunk_pos // bs] * bs + chunk_pos % bs
             if c < seq.num_reused_tokens:
                 chunk_slots[: seq.num_reused_tokens - c] = NULL_SLOT
             slots.extend(chunk_slots.tolist())
-            prefill_chunks.append(PrefillChunk(c, n, table_t))
+            prefill_chunks.append(PrefillChunk(c, n, table_t, key_valid(seq.kv_holes, c + n)))
         batch = AttentionBatch(
             torch.tensor(slots, dtype=torch.long),
             tables,

@@ -452,8 +452,16 @@ class Scheduler:
         counts: dict[Request, int] = {}
         for s in running:
             counts[s.request] = counts.get(s.request, 0) + 1
+        # A page-joined thread cannot be recomputed from its tokens: it goes last, and when it
+        # must go all the same, its request ends (see _preempt).
         best = max(
-            range(len(running)), key=lambda i: (running[i].request.priority, counts[running[i].request], i)
+            range(len(running)),
+            key=lambda i: (
+                not running[i].kv_pinned,
+                running[i].request.priority,
+                counts[running[i].request],
+                i,
+            ),
         )
         return running[best]
 
@@ -462,6 +470,13 @@ class Scheduler:
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]
         # A page copy planned for this sequence this step is moot: its pages are released.
         out.copies = [c for c in out.copies if c.dst not in seq.block_table]
+        if seq.kv_pinned:  # its KV cannot be rebuilt: it ends, and its thread policy fails
+            self.kv.free(seq.block_table, seq.cache_nodes)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "abort"
+            seq.stop_reason = "the KV cache ran out of pages for a page-joined thread"
+            out.preempted.append(seq)
+            return
         self._reset(seq)
         seq.status = SequenceStatus.WAITING
         seq.request.metrics.num_preemptions += 1

@@ -58,6 +58,20 @@ class Sequence:
     # Structured output: where the output stands in the request's grammar (None: unconstrained).
     # Made with the root sequence, forked with every copy, advanced by every appended token.
     grammar: GrammarState | None = None
+    # Reasoning threads (forkllm.threads): a sequence joined by page (kv_concat) holds its
+    # children's pages side by side. Its KV slot i then carries RoPE position i - position_shift
+    # for every slot written after the join, and `kv_holes` lists the slot ranges [start, end) of
+    # those pages that hold no token of its context (never attended to). Such a sequence's KV
+    # cannot be recomputed from its tokens: it is never preempted nor prefix-cached.
+    position_shift: int = 0
+    kv_holes: list[tuple[int, int]] = field(default_factory=list)
+    # Ends the sequence ("length") once it holds this many tokens (a thread's own max_tokens).
+    token_limit: int | None = None
+
+    @property
+    def kv_pinned(self) -> bool:
+        """Its KV cannot be rebuilt from its tokens (a page-joined thread)."""
+        return self.position_shift != 0 or bool(self.kv_holes)
 
     @property
     def params(self) -> SamplingParams:

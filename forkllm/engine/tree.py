@@ -29,6 +29,7 @@ from forkllm.engine.sampler import derive_seed
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.scheduler import Scheduler
 from forkllm.engine.sequence import Request, Sequence, SequenceStatus
+from forkllm.kv.concat import JoinBranch, PageJoin, join_pages
 from forkllm.kv.manager import KVCacheManager
 from forkllm.structured.state import GrammarState
 
@@ -39,7 +40,8 @@ R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 StepHook = Callable[["LLMEngine"], None]
 # Asked when one of a request's sequences stops by itself (EOS, a stop token or string, its grammar
-# complete: finish_reason "stop"): True parks it (paused, pages kept) instead of finishing it.
+# complete: finish_reason "stop"; or its length limit: "length"): True parks it (paused, pages
+# kept) instead of finishing it.
 StopGate = Callable[[Sequence], bool]
 
 
@@ -147,7 +149,8 @@ class TreeOps:
         """End a sequence and release its pages; one that stopped by itself (finish_reason
         "stop") is parked instead when its request's stop gate says so (see park_on_stop)."""
         gate = self.stop_gates.get(seq.request.request_id)
-        if gate is not None and seq.finish_reason == "stop" and not seq.finished and gate(seq):
+        parkable = seq.finish_reason in ("stop", "length")
+        if gate is not None and parkable and not seq.finished and gate(seq):
             self.scheduler.pause(seq)
             return
         self.scheduler.finish(seq)
@@ -179,6 +182,77 @@ class TreeOps:
         seq.detok = detok
         seq.finish_reason = seq.stop_reason = None
         seq.grammar = grammar
+
+    # ---- threads: spawn / truncate / join by page ------------------------------------------------
+    def spawn(
+        self, parent: Sequence, suffixes: Seq[Seq[int]], token_limits: Seq[int | None] | None = None
+    ) -> list[Sequence]:
+        """One child per suffix, each continuing from the parent's pages with its own tokens
+        appended (APR's spawn): scheduled at once, each computes only its suffix, then samples.
+        The parent must have every token computed (see `truncate`); `token_limits` bound each
+        child's total tokens (its thread's max_tokens)."""
+        if parent.finished or self.seqs.get(parent.seq_id) is not parent:
+            raise ValueError(f"no live sequence {parent.seq_id!r} to spawn from")
+        if parent.num_computed_tokens != parent.num_tokens:
+            raise ValueError(f"sequence {parent.seq_id!r} has tokens not computed yet: truncate it first")
+        if not suffixes or any(not s for s in suffixes):
+            raise ValueError("spawn needs at least one child, each with at least one token")
+        kids = self._spawn(parent, parent, len(suffixes), None)
+        for child, suffix, limit in zip(kids, suffixes, token_limits or [None] * len(kids)):
+            child.token_ids.extend(suffix)
+            child.detok = IncrementalDetokenizer.for_prompt(child.num_tokens)
+            child.token_limit = limit
+            child.grammar = None
+        return kids
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Drop a paused sequence's tokens past `num_tokens` (a sampled token a thread does not
+        keep) and the pages past them."""
+        if seq.status is not SequenceStatus.PAUSED or self.seqs.get(seq.seq_id) is not seq:
+            raise ValueError(f"no paused sequence {seq.seq_id!r} to truncate")
+        if not seq.num_reused_tokens <= num_tokens <= seq.num_tokens:
+            raise ValueError(f"cannot truncate {seq.seq_id!r} to {num_tokens} of {seq.num_tokens} tokens")
+        n_out = max(0, num_tokens - seq.num_prompt_tokens)
+        del seq.token_ids[num_tokens:]
+        if seq.logprobs is not None:
+            del seq.logprobs[n_out:]
+        seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+        self.kv.trim(seq.block_table, num_tokens)
+        del seq.cache_nodes[num_tokens // self.kv.block_size :]
+        seq.detok = IncrementalDetokenizer.for_prompt(num_tokens)
+        seq.grammar = None
+        seq.finish_reason = seq.stop_reason = None
+
+    def join_pages(self, parent: Sequence, children: Seq[Sequence]) -> PageJoin:
+        """kv_concat: the paused parent takes its children's pages after its own (kv.concat) and
+        their tokens; each child gives what it computed (a last sampled token, never computed, is
+        not part of the join) and ends. No page is copied; positions as written."""
+        if parent.status is not SequenceStatus.PAUSED or parent.num_computed_tokens != parent.num_tokens:
+            raise ValueError(f"sequence {parent.seq_id!r} must be paused with every token computed to join")
+        base = parent.num_tokens
+        for c in children:
+            if c.finished or self.seqs.get(c.seq_id) is not c or c.parent is not parent:
+                raise ValueError(f"{c.seq_id!r} is not a live child of {parent.seq_id!r}")
+            if c.num_computed_tokens < base or c.token_ids[:base] != parent.token_ids:
+                raise ValueError(f"{c.seq_id!r} does not continue {parent.seq_id!r}")
+        branch = lambda s: JoinBranch(  # noqa: E731
+            s.block_table, s.num_computed_tokens, s.kv_holes, s.num_computed_tokens - s.position_shift
+        )
+        plan = join_pages(branch(parent), [branch(c) for c in children], self.kv.block_size)
+        tokens = list(parent.token_ids) + [0] * (plan.num_slots - base)
+        for c, (start, n) in zip(children, plan.regions):
+            tokens[start : start + n] = c.token_ids[base : base + n]
+            c.block_table = []  # its references moved to the parent or are in plan.released
+            c.cache_nodes = []
+            self.end(c, c.finish_reason or "stop")
+        self.kv.pool.decref(plan.released)
+        parent.block_table = plan.block_table
+        parent.token_ids = tokens
+        parent.num_computed_tokens = plan.num_slots
+        parent.kv_holes = plan.holes
+        parent.position_shift = plan.position_shift
+        parent.detok = IncrementalDetokenizer.for_prompt(plan.num_slots)
+        return plan
 
     def end(self, seq: Sequence, reason: str) -> None:
         """Finish a live or parked sequence now with `reason` ("stop", "length", ...)."""

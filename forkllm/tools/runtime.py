@@ -287,7 +287,7 @@ class ToolPolicy:
 
     def _park(self, seq: Sequence) -> bool:
         """The engine asks, as the sequence stops by itself: park it for its calls' results?"""
-        if seq.stop_reason is not None:  # the caller's stop string or stop token: the end
+        if seq.finish_reason != "stop" or seq.stop_reason is not None:  # length, or the caller's stop
             return False
         st = self._state(seq)
         self._scan(seq, st)

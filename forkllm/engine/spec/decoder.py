@@ -147,7 +147,9 @@ class SpeculativeDecoder:
         if budget <= 0:
             return 0
         items = [
-            s for s in sched.scheduled if s.num_new_tokens == 1 and s.samples and s.seq.num_output_tokens
+            s
+            for s in sched.scheduled
+            if s.num_new_tokens == 1 and s.samples and s.seq.num_output_tokens and not s.seq.kv_holes
         ]
         if not items:
             return 0

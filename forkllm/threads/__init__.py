@@ -1,0 +1,9 @@
+"""Reasoning threads inside the engine: fan-out / map-reduce trees whose threads share the
+context's pages, decode in one batch, and are joined by page reference (`kv_concat`) or by
+recomputation (`reprefill`). See policy.py for the runtime, kv/concat.py for the page join."""
+
+from forkllm.threads.policy import ThreadPolicy
+from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
+from forkllm.threads.spec import JOINS, Fanout, MapReduce
+
+__all__ = ["JOINS", "Fanout", "MapReduce", "ThreadEvent", "ThreadInfo", "ThreadPolicy", "ThreadResult"]

@@ -1,0 +1,235 @@
+"""ThreadPolicy: a thread tree run inside the step loop (a TreePolicy, like the scaling strategies).
+
+One request holds the whole tree. The context (thread 0) computes its prompt; the token it then
+samples is dropped (`TreeOps.truncate`) and it spawns one child per thread prompt
+(`TreeOps.spawn`: each child shares the context's pages and computes only its own prompt), then
+pauses. Threads decode in the same batch as everything else; a thread that stops (EOS, stop
+string, its max_tokens) is parked, pages kept. When every thread of a fan-out is parked the
+context joins them (`kv_concat`: `TreeOps.join_pages`, or `reprefill`: their tokens appended and
+computed again), appends `then` and goes on. A thread that is itself a fan-out does the same one
+level down before it is parked for its own parent's join.
+
+A thread's contribution to the join is what it computed: its prompt and its tokens, not the last
+sampled one (an EOS, mostly; a thread cut by max_tokens keeps max_tokens tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from forkllm.engine.sampling_params import SamplingParams
+from forkllm.engine.sequence import Sequence, SequenceStatus
+from forkllm.engine.tree import TreeRun
+from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
+from forkllm.threads.spec import Fanout
+
+if TYPE_CHECKING:
+    from forkllm.engine.llm_engine import LLMEngine
+
+DEFAULT_MAX_DEPTH = 4
+
+
+@dataclass(eq=False)
+class _Node:
+    info: ThreadInfo
+    spec: Fanout | None  # fans out after its prompt (None: a leaf thread)
+    max_tokens: int
+    seq: Sequence | None = None
+    state: str = "prefix"  # prefix -> waiting -> running -> parked (threads) / done (context)
+    prompt_end: int = 0  # tokens of its sequence once its prompt is in
+    gen_start: int = 0  # where the tokens it samples in its last phase start
+    children: list[_Node] = field(default_factory=list)
+    critical: int = 0  # sampled tokens on its longest sequential chain
+
+
+class ThreadPolicy:
+    """Runs one thread tree (a `Fanout`) from a prompt; `result()` is a ThreadResult."""
+
+    def __init__(
+        self, spec: Fanout, params: SamplingParams | None = None, max_depth: int = DEFAULT_MAX_DEPTH
+    ) -> None:
+        if not isinstance(spec, Fanout):
+            raise TypeError(f"threads: expected a Fanout, got {type(spec).__name__}")
+        if spec.depth > max_depth:
+            raise ValueError(f"threads: the tree is {spec.depth} levels deep; max_depth is {max_depth}")
+        self.spec = spec
+        self.params = params or SamplingParams(temperature=0.0)
+        if self.params.n != 1:
+            raise ValueError("threads: n must be 1 (a thread tree is one request; fan out with Fanout)")
+        self.tree: TreeRun | None = None
+        self.engine: LLMEngine | None = None
+        self.nodes: dict[str, _Node] = {}  # by sequence id
+        self.root: _Node | None = None
+        self.threads: list[ThreadInfo] = []
+        self.events: list[ThreadEvent] = []
+        self.prefill_tokens = 0
+        self.generated_tokens = 0
+        self.peak_pages = 0
+        self.t0 = 0.0
+        self.seconds = 0.0
+        self.done = False
+
+    # ---- TreePolicy ---------------------------------------------------------------------------
+    def start(self, engine: LLMEngine, prompt_ids: list[int], question: str) -> None:
+        if engine.tokenizer is None:
+            raise ValueError("threads need a tokenizer (thread prompts are text)")
+        limit = engine.config.max_num_seqs
+        if self.spec.num_threads > limit:
+            raise ValueError(
+                f"threads: {self.spec.num_threads} threads at once exceed max_num_seqs ({limit})"
+            )
+        self.engine, self.t0 = engine, time.perf_counter()
+        params = self.params.clone(max_tokens=engine.max_model_len)
+        self.tree = TreeRun(engine, prompt_ids, params, None)
+        root = self._node(None, question, self.spec, self.spec.final_max_tokens)
+        root.seq, root.prompt_end = self.tree.seqs[0], len(prompt_ids)
+        self.nodes[root.seq.seq_id] = self.root = root
+        self.tree.park_on_stop(self._park)
+
+    def on_step(self, engine: LLMEngine) -> None:
+        assert self.root is not None and self.root.seq is not None
+        self.peak_pages = max(self.peak_pages, engine.kv.pool.num_used)
+        for node in list(self.nodes.values()):
+            seq = node.seq
+            assert seq is not None
+            if seq.finished and node is not self.root and node.state != "joined":
+                raise RuntimeError(f"thread {node.info.id} ended: {seq.finish_reason} ({seq.stop_reason})")
+            if node.state == "prefix" and seq.num_tokens > node.prompt_end:
+                self._fan_out(node)
+            elif node.state == "waiting" and all(c.state == "parked" for c in node.children):
+                self._join(node)
+            elif node.state == "running" and seq.status is SequenceStatus.PAUSED:
+                self._park_done(node)
+            elif node.state == "running" and seq.finished:  # the context's answer
+                if seq.finish_reason == "abort":
+                    raise RuntimeError(f"thread tree aborted: {seq.stop_reason or 'aborted'}")
+                self._park_done(node)
+                self.done = True
+                self.seconds = time.perf_counter() - self.t0
+                self.events.append(ThreadEvent(self._t(), "end", 0, tokens=node.info.generated_tokens))
+
+    def stop(self) -> None:
+        if self.tree is not None:
+            self.tree.park_on_stop(None)
+            self.tree.abort()
+
+    def result(self) -> ThreadResult:
+        assert self.root is not None and self.root.seq is not None
+        return ThreadResult(
+            text=self.root.info.text,
+            threads=self.threads,
+            events=self.events,
+            join=self.spec.join,
+            prefill_tokens=self.prefill_tokens,
+            generated_tokens=self.generated_tokens,
+            critical_path_tokens=self.root.critical,
+            peak_kv_pages=self.peak_pages,
+            seconds=self.seconds,
+            finish_reason=self.root.seq.finish_reason,
+        )
+
+    # ---- the tree -----------------------------------------------------------------------------
+    def _node(self, parent: _Node | None, prompt: str, spec: Fanout | None, max_tokens: int) -> _Node:
+        info = ThreadInfo(len(self.threads), None if parent is None else parent.info.id, prompt)
+        self.threads.append(info)
+        if parent is not None:
+            parent.info.children.append(info.id)
+        return _Node(info, spec, max_tokens)
+
+    def _t(self) -> float:
+        return round(time.perf_counter() - self.t0, 4)
+
+    def _park(self, seq: Sequence) -> bool:
+        """Asked as a sequence stops by itself: every thread waits for its join; the context's
+        answer ends the tree."""
+        node = self.nodes.get(seq.seq_id)
+        return node is not None and not (node is self.root and node.state == "running")
+
+    def _encode(self, text: str) -> list[int]:
+        assert self.engine is not None and self.engine.tokenizer is not None
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def _fan_out(self, node: _Node) -> None:
+        """Its prompt is computed (the token sampled after it is dropped): spawn its threads."""
+        engine, seq, spec = self.engine, node.seq, node.spec
+        assert engine is not None and seq is not None
+        if node is self.root:
+            self.prefill_tokens += node.prompt_end - seq.num_reused_tokens
+        if spec is None:  # a leaf thread: it generates from here (never the case: leaves spawn running)
+            node.state = "running"
+            return
+        if seq.status is not SequenceStatus.PAUSED:  # parked already when its first sample ended it
+            engine.tree.pause(seq)
+        engine.tree.truncate(seq, node.prompt_end)
+        kids: list[_Node] = []
+        suffixes: list[list[int]] = []
+        limits: list[int | None] = []
+        for p in spec.prompts:
+            if isinstance(p, Fanout):
+                kid = self._node(node, p.prefix, p, p.final_max_tokens)
+                ids = self._encode(p.prefix)
+                limits.append(seq.num_tokens + len(ids) + 1)  # it samples once, then fans out
+            else:
+                kid = self._node(node, p, None, spec.max_tokens)
+                ids = self._encode(p)
+                limits.append(seq.num_tokens + len(ids) + spec.max_tokens + 1)
+            kids.append(kid)
+            suffixes.append(ids)
+        children = engine.tree.spawn(seq, suffixes, limits)
+        assert self.tree is not None
+        self.tree.forks += len(children)
+        for kid, child, ids in zip(kids, children, suffixes):
+            kid.seq, kid.prompt_end = child, child.num_tokens
+            kid.gen_start = child.num_tokens
+            kid.state = "prefix" if kid.spec is not None else "running"
+            self.nodes[child.seq_id] = kid
+            self.prefill_tokens += len(ids)
+        node.children, node.state = kids, "waiting"
+        self.events.append(ThreadEvent(self._t(), "spawn", node.info.id, [k.info.id for k in kids]))
+
+    def _park_done(self, node: _Node) -> None:
+        """A thread (or the context's answer) stopped: note what it wrote."""
+        seq = node.seq
+        assert seq is not None
+        sampled = seq.num_tokens - node.gen_start
+        node.info.generated_tokens += sampled
+        node.info.text = seq.text
+        node.info.finish_reason = seq.finish_reason
+        node.critical = sampled + max((c.critical for c in node.children), default=0)
+        self.generated_tokens += sampled
+        node.state = "parked" if node is not self.root else "done"
+        if node is not self.root:
+            self.events.append(ThreadEvent(self._t(), "end", node.info.id, tokens=sampled))
+
+    def _join(self, node: _Node) -> None:
+        engine, seq, spec = self.engine, node.seq, node.spec
+        assert engine is not None and seq is not None and spec is not None and self.tree is not None
+        kids: list[Sequence] = []
+        for c in node.children:
+            assert c.seq is not None
+            kids.append(c.seq)
+        base = seq.num_tokens
+        then = self._encode(spec.then)
+        if spec.join == "kv_concat":
+            engine.tree.join_pages(seq, kids)
+            extra = then
+        else:
+            joined = [t for k in kids for t in k.token_ids[base : k.num_computed_tokens]]
+            for k in kids:
+                engine.tree.end(k, k.finish_reason or "stop")
+            extra = joined + then
+        for c in node.children:
+            c.state = "joined"
+        self.tree.extend(seq, extra)
+        self.prefill_tokens += len(extra)
+        node.gen_start = seq.num_tokens
+        seq.token_limit = seq.num_tokens + node.max_tokens + (node is not self.root)
+        node.state = "running"
+        self.tree.resume(seq)
+        self.events.append(
+            ThreadEvent(
+                self._t(), "join", node.info.id, [c.info.id for c in node.children], spec.join, seq.num_tokens
+            )
+        )

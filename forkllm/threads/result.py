@@ -1,0 +1,55 @@
+"""What a thread tree returns: the answer, every thread, and the events a page can draw."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ThreadEvent:
+    """spawn (a context fans out), join (it takes its threads back), end (a thread or the context
+    finished). `t` is seconds since the tree started."""
+
+    t: float
+    event: str
+    thread: int
+    children: list[int] = field(default_factory=list)
+    join: str | None = None
+    tokens: int = 0  # join: tokens the context holds after it; end: tokens the thread generated
+
+
+@dataclass
+class ThreadInfo:
+    """One thread (id 0 is the context): what it was told, what it wrote, its tokens."""
+
+    id: int
+    parent: int | None
+    prompt: str
+    text: str = ""
+    generated_tokens: int = 0  # tokens it sampled (its own, not its children's)
+    finish_reason: str | None = None
+    children: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ThreadResult:
+    text: str  # what the context wrote after the last join
+    threads: list[ThreadInfo]
+    events: list[ThreadEvent]
+    join: str
+    prefill_tokens: int  # tokens computed without being sampled (prompt, thread prompts, rejoined text)
+    generated_tokens: int  # tokens sampled by every thread and the context
+    critical_path_tokens: int  # sampled tokens on the longest chain of sequential steps
+    peak_kv_pages: int  # pages in use in the engine at the fullest step of this tree
+    seconds: float
+    finish_reason: str | None = None
+
+    @property
+    def tree(self) -> dict[str, Any]:
+        """The thread tree as plain data (JSON-ready): threads and events."""
+        return {
+            "join": self.join,
+            "threads": [asdict(t) for t in self.threads],
+            "events": [asdict(e) for e in self.events],
+        }

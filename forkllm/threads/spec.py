@@ -1,0 +1,86 @@
+"""What a user asks of the thread runtime: the shapes of thread trees.
+
+- `Fanout(prompts, join=...)`: the context spawns one thread per prompt (each continues from the
+  context's pages with the prompt appended, then generates), the threads are joined back, `then`
+  is appended and the context generates the answer. A prompt may itself be a `Fanout` (a
+  thread that fans out again).
+- `MapReduce(map, reduce)`: over a list of chunks, one thread per chunk (`chunk + map`), joined,
+  then `reduce`: a Fanout.
+
+Joins: `kv_concat` (the context takes the threads' pages after its own: nothing recomputed;
+kv/concat.py) or `reprefill` (the threads' tokens are appended to the context and computed again,
+what ThreadWeaver and APR do through an API).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+JOINS = ("kv_concat", "reprefill")
+
+
+@dataclass(frozen=True)
+class Fanout:
+    prompts: Sequence[str | Fanout]
+    join: str = "kv_concat"
+    then: str = "\n"  # appended after the join, before the context goes on
+    max_tokens: int = 128  # each thread's own tokens (its prompt not counted)
+    final_max_tokens: int = 256  # what the context generates after the join
+    prefix: str = ""  # for a nested Fanout: the text its thread starts with
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("Fanout.prompts: needs at least one thread")
+        if self.join not in JOINS:
+            raise ValueError(f"Fanout.join: {self.join!r} is not one of {', '.join(JOINS)}")
+        if not self.then:
+            raise ValueError("Fanout.then: needs at least one character (the context samples after it)")
+        for name in ("max_tokens", "final_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Fanout.{name} must be >= 1, got {getattr(self, name)}")
+        for i, p in enumerate(self.prompts):
+            if isinstance(p, Fanout):
+                if not p.prefix:
+                    raise ValueError(
+                        f"Fanout.prompts[{i}]: a nested Fanout needs a prefix (its thread's text)"
+                    )
+            elif not isinstance(p, str) or not p:
+                raise ValueError(f"Fanout.prompts[{i}]: a thread's prompt must be a non-empty string")
+
+    @property
+    def depth(self) -> int:
+        """Levels of threads below the context (1 for a flat fan-out)."""
+        return 1 + max((p.depth for p in self.prompts if isinstance(p, Fanout)), default=0)
+
+    @property
+    def num_threads(self) -> int:
+        """Threads alive at once at most (a nested fan-out's threads replace its own)."""
+        return sum(p.num_threads if isinstance(p, Fanout) else 1 for p in self.prompts)
+
+
+@dataclass(frozen=True)
+class MapReduce:
+    """A map over chunks (each `chunk\\n\\nmap\\n` in its own thread), joined, then `reduce`."""
+
+    map: str
+    reduce: str
+    join: str = "kv_concat"
+    max_tokens: int = 128
+    final_max_tokens: int = 256
+    context: str = "Read the document one part at a time, then answer."  # the tree's prompt
+
+    def __post_init__(self) -> None:
+        if self.join not in JOINS:
+            raise ValueError(f"MapReduce.join: {self.join!r} is not one of {', '.join(JOINS)}")
+
+    def fanout(self, chunks: Sequence[str]) -> Fanout:
+        if not chunks:
+            raise ValueError("MapReduce: needs at least one chunk")
+        return Fanout(
+            [f"{c}\n\n{self.map}\n" for c in chunks],
+            join=self.join,
+            then=f"\n{self.reduce}\n",
+            max_tokens=self.max_tokens,
+            final_max_tokens=self.final_max_tokens,
+        )

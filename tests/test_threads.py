@@ -1,0 +1,274 @@
+"""Reasoning threads: spawn / join by page (kv_concat) or by recomputation (reprefill)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_tree import assert_no_leaks
+
+from forkllm import SamplingParams
+from forkllm.kv.concat import JoinBranch, join_pages
+from forkllm.threads import Fanout, MapReduce, ThreadPolicy
+from tests.conftest import tiny_llm
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10_000)
+
+
+# ---- the page join (kv layer) -------------------------------------------------------------------
+def test_join_pages_layout_holes_and_positions():
+    # base 6 slots, block 4: the parent holds pages [1, 2] (page 2 half full)
+    parent = JoinBranch([1, 2], 6, [], 6)
+    a = JoinBranch([1, 3, 4], 11, [], 11)  # copied page 2 -> 3, wrote slots 6..10
+    b = JoinBranch([1, 5], 8, [], 8)  # copied page 2 -> 5, wrote slots 6..7
+    c = JoinBranch([1, 2], 6, [], 6)  # wrote nothing: still shares page 2
+    j = join_pages(parent, [a, b, c], 4)
+    assert j.block_table == [1, 3, 4, 5]
+    # a: slots 6..10 in place; its page 4 ends at slot 12 (hole 11..12); b's page 5 starts at 12,
+    # its first two slots repeat the parent's tail (hole 12..14), its tokens sit at 14..15
+    assert j.regions == [(6, 5), (14, 2), (16, 0)]
+    assert j.holes == [(11, 14)]
+    assert j.num_slots == 16
+    assert j.position_shift == 16 - 11  # continues at a's next position (the largest)
+    assert sorted(j.released) == sorted(
+        [1, 1, 1, 2, 2]
+    )  # children's prefix refs, c's page 2, the parent's page 2
+
+
+def test_join_pages_aligned_base_has_no_head_holes():
+    parent = JoinBranch([1, 2], 8, [], 8)
+    a = JoinBranch([1, 2, 3], 10, [], 10)
+    b = JoinBranch([1, 2, 4, 5], 13, [], 13)
+    j = join_pages(parent, [a, b], 4)
+    assert j.block_table == [1, 2, 3, 4, 5]
+    assert j.holes == [(10, 12)]
+    assert j.regions == [(8, 2), (12, 5)]
+    assert j.num_slots == 17 and j.position_shift == 17 - 13
+    with pytest.raises(ValueError, match="extend its parent"):
+        join_pages(parent, [JoinBranch([7, 2, 3], 10, [], 10)], 4)
+
+
+# ---- helpers: drive a spawn / join by hand --------------------------------------------------------
+def _prefilled_root(engine, prompt):
+    rid = engine.add_request(prompt, GREEDY)
+    root = engine.requests[rid].seqs[0]
+    while root.num_output_tokens == 0:
+        engine.step()
+    engine.tree.pause(root)
+    engine.tree.truncate(root, len(prompt))
+    return rid, root
+
+
+def _run_children(engine, rid, root, suffixes, lengths):
+    limits = [len(root.token_ids) + len(s) + n + 1 for s, n in zip(suffixes, lengths)]
+    kids = engine.tree.spawn(root, suffixes, limits)
+    engine.tree.park_on_stop(rid, lambda s: s is not root)
+    while not all(k.status.value == "paused" for k in kids):
+        engine.step()
+    return kids
+
+
+class DenseContext:
+    """Reference attention: every layer's keys and values in one dense tensor per layer (no
+    pages), queries attend to all of the prefix and causally to themselves."""
+
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, num_layers: int):
+        self.prefix = prefix
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = [None] * num_layers  # type: ignore[list-item]
+
+    def attend(self, layer, q, k, v):
+        if self.prefix is not None:
+            pk, pv = self.prefix[layer]
+            k, v = torch.cat([pk, k]), torch.cat([pv, v])
+        self.kv[layer] = (k, v)
+        t, p = q.shape[0], k.shape[0] - q.shape[0]
+        mask = torch.arange(k.shape[0])[None, :] <= torch.arange(p, p + t)[:, None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            attn_mask=mask,
+            enable_gqa=True,
+            scale=q.shape[-1] ** -0.5,
+        )
+        return out[0].transpose(0, 1)
+
+
+def _dense(model, ids, positions, prefix, num_layers):
+    ctx = DenseContext(prefix, num_layers)
+    hidden = model(torch.tensor(ids), torch.tensor(positions), ctx)
+    return model.compute_logits(hidden), ctx.kv
+
+
+# ---- kv_concat: same keys, values and positions as a dense reference ------------------------------
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_kv_concat_join_matches_dense_reference_attention(block_size):
+    llm = tiny_llm(block_size=block_size)
+    engine, model = llm.engine, llm.engine.runner.model
+    layers = engine.runner.config.num_layers
+    prompt = list(range(300, 323))  # 23 tokens: a partial last page for both block sizes
+    suffixes = [[500, 501], [600, 601, 602, 603, 604], [700]]
+    rid, root = _prefilled_root(engine, prompt)
+    kids = _run_children(engine, rid, root, suffixes, [5, 9, 3])
+    regions = [k.token_ids[len(prompt) : k.num_computed_tokens] for k in kids]
+    next_pos = max(k.num_computed_tokens for k in kids)
+
+    held = {b for s in [root, *kids] for b in s.block_table}
+    assert engine.kv.pool.num_used == len(held)
+    plan = engine.tree.join_pages(root, kids)
+    # refcounts exact: the joined table is every page still held, each held once
+    assert engine.kv.pool.num_used == len(root.block_table) == len(set(root.block_table))
+    assert all(engine.kv.pool.ref_counts[b] == 1 for b in root.block_table)
+    assert root.num_computed_tokens == plan.num_slots
+    assert root.position_shift == plan.num_slots - next_pos
+
+    # the reference: parent and each thread computed densely at their own positions
+    with torch.inference_mode():
+        _, base_kv = _dense(model, prompt, list(range(len(prompt))), None, layers)
+        joined = [list(kv) for kv in base_kv]
+        for region in regions:
+            ids = prompt + region
+            _, kv = _dense(model, ids, list(range(len(ids))), None, layers)
+            for li in range(layers):
+                joined[li][0] = torch.cat([joined[li][0], kv[li][0][len(prompt) :]])
+                joined[li][1] = torch.cat([joined[li][1], kv[li][1][len(prompt) :]])
+        # the engine's pages hold exactly these keys and values at the valid slots
+        valid = torch.ones(plan.num_slots, dtype=torch.bool)
+        for a, b in plan.holes:
+            valid[a:b] = False
+        bs = block_size
+        slots = torch.tensor([root.block_table[i // bs] * bs + i % bs for i in range(plan.num_slots)])[valid]
+        for li in range(layers):
+            cache = engine.runner.kv_caches[li]
+            torch.testing.assert_close(
+                cache[0][:, slots].transpose(0, 1), joined[li][0], rtol=1e-4, atol=1e-4
+            )
+            torch.testing.assert_close(
+                cache[1][:, slots].transpose(0, 1), joined[li][1], rtol=1e-4, atol=1e-4
+            )
+
+        # the engine continues after `then` exactly as the dense reference does
+        then = [42, 43]
+        engine.tree.extend(root, then)
+        root.token_limit = root.num_tokens + 6
+        engine.tree.park_on_stop(rid, None)
+        engine.tree.resume(root)
+        while not root.finished:
+            engine.step()
+        got = root.token_ids[plan.num_slots + len(then) :]
+        prefix = [tuple(kv) for kv in joined]
+        ids, pos, want = then, list(range(next_pos, next_pos + len(then))), []
+        while len(want) < len(got):
+            logits, kv = _dense(model, ids, pos, prefix, layers)
+            want.append(int(logits[-1].argmax()))
+            prefix = kv  # type: ignore[assignment]
+            pos = [pos[-1] + 1]
+            ids = [want[-1]]
+        assert got == want
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_no_leaks(engine)
+
+
+# ---- reprefill: the same as one plain sequence fed the joined text --------------------------------
+def test_reprefill_join_equals_one_plain_sequence():
+    llm = tiny_llm()
+    engine = llm.engine
+    spec = Fanout(
+        ["one two", "three four five"], join="reprefill", then="\nso:", max_tokens=6, final_max_tokens=8
+    )
+    result = llm.threads("a question", spec, chat=False)
+    assert result.join == "reprefill" and len(result.threads) == 3
+    tok = engine.tokenizer
+    prompt = tok.encode("a question")
+    # the joined text: each thread's prompt and its computed tokens (max_tokens each), then `then`
+    policy_prompts = [tok.encode(p, add_special_tokens=False) for p in spec.prompts]
+    threads = []
+    for p in policy_prompts:
+        out = llm.generate([prompt + p], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        threads.append(p + list(out[0].outputs[0].token_ids))
+    ids = prompt + [t for th in threads for t in th] + tok.encode("\nso:", add_special_tokens=False)
+    plain = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    assert result.text == plain.text
+    # the prompt, each thread's prompt, then all of the joined text once more
+    assert result.prefill_tokens == len(ids) + sum(len(p) for p in policy_prompts)
+    assert_no_leaks(engine)
+
+
+def test_fanout_counts_events_and_frees_everything():
+    llm = tiny_llm()
+    spec = Fanout(["a", "bb", "ccc", "dddd"], join="kv_concat", max_tokens=5, final_max_tokens=7)
+    r = llm.threads("question", spec, chat=False)
+    assert [t.parent for t in r.threads] == [None, 0, 0, 0, 0]
+    assert [t.generated_tokens for t in r.threads] == [7, 6, 6, 6, 6]  # max_tokens + the dropped one
+    assert r.generated_tokens == 31 and r.critical_path_tokens == 13
+    assert [e.event for e in r.events] == ["spawn", "end", "end", "end", "end", "join", "end"]
+    assert r.events[0].children == [1, 2, 3, 4] and r.events[-2].join == "kv_concat"
+    assert r.tree["threads"][1]["prompt"] == "a"
+    assert_no_leaks(llm.engine)
+
+
+def test_nested_fanout_and_map_reduce():
+    llm = tiny_llm(block_size=4)
+    inner = Fanout(["x", "y"], prefix="inner:", max_tokens=3, final_max_tokens=4)
+    r = llm.threads("q", Fanout([inner, "z"], max_tokens=4, final_max_tokens=5), chat=False)
+    assert [t.parent for t in r.threads] == [None, 0, 0, 1, 1]
+    assert r.threads[1].generated_tokens == 5  # the nested context's answer (+ the dropped token)
+    assert r.critical_path_tokens == 5 + 5 + 4  # context, then the nested context, then its thread
+    mr = llm.threads(
+        ["chunk one", "chunk two", "chunk three"], MapReduce("Summarize:", "Combine:", max_tokens=4)
+    )
+    assert len(mr.threads) == 4 and mr.threads[2].prompt == "chunk two\n\nSummarize:\n"
+    assert_no_leaks(llm.engine)
+
+
+# ---- bad input, aborts --------------------------------------------------------------------------
+def test_bad_thread_input_is_refused_and_engine_keeps_serving():
+    llm = tiny_llm(max_num_seqs=4)
+    with pytest.raises(ValueError, match="Fanout.join: 'glue'"):
+        Fanout(["a"], join="glue")
+    with pytest.raises(ValueError, match=r"Fanout.prompts\[1\]"):
+        Fanout(["a", ""])
+    with pytest.raises(ValueError, match="exceed max_num_seqs"):
+        llm.threads("q", Fanout(["a"] * 5), chat=False)
+    deep = Fanout(["a"], prefix="p")
+    for _ in range(4):
+        deep = Fanout([deep], prefix="p")
+    with pytest.raises(ValueError, match="5 levels deep; max_depth is 4"):
+        llm.threads("q", deep, chat=False)
+    with pytest.raises(ValueError, match="list of chunks"):
+        llm.threads("one string", MapReduce("m", "r"))
+    with pytest.raises(ValueError, match="n must be 1"):
+        ThreadPolicy(Fanout(["a"]), SamplingParams(n=2))
+    engine = llm.engine
+    rid, root = _prefilled_root(engine, list(range(100, 110)))
+    kids = _run_children(engine, rid, root, [[5], [6]], [2, 2])
+    other_rid, other = _prefilled_root(engine, list(range(200, 205)))
+    with pytest.raises(ValueError, match="is not a live child"):
+        engine.tree.join_pages(root, [kids[0], other])
+    engine.tree.end(kids[1], "stop")
+    with pytest.raises(ValueError, match="is not a live child"):
+        engine.tree.join_pages(root, kids)
+    with pytest.raises(ValueError, match="tokens not computed"):
+        engine.tree.resume(kids[0])
+        engine.step()
+        engine.tree.pause(kids[0])
+        engine.tree.spawn(kids[0], [[1]])
+    engine.abort_request([rid, other_rid])
+    assert_no_leaks(engine)
+    assert llm.generate(["still serving"], SamplingParams(max_tokens=3))[0].outputs[0].token_ids
+
+
+def test_abort_mid_tree_frees_every_page():
+    llm = tiny_llm(block_size=4)
+    engine = llm.engine
+    policy = ThreadPolicy(Fanout(["a", "b", "c"], max_tokens=50))
+    from forkllm.engine.tree import drive
+
+    outcome = []
+    handle = drive(engine, policy, engine.tokenizer.encode("q"), "q", outcome.append)
+    for _ in range(6):
+        engine.step()
+    assert len(policy.nodes) == 4 and engine.kv.pool.num_used > 0
+    handle.cancel(engine)
+    assert_no_leaks(engine)
