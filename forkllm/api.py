@@ -11,7 +11,7 @@ from forkllm.engine.llm_engine import LLMEngine, PromptInput
 from forkllm.engine.outputs import CompletionOutput, RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.tree import TreePolicy, run_policies
-from forkllm.threads import Fanout, MapReduce, ThreadPolicy, ThreadResult
+from forkllm.threads import Fanout, MapReduce, SubtaskPolicy, Subtasks, ThreadPolicy, ThreadResult
 from forkllm.threads.policy import DEFAULT_MAX_DEPTH
 from forkllm.tokenizer import Tokenizer
 from forkllm.tools.executor import ToolExecutor
@@ -164,19 +164,20 @@ class LLM:
     def threads(
         self,
         prompt: str | list[int] | Conversation | Seq[str],
-        spec: Fanout | MapReduce,
+        spec: Fanout | MapReduce | Subtasks,
         sampling_params: SamplingParams | None = None,
         chat: bool = True,
         max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> ThreadResult:
-        """Run a thread tree inside the engine (forkllm.threads): a `Fanout` from `prompt`, or a
-        `MapReduce` over `prompt` (a list of chunks). Greedy unless `sampling_params` says."""
+        """Run a thread tree inside the engine (forkllm.threads): a `Fanout` or `Subtasks` from
+        `prompt`, or a `MapReduce` over `prompt` (a list of chunks). Greedy unless
+        `sampling_params` says."""
         return self.threads_batch([prompt], [spec], sampling_params, chat, max_depth)[0]
 
     def threads_batch(
         self,
         prompts: Seq[str | list[int] | Conversation | Seq[str]],
-        specs: Seq[Fanout | MapReduce],
+        specs: Seq[Fanout | MapReduce | Subtasks],
         sampling_params: SamplingParams | None = None,
         chat: bool = True,
         max_depth: int = DEFAULT_MAX_DEPTH,
@@ -186,14 +187,16 @@ class LLM:
             raise ValueError(f"got {len(specs)} thread specs for {len(prompts)} prompts; pass one per prompt")
         jobs: list[tuple[TreePolicy[ThreadResult], list[int], str]] = []
         for prompt, spec in zip(prompts, specs):
+            policy: TreePolicy[ThreadResult]
             if isinstance(spec, MapReduce):
                 if isinstance(prompt, str) or not all(isinstance(c, str) for c in prompt):
                     raise ValueError("MapReduce: the prompt must be a list of chunks (strings)")
-                fan = spec.fanout(list(prompt))  # type: ignore[arg-type]
+                policy = ThreadPolicy(spec.fanout(list(prompt)), sampling_params, max_depth)  # type: ignore[arg-type]
                 prompt = spec.context
+            elif isinstance(spec, Subtasks):
+                policy = SubtaskPolicy(spec, sampling_params)
             else:
-                fan = spec
-            policy = ThreadPolicy(fan, sampling_params, max_depth)
+                policy = ThreadPolicy(spec, sampling_params, max_depth)
             ids, question = self._scale_prompt(prompt, chat)  # type: ignore[arg-type]
             jobs.append((policy, ids, question))
         return run_policies(self.engine, jobs)

@@ -272,3 +272,81 @@ def test_abort_mid_tree_frees_every_page():
     assert len(policy.nodes) == 4 and engine.kv.pool.num_used > 0
     handle.cancel(engine)
     assert_no_leaks(engine)
+
+
+# ---- subtask pruning (TIMRUN) and re-rotated keys ------------------------------------------------
+def test_rerotated_keys_equal_keys_computed_at_the_new_positions():
+    from forkllm.models.rope import RotaryEmbedding, apply_rotary, rerotate
+
+    rotary = RotaryEmbedding(
+        64, 4096, 100000.0, {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 1024}
+    )
+    torch.manual_seed(0)
+    raw = torch.randn(50, 3, 64)
+    old = torch.randint(0, 2000, (50,))
+    new = torch.randint(0, 2000, (50,))
+    at_old = apply_rotary(raw, *rotary(old, torch.float32))
+    want = apply_rotary(raw, *rotary(new, torch.float32))
+    torch.testing.assert_close(rerotate(at_old, new - old, rotary), want, rtol=0, atol=2e-5)
+
+
+def test_conclude_moves_the_conclusion_with_rerotated_keys_and_frees_the_work():
+    llm = tiny_llm(block_size=4)
+    engine, model = llm.engine, llm.engine.runner.model
+    layers = engine.runner.config.num_layers
+    prompt = list(range(300, 310))
+    rid, root = _prefilled_root(engine, prompt)
+    (kid,) = _run_children(engine, rid, root, [[500, 501, 502]], [12])
+    base, end = len(prompt), kid.num_computed_tokens
+    keep = [(base, base + 3), (end - 4, end)]  # its prompt and its last 4 tokens
+    kept_pos = [j for a, b in keep for j in range(a, b)]
+    n = engine.tree.conclude(root, kid, keep)
+    assert n == 7 and kid.finished and root.num_tokens == base + 7
+    assert root.position_shift == 0 and root.kv_pinned  # contiguous; not prefix-cacheable
+    # pages: the context's own, nothing of the thread's work
+    assert engine.kv.pool.num_used == len(root.block_table) == -(-(base + 7) // 4)
+    with torch.inference_mode():
+        ids = kid.token_ids[:end]
+        _, kv = _dense(model, ids, list(range(len(ids))), None, layers)
+        from forkllm.models.rope import rerotate
+
+        bs = 4
+        slots = torch.tensor([root.block_table[i // bs] * bs + i % bs for i in range(base, base + 7)])
+        delta = torch.tensor([base + i - j for i, j in enumerate(kept_pos)])
+        for li in range(layers):
+            cache = engine.runner.kv_caches[li]
+            want_k = rerotate(kv[li][0][kept_pos], delta, model.rotary)
+            torch.testing.assert_close(cache[0][:, slots].transpose(0, 1), want_k, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                cache[1][:, slots].transpose(0, 1), kv[li][1][kept_pos], rtol=1e-4, atol=1e-4
+            )
+    engine.abort_request(rid)
+    assert_no_leaks(engine)
+
+
+def test_subtasks_prune_keeps_the_context_bounded():
+    from forkllm.threads import Subtasks
+
+    llm = tiny_llm(block_size=4)
+    tok = llm.get_tokenizer()
+    prompts = [f"step {i}:" for i in range(5)]
+    pruned = llm.threads(
+        "task", Subtasks(prompts, max_tokens=20, conclusion_tokens=3, final_max_tokens=4), chat=False
+    )
+    kept = llm.threads(
+        "task",
+        Subtasks(prompts, prune=False, max_tokens=20, conclusion_tokens=3, final_max_tokens=4),
+        chat=False,
+    )
+    base = len(tok.encode("task"))
+    sizes = [len(tok.encode(p, add_special_tokens=False)) for p in prompts]
+    want, held = [], base
+    for s in sizes:  # after each subtask: the context's tokens plus the prompt and 3 conclusion tokens
+        held += s + 3
+        want.append(-(-held // 4))
+    assert pruned.pages_after_subtasks == want
+    assert [e.event for e in pruned.events].count("prune") == 5
+    assert kept.pages_after_subtasks[-1] > 2 * pruned.pages_after_subtasks[-1]
+    assert pruned.peak_kv_pages < kept.peak_kv_pages
+    assert [t.generated_tokens for t in pruned.threads[1:]] == [21] * 5
+    assert_no_leaks(llm.engine)

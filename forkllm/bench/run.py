@@ -42,6 +42,7 @@ def add_bench_parser(sub: Any) -> None:
             "structured",
             "tools",
             "speculative",
+            "threads",
         ],
         help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream); parallel = W2 (8 prompts "
         "x n=16); prefix = W3 (64 requests sharing a 1,024-token system prompt, prefix cache on vs off); "
@@ -50,7 +51,9 @@ def add_bench_parser(sub: Any) -> None:
         "filtering and self-consistency vs the same algorithms driven through the OpenAI API); structured = "
         "decode step time and TTFT with a JSON schema vs unconstrained (grammar-mask overhead); tools = W9 (tools "
         "run inside the engine vs the usual client loop through the OpenAI server); speculative = W7 (16 "
-        "input-grounded prompts, single stream and batched, plus W2 and W1, with and without speculation)",
+        "input-grounded prompts, single stream and batched, plus W2 and W1, with and without speculation); "
+        "threads = W8 (map-reduce of 8 documents x 4 chunks: in-engine threads joined by page or by "
+        "re-prefill, a client loop through the server, one sequential generation)",
     )
     b.add_argument(
         "--dtypes",
@@ -122,6 +125,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "structured": _structured,
         "tools": _w9,
         "speculative": _w7,
+        "threads": _w8,
     }
     return workloads[args.workload](args)
 
@@ -142,6 +146,12 @@ def _w7(args: argparse.Namespace) -> int:
     from forkllm.bench.spec_bench import bench_speculative
 
     return bench_speculative(args)
+
+
+def _w8(args: argparse.Namespace) -> int:
+    from forkllm.bench.threads_bench import bench_threads
+
+    return bench_threads(args)
 
 
 def _structured(args: argparse.Namespace) -> int:

@@ -120,6 +120,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.seqs: dict[str, Sequence] = {}  # live sequences by id (fork / prune address them)
         self.tree = TreeOps(self.kv, self.scheduler, self.seqs)
+        self.tree.copy_pages, self.tree.move_kv = self.runner.copy_blocks, self.runner.move_slots
         self.inputs = InputProcessor(tok, mcfg.vocab_size, self.max_model_len, eos)
         self.outputs = OutputProcessor(tok, eos, self.max_model_len, self.tree.finish)
         self._step_hooks: list[StepHook] = []

@@ -21,6 +21,7 @@ from forkllm.kv.block_pool import NULL_BLOCK
 from forkllm.kv.manager import PageCopy
 from forkllm.models.config import ModelConfig
 from forkllm.models.llama import LlamaForCausalLM
+from forkllm.models.rope import rerotate
 
 NULL_SLOT = 0  # KV writes of tokens whose KV is already cached go to the padding page (page 0)
 
@@ -104,6 +105,21 @@ class ModelRunner:
         for cache in self.kv_caches:
             pages = self._pages(cache)
             pages.index_copy_(2, dst, pages.index_select(2, src))
+
+    @torch.inference_mode()
+    def move_slots(self, src: list[int], dst: list[int], delta: list[int]) -> None:
+        """Copy the KV of cache slots `src` to `dst` (every layer), each key re-rotated from its
+        position p to p + delta (a thread's conclusion moved into its parent, positions reused)."""
+        if not src:
+            return
+        s = torch.tensor(src, dtype=torch.long, device=self.device)
+        d = torch.tensor(dst, dtype=torch.long, device=self.device)
+        dt = torch.tensor(delta, dtype=torch.long, device=self.device)
+        for cache in self.kv_caches:
+            keys = cache[0].index_select(1, s).transpose(0, 1)  # [n, hkv, d]
+            values = cache[1].index_select(1, s)
+            cache[0].index_copy_(1, d, rerotate(keys, dt, self.model.rotary).transpose(0, 1))
+            cache[1].index_copy_(1, d, values)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:

@@ -65,13 +65,16 @@ class Sequence:
     # cannot be recomputed from its tokens: it is never preempted nor prefix-cached.
     position_shift: int = 0
     kv_holes: list[tuple[int, int]] = field(default_factory=list)
+    # KV moved in from a concluded thread (TreeOps.conclude): computed with that thread's working
+    # tokens in view, so not what its tokens alone compute to.
+    kv_moved: bool = False
     # Ends the sequence ("length") once it holds this many tokens (a thread's own max_tokens).
     token_limit: int | None = None
 
     @property
     def kv_pinned(self) -> bool:
         """Its KV cannot be rebuilt from its tokens (a page-joined thread)."""
-        return self.position_shift != 0 or bool(self.kv_holes)
+        return self.position_shift != 0 or bool(self.kv_holes) or self.kv_moved
 
     @property
     def params(self) -> SamplingParams:

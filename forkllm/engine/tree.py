@@ -30,7 +30,7 @@ from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.scheduler import Scheduler
 from forkllm.engine.sequence import Request, Sequence, SequenceStatus
 from forkllm.kv.concat import JoinBranch, PageJoin, join_pages
-from forkllm.kv.manager import KVCacheManager
+from forkllm.kv.manager import KVCacheManager, PageCopy
 from forkllm.structured.state import GrammarState
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ class TreeOps:
         self.num_forks = 0
         self.num_prunes = 0
         self.stop_gates: dict[str, StopGate] = {}  # by request id (see park_on_stop)
+        # Set by the engine: copy pages now (copy-on-write) and move slots' KV with re-rotated keys.
+        self.copy_pages: Callable[[list[PageCopy]], None] | None = None
+        self.move_kv: Callable[[list[int], list[int], list[int]], None] | None = None
 
     def fork(self, parent: Sequence, k: int, seeds: list[int] | None = None) -> list[Sequence]:
         """k children of a live sequence, scheduled right after it; each samples with its own seed
@@ -253,6 +256,45 @@ class TreeOps:
         parent.position_shift = plan.position_shift
         parent.detok = IncrementalDetokenizer.for_prompt(plan.num_slots)
         return plan
+
+    def conclude(self, parent: Sequence, child: Sequence, keep: Seq[tuple[int, int]]) -> int:
+        """Subtask pruning (TIMRUN): the paused parent takes the child's tokens in the slot ranges
+        `keep` (its prompt and conclusion, say) after its own, their KV moved into the parent's
+        pages with keys re-rotated to the parent's next positions (the positions the child's
+        working tokens had are reused); the child ends and its pages go back. Returns the tokens
+        taken. Nothing is recomputed."""
+        if parent.status is not SequenceStatus.PAUSED or parent.num_computed_tokens != parent.num_tokens:
+            raise ValueError(
+                f"sequence {parent.seq_id!r} must be paused with every token computed to conclude"
+            )
+        base = parent.num_tokens
+        if child.finished or self.seqs.get(child.seq_id) is not child or child.parent is not parent:
+            raise ValueError(f"{child.seq_id!r} is not a live child of {parent.seq_id!r}")
+        if any(not base <= a <= b <= child.num_computed_tokens for a, b in keep):
+            raise ValueError(
+                f"keep ranges {list(keep)} are not within {child.seq_id!r}'s own computed tokens"
+            )
+        assert self.copy_pages is not None and self.move_kv is not None, "the engine sets the KV movers"
+        src_pos = [j for a, b in keep for j in range(a, b)]
+        n = len(src_pos)
+        copies: list[PageCopy] = []
+        if not self.kv.allocate(parent.block_table, base + n, base, copies):
+            raise RuntimeError("the KV cache has no pages for the concluded thread")
+        self.copy_pages(copies)
+        bs = self.kv.block_size
+        slot = lambda table, j: table[j // bs] * bs + j % bs  # noqa: E731
+        src = [slot(child.block_table, j) for j in src_pos]
+        dst = [slot(parent.block_table, base + i) for i in range(n)]
+        delta = [
+            (base + i - parent.position_shift) - (j - child.position_shift) for i, j in enumerate(src_pos)
+        ]
+        self.move_kv(src, dst, delta)
+        parent.token_ids.extend(child.token_ids[j] for j in src_pos)
+        parent.num_computed_tokens = parent.num_tokens
+        parent.kv_moved = True
+        parent.detok = IncrementalDetokenizer.for_prompt(parent.num_tokens)
+        self.end(child, child.finish_reason or "stop")
+        return n
 
     def end(self, seq: Sequence, reason: str) -> None:
         """Finish a live or parked sequence now with `reason` ("stop", "length", ...)."""

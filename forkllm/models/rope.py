@@ -90,3 +90,14 @@ class RotaryApplier:
             self.ops.rope_(qk, self.positions, *self.rotary.tables_f32)
             return qk
         return apply_rotary(qk, self.cos, self.sin)
+
+
+def rerotate(x: torch.Tensor, delta: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    """Keys x [T, H, D] rotated for positions p, re-rotated for p + delta[t]: RoPE rotations
+    compose, so one more rotation by delta (negative too: cos is even, sin odd) moves a key
+    without recomputing it. In float32, returned in x's dtype."""
+    cos_t, sin_t = (t.to(x.device) for t in rotary.tables_f32)
+    idx = delta.abs().to(torch.long)
+    cos = cos_t.index_select(0, idx).unsqueeze(1)
+    sin = sin_t.index_select(0, idx).unsqueeze(1) * delta.sign().to(torch.float32)[:, None, None]
+    return apply_rotary(x.float(), cos, sin).to(x.dtype)

@@ -1,9 +1,21 @@
 """Reasoning threads inside the engine: fan-out / map-reduce trees whose threads share the
 context's pages, decode in one batch, and are joined by page reference (`kv_concat`) or by
-recomputation (`reprefill`). See policy.py for the runtime, kv/concat.py for the page join."""
+recomputation (`reprefill`); long tasks as subtasks whose working KV is pruned (subtasks.py). See
+policy.py for the runtime, kv/concat.py for the page join."""
 
 from forkllm.threads.policy import ThreadPolicy
 from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
-from forkllm.threads.spec import JOINS, Fanout, MapReduce
+from forkllm.threads.spec import JOINS, Fanout, MapReduce, Subtasks
+from forkllm.threads.subtasks import SubtaskPolicy
 
-__all__ = ["JOINS", "Fanout", "MapReduce", "ThreadEvent", "ThreadInfo", "ThreadPolicy", "ThreadResult"]
+__all__ = [
+    "JOINS",
+    "Fanout",
+    "MapReduce",
+    "SubtaskPolicy",
+    "Subtasks",
+    "ThreadEvent",
+    "ThreadInfo",
+    "ThreadPolicy",
+    "ThreadResult",
+]

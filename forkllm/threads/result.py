@@ -8,8 +8,8 @@ from typing import Any
 
 @dataclass
 class ThreadEvent:
-    """spawn (a context fans out), join (it takes its threads back), end (a thread or the context
-    finished). `t` is seconds since the tree started."""
+    """spawn (a context fans out), join (it takes its threads back), prune (a subtask concluded:
+    its working tokens dropped), end (a thread or the context finished). `t` is seconds since the tree started."""
 
     t: float
     event: str
@@ -44,6 +44,7 @@ class ThreadResult:
     peak_kv_pages: int  # pages in use in the engine at the fullest step of this tree
     seconds: float
     finish_reason: str | None = None
+    pages_after_subtasks: list[int] = field(default_factory=list)  # Subtasks: the context's pages
 
     @property
     def tree(self) -> dict[str, Any]:

@@ -84,3 +84,28 @@ class MapReduce:
             max_tokens=self.max_tokens,
             final_max_tokens=self.final_max_tokens,
         )
+
+
+@dataclass(frozen=True)
+class Subtasks:
+    """A long task as subtasks run one after another (TIMRUN): each in its own thread from the
+    context; when it ends, its working tokens' KV is released and only its prompt and its
+    conclusion (its last `conclusion_tokens` tokens) stay in the context, their KV moved in with
+    re-rotated keys, so the next subtask reuses the positions. `prune=False` keeps every token
+    (the thread joined whole by page): the same task without pruning."""
+
+    prompts: Sequence[str]
+    prune: bool = True
+    max_tokens: int = 200  # each subtask's own tokens
+    conclusion_tokens: int = 32
+    then: str = "\n"
+    final_max_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if not self.prompts or any(not isinstance(p, str) or not p for p in self.prompts):
+            raise ValueError("Subtasks.prompts: needs at least one non-empty prompt")
+        if not self.then:
+            raise ValueError("Subtasks.then: needs at least one character (the context samples after it)")
+        for name in ("max_tokens", "conclusion_tokens", "final_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Subtasks.{name} must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,165 @@
+"""SubtaskPolicy: a long task as sequential subtasks whose working KV is pruned (TIMRUN).
+
+The context computes its prompt (the token it samples then is dropped) and runs the subtasks one
+at a time, each a child thread with its prompt appended. When a subtask stops (EOS or its
+max_tokens) the context takes back its prompt and its last `conclusion_tokens` computed tokens
+(`TreeOps.conclude`: KV moved, keys re-rotated to the context's next positions, nothing
+recomputed) and the child's pages go back to the pool; the next subtask starts right after. With
+`prune=False` the child is joined whole (`TreeOps.join_pages`, one child: no holes), so the
+context keeps every working token: the baseline for the KV budget.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from forkllm.engine.sampling_params import SamplingParams
+from forkllm.engine.sequence import Sequence, SequenceStatus
+from forkllm.engine.tree import TreeRun
+from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
+from forkllm.threads.spec import Subtasks
+
+if TYPE_CHECKING:
+    from forkllm.engine.llm_engine import LLMEngine
+
+
+def tree_pages(seqs: list[Sequence]) -> int:
+    """Distinct KV pages the live sequences of one tree hold."""
+    return len({b for s in seqs if not s.finished for b in s.block_table})
+
+
+class SubtaskPolicy:
+    def __init__(self, spec: Subtasks, params: SamplingParams | None = None) -> None:
+        if not isinstance(spec, Subtasks):
+            raise TypeError(f"subtasks: expected Subtasks, got {type(spec).__name__}")
+        self.spec = spec
+        self.params = params or SamplingParams(temperature=0.0)
+        if self.params.n != 1:
+            raise ValueError("threads: n must be 1 (a thread tree is one request)")
+        self.tree: TreeRun | None = None
+        self.engine: LLMEngine | None = None
+        self.root: Sequence | None = None
+        self.child: Sequence | None = None
+        self.prompt_end = 0
+        self.index = -1  # the subtask running (-1: the prompt; len(prompts): the answer)
+        self.threads: list[ThreadInfo] = []
+        self.events: list[ThreadEvent] = []
+        self.pages_after: list[int] = []  # the context's pages after each subtask concluded
+        self.prefill_tokens = self.generated_tokens = self.critical = self.peak_pages = 0
+        self.gen_start = 0
+        self.t0 = self.seconds = 0.0
+        self.done = False
+
+    def start(self, engine: LLMEngine, prompt_ids: list[int], question: str) -> None:
+        if engine.tokenizer is None:
+            raise ValueError("threads need a tokenizer (thread prompts are text)")
+        self.engine, self.t0 = engine, time.perf_counter()
+        self.tree = TreeRun(engine, prompt_ids, self.params.clone(max_tokens=engine.max_model_len), None)
+        self.root, self.prompt_end = self.tree.seqs[0], len(prompt_ids)
+        self.threads.append(ThreadInfo(0, None, question))
+        self.tree.park_on_stop(lambda s: s is not self.root or self.index < len(self.spec.prompts))
+
+    def _t(self) -> float:
+        return round(time.perf_counter() - self.t0, 4)
+
+    def _encode(self, text: str) -> list[int]:
+        assert self.engine is not None and self.engine.tokenizer is not None
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def on_step(self, engine: LLMEngine) -> None:
+        root, tree = self.root, self.tree
+        assert root is not None and tree is not None
+        self.peak_pages = max(self.peak_pages, tree_pages(tree.seqs))
+        if self.index == -1:
+            if root.num_tokens > self.prompt_end:  # the prompt is in
+                if root.status is not SequenceStatus.PAUSED:
+                    engine.tree.pause(root)
+                engine.tree.truncate(root, self.prompt_end)
+                self.prefill_tokens += self.prompt_end - root.num_reused_tokens
+                self._next()
+        elif self.index < len(self.spec.prompts):
+            child = self.child
+            assert child is not None
+            if child.finished:
+                raise RuntimeError(f"subtask {self.index} ended: {child.finish_reason} ({child.stop_reason})")
+            if child.status is SequenceStatus.PAUSED:
+                self._conclude(child)
+                self._next()
+        elif root.finished:
+            if root.finish_reason == "abort":
+                raise RuntimeError(f"thread tree aborted: {root.stop_reason or 'aborted'}")
+            sampled = root.num_tokens - self.gen_start
+            self.threads[0].generated_tokens, self.threads[0].text = sampled, root.text
+            self.threads[0].finish_reason = root.finish_reason
+            self.generated_tokens += sampled
+            self.critical += sampled
+            self.seconds = time.perf_counter() - self.t0
+            self.events.append(ThreadEvent(self._t(), "end", 0, tokens=sampled))
+            self.done = True
+
+    def _next(self) -> None:
+        """Spawn the next subtask, or append `then` and let the context answer."""
+        engine, root, tree = self.engine, self.root, self.tree
+        assert engine is not None and root is not None and tree is not None
+        self.index += 1
+        if self.index < len(self.spec.prompts):
+            prompt = self.spec.prompts[self.index]
+            ids = self._encode(prompt)
+            limit = root.num_tokens + len(ids) + self.spec.max_tokens + 1
+            (self.child,) = engine.tree.spawn(root, [ids], [limit])
+            tree.forks += 1
+            self.prefill_tokens += len(ids)
+            info = ThreadInfo(len(self.threads), 0, prompt)
+            self.threads.append(info)
+            self.threads[0].children.append(info.id)
+            self.events.append(ThreadEvent(self._t(), "spawn", 0, [info.id]))
+            return
+        then = self._encode(self.spec.then)
+        tree.extend(root, then)
+        self.prefill_tokens += len(then)
+        self.gen_start = root.num_tokens
+        root.token_limit = root.num_tokens + self.spec.final_max_tokens
+        tree.resume(root)
+
+    def _conclude(self, child: Sequence) -> None:
+        engine, root = self.engine, self.root
+        assert engine is not None and root is not None
+        info = self.threads[-1]
+        base = root.num_tokens
+        prompt_len = len(self._encode(self.spec.prompts[self.index]))
+        start = base + prompt_len  # its working tokens start here
+        sampled = child.num_tokens - start
+        info.generated_tokens, info.text, info.finish_reason = sampled, child.text, child.finish_reason
+        self.generated_tokens += sampled
+        self.critical += sampled
+        end = child.num_computed_tokens
+        if self.spec.prune:
+            conclusion = max(start, end - self.spec.conclusion_tokens)
+            engine.tree.conclude(root, child, [(base, start), (conclusion, end)])
+            self.events.append(ThreadEvent(self._t(), "prune", info.id, tokens=root.num_tokens))
+        else:
+            engine.tree.join_pages(root, [child])
+            self.events.append(ThreadEvent(self._t(), "join", 0, [info.id], "kv_concat", root.num_tokens))
+        self.pages_after.append(len(root.block_table))
+
+    def stop(self) -> None:
+        if self.tree is not None:
+            self.tree.park_on_stop(None)
+            self.tree.abort()
+
+    def result(self) -> ThreadResult:
+        assert self.root is not None
+        return ThreadResult(
+            text=self.threads[0].text,
+            threads=self.threads,
+            events=self.events,
+            join="prune" if self.spec.prune else "kv_concat",
+            prefill_tokens=self.prefill_tokens,
+            generated_tokens=self.generated_tokens,
+            critical_path_tokens=self.critical,
+            peak_kv_pages=self.peak_pages,
+            seconds=self.seconds,
+            finish_reason=self.root.finish_reason,
+            pages_after_subtasks=self.pages_after,
+        )
