@@ -71,7 +71,7 @@ class StepMeter:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine, self.inner = engine, engine.runner.execute
-        self.reset()
+        self.prefill = self.decode = self.peak = 0
 
         def execute(sched: Any) -> Any:
             for s in sched.scheduled:
@@ -206,7 +206,7 @@ def bench_threads(args: argparse.Namespace) -> int:
     docs = make_documents(tok, args.num_prompts or 8, 4, chunk_tokens, args.workload_seed)
     srv = _Server(kw)
     url = srv.url.replace("/chat/completions", "/completions")
-    meters = {"engine": StepMeter(llm.engine), "server": StepMeter(srv.engine)}
+    meters: dict[str, StepMeter] = {"engine": StepMeter(llm.engine), "server": StepMeter(srv.engine)}
     drivers: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
         "(a) in-engine, kv_concat join": ("engine", lambda: run_threads(llm, docs, "kv_concat", max_tokens)),
         "(b) in-engine, reprefill join": ("engine", lambda: run_threads(llm, docs, "reprefill", max_tokens)),
@@ -234,8 +234,8 @@ def bench_threads(args: argparse.Namespace) -> int:
                     flush=True,
                 )
     finally:
-        for m in meters.values():
-            m.restore()
+        for meter in meters.values():
+            meter.restore()
         srv.stop()
     rows = []
     for name, rs in reps.items():
@@ -253,7 +253,7 @@ def bench_threads(args: argparse.Namespace) -> int:
             }
         )
     m = machine_info()
-    a = rows[0]
+    a = rows[0]  # (a)
     md = (
         f"## W8 threads: {len(docs)} documents x 4 chunks of ~{chunk_tokens} tokens, {max_tokens}-token "
         f"summaries and reduce, greedy; median of {args.reps}; {kw.get('dtype', 'default dtype')}; "
