@@ -9,14 +9,16 @@ inside it.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from forkllm.engine.async_engine import AsyncEngine
 from forkllm.engine.llm_engine import PromptInput
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.sampling_params import SamplingParams
-from forkllm.scaling.base import Policy, ScaleResult
+from forkllm.engine.tree import TreePolicy
 from forkllm.tokenizer import Tokenizer
+
+R = TypeVar("R")
 
 
 class EngineClient(Protocol):
@@ -53,8 +55,8 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
-    async def run_policy(self, policy: Policy, prompt_ids: list[int], question: str) -> ScaleResult:
-        """Run an inference-time scaling policy to its end; cancelling stops it."""
+    async def run_policy(self, policy: TreePolicy[R], prompt_ids: list[int], question: str) -> R:
+        """Run a tree policy (a scaling strategy, a thread tree) to its end; cancelling stops it."""
 
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         """Text, token ids or {"prompt"/"prompt_token_ids": ...} -> (text or None, checked ids).
@@ -108,7 +110,7 @@ class LocalEngineClient:
     def abort(self, request_id: str) -> None:
         self._async.abort(request_id)
 
-    async def run_policy(self, policy: Policy, prompt_ids: list[int], question: str) -> ScaleResult:
+    async def run_policy(self, policy: TreePolicy[R], prompt_ids: list[int], question: str) -> R:
         return await self._async.run_policy(policy, prompt_ids, question)
 
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:

@@ -100,6 +100,8 @@ class SamplingRequest(RequestBody):
     priority: int = 0  # vLLM's: lower is scheduled sooner (orders the engine's waiting queue)
     # In-engine inference-time scaling (forkllm extension); validated by the scaling layer.
     scaling: dict[str, Any] | None = None
+    # In-engine reasoning threads (forkllm extension; server/routes/threads.py).
+    threads: dict[str, Any] | None = None
     # Structured output: OpenAI's response_format, vLLM's guided_* fields and their newer
     # structured_outputs object (at most one of them; server/structured.py maps them).
     response_format: ResponseFormat | None = None

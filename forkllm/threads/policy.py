@@ -16,13 +16,14 @@ sampled one (an EOS, mostly; a thread cut by max_tokens keeps max_tokens tokens)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence, SequenceStatus
 from forkllm.engine.tree import TreeRun
-from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
+from forkllm.threads.result import EventLog, ThreadEvent, ThreadInfo, ThreadResult
 from forkllm.threads.spec import Fanout
 
 if TYPE_CHECKING:
@@ -48,7 +49,11 @@ class ThreadPolicy:
     """Runs one thread tree (a `Fanout`) from a prompt; `result()` is a ThreadResult."""
 
     def __init__(
-        self, spec: Fanout, params: SamplingParams | None = None, max_depth: int = DEFAULT_MAX_DEPTH
+        self,
+        spec: Fanout,
+        params: SamplingParams | None = None,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        on_event: Callable[[ThreadEvent], None] | None = None,
     ) -> None:
         if not isinstance(spec, Fanout):
             raise TypeError(f"threads: expected a Fanout, got {type(spec).__name__}")
@@ -63,7 +68,7 @@ class ThreadPolicy:
         self.nodes: dict[str, _Node] = {}  # by sequence id
         self.root: _Node | None = None
         self.threads: list[ThreadInfo] = []
-        self.events: list[ThreadEvent] = []
+        self.log = EventLog(on_event)
         self.prefill_tokens = 0
         self.generated_tokens = 0
         self.peak_pages = 0
@@ -81,6 +86,7 @@ class ThreadPolicy:
                 f"threads: {self.spec.num_threads} threads at once exceed max_num_seqs ({limit})"
             )
         self.engine, self.t0 = engine, time.perf_counter()
+        self.log.t0 = self.t0
         params = self.params.clone(max_tokens=engine.max_model_len)
         self.tree = TreeRun(engine, prompt_ids, params, None)
         root = self._node(None, question, self.spec, self.spec.final_max_tokens)
@@ -94,6 +100,8 @@ class ThreadPolicy:
         for node in list(self.nodes.values()):
             seq = node.seq
             assert seq is not None
+            if node.state == "running":
+                self.log.delta(node.info.id, seq.text)
             if seq.finished and node is not self.root and node.state != "joined":
                 raise RuntimeError(f"thread {node.info.id} ended: {seq.finish_reason} ({seq.stop_reason})")
             if node.state == "prefix" and seq.num_tokens > node.prompt_end:
@@ -108,7 +116,7 @@ class ThreadPolicy:
                 self._park_done(node)
                 self.done = True
                 self.seconds = time.perf_counter() - self.t0
-                self.events.append(ThreadEvent(self._t(), "end", 0, tokens=node.info.generated_tokens))
+                self.log.emit("end", 0, tokens=node.info.generated_tokens)
 
     def stop(self) -> None:
         if self.tree is not None:
@@ -120,7 +128,7 @@ class ThreadPolicy:
         return ThreadResult(
             text=self.root.info.text,
             threads=self.threads,
-            events=self.events,
+            events=self.log.events,
             join=self.spec.join,
             prefill_tokens=self.prefill_tokens,
             generated_tokens=self.generated_tokens,
@@ -137,9 +145,6 @@ class ThreadPolicy:
         if parent is not None:
             parent.info.children.append(info.id)
         return _Node(info, spec, max_tokens)
-
-    def _t(self) -> float:
-        return round(time.perf_counter() - self.t0, 4)
 
     def _park(self, seq: Sequence) -> bool:
         """Asked as a sequence stops by itself: every thread waits for its join; the context's
@@ -187,7 +192,7 @@ class ThreadPolicy:
             self.nodes[child.seq_id] = kid
             self.prefill_tokens += len(ids)
         node.children, node.state = kids, "waiting"
-        self.events.append(ThreadEvent(self._t(), "spawn", node.info.id, [k.info.id for k in kids]))
+        self.log.emit("spawn", node.info.id, [k.info.id for k in kids])
 
     def _park_done(self, node: _Node) -> None:
         """A thread (or the context's answer) stopped: note what it wrote."""
@@ -201,7 +206,7 @@ class ThreadPolicy:
         self.generated_tokens += sampled
         node.state = "parked" if node is not self.root else "done"
         if node is not self.root:
-            self.events.append(ThreadEvent(self._t(), "end", node.info.id, tokens=sampled))
+            self.log.emit("end", node.info.id, tokens=sampled)
 
     def _join(self, node: _Node) -> None:
         engine, seq, spec = self.engine, node.seq, node.spec
@@ -228,8 +233,6 @@ class ThreadPolicy:
         seq.token_limit = seq.num_tokens + node.max_tokens + (node is not self.root)
         node.state = "running"
         self.tree.resume(seq)
-        self.events.append(
-            ThreadEvent(
-                self._t(), "join", node.info.id, [c.info.id for c in node.children], spec.join, seq.num_tokens
-            )
-        )
+        self.log.restart(node.info.id)
+        kids_ids = [c.info.id for c in node.children]
+        self.log.emit("join", node.info.id, kids_ids, join=spec.join, tokens=seq.num_tokens)

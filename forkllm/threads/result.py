@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -9,7 +11,9 @@ from typing import Any
 @dataclass
 class ThreadEvent:
     """spawn (a context fans out), join (it takes its threads back), prune (a subtask concluded:
-    its working tokens dropped), end (a thread or the context finished). `t` is seconds since the tree started."""
+    its working tokens dropped), end (a thread or the context finished), and, only for a live
+    listener, delta (text a thread wrote since its last delta). `t` is seconds since the tree
+    started."""
 
     t: float
     event: str
@@ -17,6 +21,40 @@ class ThreadEvent:
     children: list[int] = field(default_factory=list)
     join: str | None = None
     tokens: int = 0  # join: tokens the context holds after it; end: tokens the thread generated
+    text: str = ""  # delta: the new text
+
+
+class EventLog:
+    """A tree's events, kept for its result and handed, as they happen, to a listener (the
+    server's SSE stream) on the engine's thread."""
+
+    def __init__(self, on_event: Callable[[ThreadEvent], None] | None = None) -> None:
+        self.events: list[ThreadEvent] = []
+        self.on_event = on_event
+        self.t0 = time.perf_counter()
+        self.sent: dict[int, int] = {}  # thread -> characters of its text sent as deltas
+
+    def t(self) -> float:
+        return round(time.perf_counter() - self.t0, 4)
+
+    def emit(self, event: str, thread: int, children: list[int] | None = None, **kw: Any) -> None:
+        ev = ThreadEvent(self.t(), event, thread, children or [], **kw)
+        self.events.append(ev)
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    def delta(self, thread: int, text: str) -> None:
+        """Tell a live listener what a thread wrote since the last time (not kept)."""
+        if self.on_event is None:
+            return
+        sent = self.sent.get(thread, 0)
+        if len(text) > sent:
+            self.sent[thread] = len(text)
+            self.on_event(ThreadEvent(self.t(), "delta", thread, text=text[sent:]))
+
+    def restart(self, thread: int) -> None:
+        """The thread's text starts over (its sequence's text after a join)."""
+        self.sent[thread] = 0
 
 
 @dataclass

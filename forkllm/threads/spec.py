@@ -109,3 +109,55 @@ class Subtasks:
         for name in ("max_tokens", "conclusion_tokens", "final_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Subtasks.{name} must be >= 1, got {getattr(self, name)}")
+
+
+ThreadSpec = Fanout | MapReduce | Subtasks
+_KINDS = {
+    "fanout": (Fanout, {"join", "then", "max_tokens", "final_max_tokens"}),
+    "map_reduce": (MapReduce, {"map", "reduce", "join", "max_tokens", "final_max_tokens"}),
+    "subtasks": (Subtasks, {"prune", "max_tokens", "conclusion_tokens", "then", "final_max_tokens"}),
+}
+
+
+def spec_from_dict(d: object) -> tuple[ThreadSpec, list[str]]:
+    """HTTP `"threads": {...}` -> (spec, map-reduce chunks). One of the keys `fanout` (a list of
+    thread prompts), `map_reduce` (a list of chunks, with `map` and `reduce`) or `subtasks` (a
+    list of subtask prompts) says the shape; the others are that shape's parameters. ValueError
+    names the offending key as `threads.<key>`."""
+    if not isinstance(d, dict):
+        raise ValueError('threads must be an object like {"fanout": ["List the facts.", "Guess."]}')
+    kinds = [k for k in _KINDS if k in d]
+    if len(kinds) != 1:
+        raise ValueError(f"threads: give exactly one of {', '.join(_KINDS)}; got {kinds or 'none'}")
+    kind = kinds[0]
+    cls, allowed = _KINDS[kind]
+    unknown = sorted(set(d) - allowed - {kind})
+    if unknown:
+        raise ValueError(
+            f"threads.{unknown[0]}: not a parameter of {kind} (known: {', '.join(sorted(allowed))})"
+        )
+    items = d[kind]
+    if not isinstance(items, list) or not items or not all(isinstance(s, str) and s for s in items):
+        raise ValueError(f"threads.{kind}: must be a non-empty list of non-empty strings")
+    for key in ("max_tokens", "final_max_tokens", "conclusion_tokens"):
+        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 1):
+            raise ValueError(f"threads.{key}: must be a positive integer, got {d[key]!r}")
+    for key in ("join", "then", "map", "reduce"):
+        if key in d and not isinstance(d[key], str):
+            raise ValueError(f"threads.{key}: must be a string, got {d[key]!r}")
+    if "prune" in d and not isinstance(d["prune"], bool):
+        raise ValueError(f"threads.prune: must be true or false, got {d['prune']!r}")
+    if kind == "map_reduce" and not ("map" in d and "reduce" in d):
+        raise ValueError("threads.map_reduce: needs `map` and `reduce` (the instructions)")
+    params = {k: v for k, v in d.items() if k != kind}
+    try:
+        if kind == "fanout":
+            return Fanout(items, **params), []
+        if kind == "subtasks":
+            return Subtasks(items, **params), []
+        return MapReduce(**params), list(items)
+    except ValueError as e:
+        msg = str(e)
+        for name in ("Fanout.", "MapReduce.", "Subtasks."):
+            msg = msg.replace(name, "threads.")
+        raise ValueError(msg) from e

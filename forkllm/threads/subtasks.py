@@ -12,12 +12,13 @@ context keeps every working token: the baseline for the KV budget.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence, SequenceStatus
 from forkllm.engine.tree import TreeRun
-from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
+from forkllm.threads.result import EventLog, ThreadEvent, ThreadInfo, ThreadResult
 from forkllm.threads.spec import Subtasks
 
 if TYPE_CHECKING:
@@ -30,7 +31,12 @@ def tree_pages(seqs: list[Sequence]) -> int:
 
 
 class SubtaskPolicy:
-    def __init__(self, spec: Subtasks, params: SamplingParams | None = None) -> None:
+    def __init__(
+        self,
+        spec: Subtasks,
+        params: SamplingParams | None = None,
+        on_event: Callable[[ThreadEvent], None] | None = None,
+    ) -> None:
         if not isinstance(spec, Subtasks):
             raise TypeError(f"subtasks: expected Subtasks, got {type(spec).__name__}")
         self.spec = spec
@@ -44,7 +50,7 @@ class SubtaskPolicy:
         self.prompt_end = 0
         self.index = -1  # the subtask running (-1: the prompt; len(prompts): the answer)
         self.threads: list[ThreadInfo] = []
-        self.events: list[ThreadEvent] = []
+        self.log = EventLog(on_event)
         self.pages_after: list[int] = []  # the context's pages after each subtask concluded
         self.prefill_tokens = self.generated_tokens = self.critical = self.peak_pages = 0
         self.gen_start = 0
@@ -55,13 +61,11 @@ class SubtaskPolicy:
         if engine.tokenizer is None:
             raise ValueError("threads need a tokenizer (thread prompts are text)")
         self.engine, self.t0 = engine, time.perf_counter()
+        self.log.t0 = self.t0
         self.tree = TreeRun(engine, prompt_ids, self.params.clone(max_tokens=engine.max_model_len), None)
         self.root, self.prompt_end = self.tree.seqs[0], len(prompt_ids)
         self.threads.append(ThreadInfo(0, None, question))
         self.tree.park_on_stop(lambda s: s is not self.root or self.index < len(self.spec.prompts))
-
-    def _t(self) -> float:
-        return round(time.perf_counter() - self.t0, 4)
 
     def _encode(self, text: str) -> list[int]:
         assert self.engine is not None and self.engine.tokenizer is not None
@@ -71,6 +75,10 @@ class SubtaskPolicy:
         root, tree = self.root, self.tree
         assert root is not None and tree is not None
         self.peak_pages = max(self.peak_pages, tree_pages(tree.seqs))
+        if self.child is not None and not self.child.finished:
+            self.log.delta(len(self.threads) - 1, self.child.text)
+        if self.index == len(self.spec.prompts):
+            self.log.delta(0, root.text)
         if self.index == -1:
             if root.num_tokens > self.prompt_end:  # the prompt is in
                 if root.status is not SequenceStatus.PAUSED:
@@ -95,7 +103,7 @@ class SubtaskPolicy:
             self.generated_tokens += sampled
             self.critical += sampled
             self.seconds = time.perf_counter() - self.t0
-            self.events.append(ThreadEvent(self._t(), "end", 0, tokens=sampled))
+            self.log.emit("end", 0, tokens=sampled)
             self.done = True
 
     def _next(self) -> None:
@@ -113,7 +121,7 @@ class SubtaskPolicy:
             info = ThreadInfo(len(self.threads), 0, prompt)
             self.threads.append(info)
             self.threads[0].children.append(info.id)
-            self.events.append(ThreadEvent(self._t(), "spawn", 0, [info.id]))
+            self.log.emit("spawn", 0, [info.id])
             return
         then = self._encode(self.spec.then)
         tree.extend(root, then)
@@ -137,10 +145,10 @@ class SubtaskPolicy:
         if self.spec.prune:
             conclusion = max(start, end - self.spec.conclusion_tokens)
             engine.tree.conclude(root, child, [(base, start), (conclusion, end)])
-            self.events.append(ThreadEvent(self._t(), "prune", info.id, tokens=root.num_tokens))
+            self.log.emit("prune", info.id, tokens=root.num_tokens)
         else:
             engine.tree.join_pages(root, [child])
-            self.events.append(ThreadEvent(self._t(), "join", 0, [info.id], "kv_concat", root.num_tokens))
+            self.log.emit("join", 0, [info.id], join="kv_concat", tokens=root.num_tokens)
         self.pages_after.append(len(root.block_table))
 
     def stop(self) -> None:
@@ -153,7 +161,7 @@ class SubtaskPolicy:
         return ThreadResult(
             text=self.threads[0].text,
             threads=self.threads,
-            events=self.events,
+            events=self.log.events,
             join="prune" if self.spec.prune else "kv_concat",
             prefill_tokens=self.prefill_tokens,
             generated_tokens=self.generated_tokens,

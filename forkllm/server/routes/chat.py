@@ -29,6 +29,7 @@ from forkllm.server.requests import (
 )
 from forkllm.server.responses import ChunkStream, Envelope, chat_choice, chat_delta
 from forkllm.server.routes.scaling import scaled_chat
+from forkllm.server.routes.threads import parse_threads, threaded_chat
 from forkllm.server.state import AppState, ServerState
 from forkllm.server.structured import StructuredRequest, check_compiles, structured_request
 from forkllm.server.tool_calls import (
@@ -66,9 +67,13 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: AppS
     if req.tools:
         check_prompt_bytes([json.dumps(req.tools, ensure_ascii=False)], limits, "tools")
     await state.offload.run(_check_grammars, asked, plan)
+    if req.threads is not None:
+        parse_threads(req, limits)  # a bad spec is a 400 before any rendering
     text, ids = await state.offload.run(_render, engine, req, plan, tool_format)
     if req.scaling is not None:
         return await scaled_chat(state, engine, req, text, ids, raw)
+    if req.threads is not None:
+        return await threaded_chat(state, engine, req, ids, raw, limits)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = max_tokens_for(engine, len(ids), limit, field, "messages")

@@ -43,6 +43,8 @@ async def completions(req: CompletionRequest, raw: Request, state: AppState) -> 
     check_stream_options(req)
     if req.scaling is not None:
         raise APIError(400, "scaling is only available on /v1/chat/completions", param="scaling")
+    if req.threads is not None:
+        raise APIError(400, "threads is only available on /v1/chat/completions", param="threads")
     if req.suffix:
         raise APIError(400, "suffix is not supported by this server", param="suffix")
     limits = state.config.limits
