@@ -11,7 +11,16 @@ from forkllm.engine.llm_engine import LLMEngine, PromptInput
 from forkllm.engine.outputs import CompletionOutput, RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.tree import TreePolicy, run_policies
-from forkllm.threads import Fanout, MapReduce, SubtaskPolicy, Subtasks, ThreadPolicy, ThreadResult
+from forkllm.threads import (
+    Fanout,
+    MapReduce,
+    Protocol,
+    ProtocolPolicy,
+    SubtaskPolicy,
+    Subtasks,
+    ThreadPolicy,
+    ThreadResult,
+)
 from forkllm.threads.policy import DEFAULT_MAX_DEPTH
 from forkllm.tokenizer import Tokenizer
 from forkllm.tools.executor import ToolExecutor
@@ -164,20 +173,20 @@ class LLM:
     def threads(
         self,
         prompt: str | list[int] | Conversation | Seq[str],
-        spec: Fanout | MapReduce | Subtasks,
+        spec: Fanout | MapReduce | Subtasks | Protocol,
         sampling_params: SamplingParams | None = None,
         chat: bool = True,
         max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> ThreadResult:
-        """Run a thread tree inside the engine (forkllm.threads): a `Fanout` or `Subtasks` from
-        `prompt`, or a `MapReduce` over `prompt` (a list of chunks). Greedy unless
-        `sampling_params` says."""
+        """Run a thread tree inside the engine (forkllm.threads): a `Fanout`, `Subtasks` or
+        model-driven `Protocol` from `prompt`, or a `MapReduce` over `prompt` (a list of chunks).
+        Greedy unless `sampling_params` says."""
         return self.threads_batch([prompt], [spec], sampling_params, chat, max_depth)[0]
 
     def threads_batch(
         self,
         prompts: Seq[str | list[int] | Conversation | Seq[str]],
-        specs: Seq[Fanout | MapReduce | Subtasks],
+        specs: Seq[Fanout | MapReduce | Subtasks | Protocol],
         sampling_params: SamplingParams | None = None,
         chat: bool = True,
         max_depth: int = DEFAULT_MAX_DEPTH,
@@ -195,6 +204,8 @@ class LLM:
                 prompt = spec.context
             elif isinstance(spec, Subtasks):
                 policy = SubtaskPolicy(spec, sampling_params)
+            elif isinstance(spec, Protocol):
+                policy = ProtocolPolicy(spec, sampling_params)
             else:
                 policy = ThreadPolicy(spec, sampling_params, max_depth)
             ids, question = self._scale_prompt(prompt, chat)  # type: ignore[arg-type]

@@ -350,3 +350,55 @@ def test_subtasks_prune_keeps_the_context_bounded():
     assert pruned.peak_kv_pages < kept.peak_kv_pages
     assert [t.generated_tokens for t in pruned.threads[1:]] == [21] * 5
     assert_no_leaks(llm.engine)
+
+
+# ---- model-driven protocol (Multiverse tags) ----------------------------------------------------
+@pytest.mark.parametrize("join", ["kv_concat", "reprefill"])
+def test_multiverse_tags_in_the_output_spawn_and_join_paths(join):
+    from forkllm.threads import Protocol
+
+    llm = tiny_llm()
+    spec = Protocol(
+        "multiverse", join=join, outline=["alpha", "beta", "gamma"], max_tokens=5, final_max_tokens=6
+    )
+    r = llm.threads("q", spec, chat=False)
+    assert [e.event for e in r.events][:1] == ["spawn"] and r.events[0].children == [1, 2, 3]
+    assert [t.prompt for t in r.threads[1:]] == ["1: alpha", "2: beta", "3: gamma"]
+    assert "join" in [e.event for e in r.events]
+    # every path ran to its max_tokens (+1) unless it closed its own </Path>
+    assert all(t.generated_tokens <= 6 for t in r.threads[1:])
+    assert r.threads[0].generated_tokens >= 6  # the forced block, then the answer after <Conclusion>
+    assert_no_leaks(llm.engine)
+
+
+def test_multiverse_joined_context_holds_every_tag():
+    from forkllm.engine.tree import drive
+    from forkllm.threads import Protocol, ProtocolPolicy
+
+    llm = tiny_llm()
+    engine, tok = llm.engine, llm.get_tokenizer()
+    policy = ProtocolPolicy(
+        Protocol("multiverse", join="reprefill", outline=["a", "b"], max_tokens=3, final_max_tokens=2)
+    )
+    joined: list[str] = []
+    done: list = []
+    drive(engine, policy, tok.encode("q"), "q", done.append)
+    while not done:
+        engine.step()
+        ctx = policy.ctx
+        if ctx.state == "free" and ctx.blocks == 1 and not joined:
+            joined.append(tok.decode(ctx.seq.token_ids))
+    text = joined[0]
+    assert text.count("<Path>") == 2 and text.count("</Path>") == 2
+    assert "</Goal>\n<Path>\n1:" in text and text.endswith("\n<Conclusion>\n")
+    assert "<Outline>1: a</Outline>" in text
+    assert_no_leaks(engine)
+
+
+def test_unknown_protocol_is_refused():
+    from forkllm.threads import Protocol
+
+    with pytest.raises(ValueError, match="unknown protocol 'threadweaver'"):
+        Protocol("threadweaver")
+    with pytest.raises(ValueError, match="3 paths exceed max_paths"):
+        Protocol("multiverse", outline=["a", "b", "c"], max_paths=2)

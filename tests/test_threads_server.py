@@ -113,6 +113,8 @@ def test_threads_stream_events_then_answer(live, client):
         ({"fanout": ["a"] * 65}, "threads", "65 threads at once"),
         ({"fanout": ["a"], "max_tokens": 100000}, "threads.max_tokens", "over this server's limit"),
         ("fanout", "threads", ""),
+        ({"protocol": "threadweaver"}, "threads.protocol", "unknown protocol 'threadweaver'"),
+        ({"protocol": "multiverse", "outline": "a"}, "threads.outline", "list of non-empty strings"),
     ],
 )
 def test_bad_threads_are_400s_naming_the_key(live, threads, param, message):
@@ -173,3 +175,16 @@ def test_leaving_mid_stream_aborts_the_tree(live):
     while _pages_in_use(live) and time.time() < deadline:
         time.sleep(0.1)
     assert _pages_in_use(live) == 0
+
+
+def test_protocol_over_http(client):
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=MSGS,
+        temperature=0,
+        max_tokens=4,
+        extra_body={"threads": {"protocol": "multiverse", "outline": ["x", "y"], "max_tokens": 3}},
+    )
+    tree = r.model_extra["threads"]
+    assert [t["prompt"] for t in tree["threads"]] == ["Why is the sky blue?", "1: x", "2: y"]
+    assert [e["event"] for e in tree["events"]].count("join") == 1

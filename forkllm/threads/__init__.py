@@ -4,6 +4,7 @@ recomputation (`reprefill`); long tasks as subtasks whose working KV is pruned (
 policy.py for the runtime, kv/concat.py for the page join."""
 
 from forkllm.threads.policy import ThreadPolicy
+from forkllm.threads.protocols import PROTOCOLS, Protocol, ProtocolPolicy
 from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
 from forkllm.threads.spec import JOINS, Fanout, MapReduce, Subtasks
 from forkllm.threads.subtasks import SubtaskPolicy
@@ -12,6 +13,9 @@ __all__ = [
     "JOINS",
     "Fanout",
     "MapReduce",
+    "PROTOCOLS",
+    "Protocol",
+    "ProtocolPolicy",
     "SubtaskPolicy",
     "Subtasks",
     "ThreadEvent",

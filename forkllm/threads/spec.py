@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 JOINS = ("kv_concat", "reprefill")
 
@@ -111,19 +112,20 @@ class Subtasks:
                 raise ValueError(f"Subtasks.{name} must be >= 1, got {getattr(self, name)}")
 
 
-ThreadSpec = Fanout | MapReduce | Subtasks
 _KINDS = {
     "fanout": (Fanout, {"join", "then", "max_tokens", "final_max_tokens"}),
     "map_reduce": (MapReduce, {"map", "reduce", "join", "max_tokens", "final_max_tokens"}),
     "subtasks": (Subtasks, {"prune", "max_tokens", "conclusion_tokens", "then", "final_max_tokens"}),
+    "protocol": (None, {"join", "max_tokens", "final_max_tokens", "outline", "max_paths", "max_blocks"}),
 }
 
 
-def spec_from_dict(d: object) -> tuple[ThreadSpec, list[str]]:
+def spec_from_dict(d: object) -> tuple[Any, list[str]]:
     """HTTP `"threads": {...}` -> (spec, map-reduce chunks). One of the keys `fanout` (a list of
-    thread prompts), `map_reduce` (a list of chunks, with `map` and `reduce`) or `subtasks` (a
-    list of subtask prompts) says the shape; the others are that shape's parameters. ValueError
-    names the offending key as `threads.<key>`."""
+    thread prompts), `map_reduce` (a list of chunks, with `map` and `reduce`), `subtasks` (a
+    list of subtask prompts) or `protocol` (a protocol's name: threads the model opens itself)
+    says the shape; the others are that shape's parameters. ValueError names the offending key
+    as `threads.<key>`."""
     if not isinstance(d, dict):
         raise ValueError('threads must be an object like {"fanout": ["List the facts.", "Guess."]}')
     kinds = [k for k in _KINDS if k in d]
@@ -137,9 +139,15 @@ def spec_from_dict(d: object) -> tuple[ThreadSpec, list[str]]:
             f"threads.{unknown[0]}: not a parameter of {kind} (known: {', '.join(sorted(allowed))})"
         )
     items = d[kind]
-    if not isinstance(items, list) or not items or not all(isinstance(s, str) and s for s in items):
+    if kind == "protocol":
+        if not isinstance(items, str):
+            raise ValueError(f"threads.protocol: must be a protocol's name, got {items!r}")
+        outline = d.get("outline", [])
+        if not isinstance(outline, list) or not all(isinstance(o, str) and o for o in outline):
+            raise ValueError("threads.outline: must be a list of non-empty strings")
+    elif not isinstance(items, list) or not items or not all(isinstance(s, str) and s for s in items):
         raise ValueError(f"threads.{kind}: must be a non-empty list of non-empty strings")
-    for key in ("max_tokens", "final_max_tokens", "conclusion_tokens"):
+    for key in ("max_tokens", "final_max_tokens", "conclusion_tokens", "max_paths", "max_blocks"):
         if key in d and (isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 1):
             raise ValueError(f"threads.{key}: must be a positive integer, got {d[key]!r}")
     for key in ("join", "then", "map", "reduce"):
@@ -155,9 +163,13 @@ def spec_from_dict(d: object) -> tuple[ThreadSpec, list[str]]:
             return Fanout(items, **params), []
         if kind == "subtasks":
             return Subtasks(items, **params), []
+        if kind == "protocol":
+            from forkllm.threads.protocols import Protocol
+
+            return Protocol(items, **params), []
         return MapReduce(**params), list(items)
     except ValueError as e:
-        msg = str(e)
-        for name in ("Fanout.", "MapReduce.", "Subtasks."):
+        msg = str(e).replace("Protocol: unknown", "threads.protocol: unknown")
+        for name in ("Fanout.", "MapReduce.", "Subtasks.", "Protocol."):
             msg = msg.replace(name, "threads.")
         raise ValueError(msg) from e

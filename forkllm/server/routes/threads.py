@@ -3,7 +3,8 @@ from the rendered messages and answer with the context's final text, plus the tr
 extra `threads` field.
 
 `"threads": {"fanout": ["List the facts.", "List the unknowns."], "join": "kv_concat"}`, or
-`{"map_reduce": [chunks...], "map": "...", "reduce": "..."}`, or `{"subtasks": [...], "prune": true}`
+`{"map_reduce": [chunks...], "map": "...", "reduce": "..."}`, `{"subtasks": [...], "prune": true}`,
+or `{"protocol": "multiverse", "outline": [...]}` (the model's own <Parallel> blocks)
 (threads/spec.py: `spec_from_dict`). The request's max_tokens bounds the final answer (the
 spec's `final_max_tokens`); temperature, top_p and seed apply to every thread.
 
@@ -33,9 +34,11 @@ from forkllm.server.protocol import ChatCompletionRequest
 from forkllm.server.requests import guard_stream, max_tokens_for, unless_disconnected
 from forkllm.server.responses import Envelope, chat_choice, chat_delta, sse
 from forkllm.server.state import ServerState
-from forkllm.threads import Fanout, MapReduce, SubtaskPolicy, Subtasks, ThreadPolicy
+from forkllm.threads import Fanout, MapReduce, Protocol, ProtocolPolicy, SubtaskPolicy, Subtasks, ThreadPolicy
 from forkllm.threads.result import ThreadEvent, ThreadResult
-from forkllm.threads.spec import ThreadSpec, spec_from_dict
+from forkllm.threads.spec import spec_from_dict
+
+ThreadSpec = Fanout | MapReduce | Subtasks | Protocol
 
 # Request fields a thread tree honours (or that shaped the prompt); any other field sent with a
 # non-default value is refused.
@@ -74,9 +77,14 @@ def parse_threads(req: ChatCompletionRequest, limits: Limits) -> tuple[ThreadSpe
         msg = str(e)
         param = msg.split(":", 1)[0] if msg.startswith("threads.") else "threads"
         raise APIError(400, msg, param=param) from e
-    width = (
-        len(chunks) if isinstance(spec, MapReduce) else 1 if isinstance(spec, Subtasks) else spec.num_threads
-    )
+    if isinstance(spec, MapReduce):
+        width = len(chunks)
+    elif isinstance(spec, Subtasks):
+        width = 1
+    elif isinstance(spec, Protocol):
+        width = spec.max_paths
+    else:
+        width = spec.num_threads
     if width > limits.max_scaling_width:
         raise APIError(
             400,
@@ -84,8 +92,15 @@ def parse_threads(req: ChatCompletionRequest, limits: Limits) -> tuple[ThreadSpe
             "(--max-scaling-width)",
             param="threads",
         )
-    count = len(spec.prompts) if isinstance(spec, Subtasks) else width
-    tokens = count * spec.max_tokens + spec.final_max_tokens
+    if isinstance(spec, Subtasks):
+        count = len(spec.prompts)
+    elif isinstance(spec, Protocol):
+        count = spec.max_paths * spec.max_blocks
+    else:
+        count = width
+    tokens = count * spec.max_tokens + spec.final_max_tokens * (
+        spec.max_blocks + 1 if isinstance(spec, Protocol) else 1
+    )
     if tokens > limits.max_scaling_budget:
         raise APIError(
             400,
@@ -101,6 +116,8 @@ def _policy(
 ) -> TreePolicy[ThreadResult]:
     if isinstance(spec, Subtasks):
         return SubtaskPolicy(spec, params, on_event)
+    if isinstance(spec, Protocol):
+        return ProtocolPolicy(spec, params, on_event)
     fan = spec.fanout(chunks) if isinstance(spec, MapReduce) else spec
     assert isinstance(fan, Fanout)
     return ThreadPolicy(fan, params, on_event=on_event)

@@ -1,0 +1,298 @@
+"""Threads the model opens with its own tags, detected in the step loop (no client loop).
+
+Multiverse's format: the context writes
+
+    <Parallel>
+    <Goal>
+    <Outline>1: ...</Outline>
+    <Outline>2: ...</Outline>
+    </Goal>
+
+and stops there (`</Goal>` is a stop string of the tree's request: the engine parks the context).
+The policy reads the outlines and spawns one path per outline (`\\n<Path>\\n1:` ...), each
+continuing from the context's pages. A path ends at its own `</Path>` (a stop string) or at its
+max_tokens (then `\\n</Path>` is appended for it). When every path has ended, the context joins
+them (kv_concat or reprefill), `\\n<Conclusion>\\n` is appended and it goes on; it may open
+another `<Parallel>` block later (up to `max_blocks`; one more ends the answer).
+
+A parked sequence's last token (the `>` of its closing tag, or its last sampled token) has no KV
+yet: before a spawn or a join the sequence settles (one more step computes it; the token sampled
+then is dropped), so every tag is in the joined context.
+
+The 135M default model does not write such blocks by itself: `outline` forces the first one (a
+regex on the context's output: the model writes it token by token, and the same detection runs).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from forkllm.engine.sampling_params import SamplingParams
+from forkllm.engine.sequence import Sequence as EngineSequence
+from forkllm.engine.sequence import SequenceStatus
+from forkllm.engine.tree import TreeRun
+from forkllm.structured.params import StructuredOutputsParams
+from forkllm.threads.result import EventLog, ThreadEvent, ThreadInfo, ThreadResult
+from forkllm.threads.spec import JOINS
+
+if TYPE_CHECKING:
+    from forkllm.engine.llm_engine import LLMEngine
+
+PROTOCOLS = ("multiverse",)
+OPEN, GOAL_END, PATH_END = "<Parallel>", "</Goal>", "</Path>"
+_OUTLINE = re.compile(r"<Outline>\s*(?:(\d+)\s*:)?\s*(.*?)\s*</Outline>", re.S)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    join: str = "kv_concat"
+    max_tokens: int = 128  # each path's own tokens
+    final_max_tokens: int = 256  # the context's tokens after each join (and before the first block)
+    outline: Sequence[str] = ()  # forces the first block with these outlines
+    max_paths: int = 8  # outlines of one block beyond this are not spawned (an error)
+    max_blocks: int = 4  # <Parallel> blocks of one answer; opening one more ends it ("stop")
+
+    def __post_init__(self) -> None:
+        if self.name not in PROTOCOLS:
+            raise ValueError(f"Protocol: unknown protocol {self.name!r}; known: {', '.join(PROTOCOLS)}")
+        if self.join not in JOINS:
+            raise ValueError(f"Protocol.join: {self.join!r} is not one of {', '.join(JOINS)}")
+        for name in ("max_tokens", "final_max_tokens", "max_paths", "max_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Protocol.{name} must be >= 1, got {getattr(self, name)}")
+        if len(self.outline) > self.max_paths:
+            raise ValueError(
+                f"Protocol.outline: {len(self.outline)} paths exceed max_paths ({self.max_paths})"
+            )
+
+    def forced_opening(self) -> str:
+        items = "".join(f"<Outline>{i}: {o}</Outline>\n" for i, o in enumerate(self.outline, 1))
+        return f"{OPEN}\n<Goal>\n{items}{GOAL_END}"
+
+
+@dataclass(eq=False)
+class _Path:
+    info: ThreadInfo
+    seq: EngineSequence
+    gen_start: int
+    state: str = "running"  # running -> settling -> parked
+
+
+@dataclass(eq=False)
+class _Context:
+    seq: EngineSequence
+    state: str = "free"  # free -> settling -> waiting -> free ... -> done
+    blocks: int = 0
+    outlines: list[tuple[str, str]] = field(default_factory=list)
+    paths: list[_Path] = field(default_factory=list)
+    gen_start: int = 0
+    sampled: int = 0
+
+
+class ProtocolPolicy:
+    """Runs Multiverse-tagged generation from a prompt; `result()` is a ThreadResult."""
+
+    def __init__(
+        self,
+        spec: Protocol,
+        params: SamplingParams | None = None,
+        on_event: Callable[[ThreadEvent], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.params = params or SamplingParams(temperature=0.0)
+        if self.params.n != 1:
+            raise ValueError("threads: n must be 1 (a thread tree is one request)")
+        self.tree: TreeRun | None = None
+        self.engine: LLMEngine | None = None
+        self.ctx: _Context | None = None
+        self.threads: list[ThreadInfo] = []
+        self.log = EventLog(on_event)
+        self.prefill_tokens = self.generated_tokens = self.critical = self.peak_pages = 0
+        self.t0 = self.seconds = 0.0
+        self.done = False
+
+    def start(self, engine: LLMEngine, prompt_ids: list[int], question: str) -> None:
+        if engine.tokenizer is None:
+            raise ValueError("threads need a tokenizer (the protocol's tags are text)")
+        self.engine, self.t0 = engine, time.perf_counter()
+        self.log.t0 = self.t0
+        forced = self.spec.forced_opening() if self.spec.outline else None
+        params = self.params.clone(
+            max_tokens=engine.max_model_len,
+            stop=[GOAL_END, PATH_END],
+            include_stop_str_in_output=True,
+            structured=StructuredOutputsParams(regex=re.escape(forced)) if forced else None,
+        )
+        self.tree = TreeRun(engine, prompt_ids, params, None)
+        seq = self.tree.seqs[0]
+        self.ctx = _Context(seq, gen_start=len(prompt_ids))
+        seq.token_limit = (
+            len(prompt_ids) + self.spec.final_max_tokens + (len(self._encode(forced)) if forced else 0)
+        )
+        self.prefill_tokens += len(prompt_ids)
+        self.threads.append(ThreadInfo(0, None, question))
+        self.tree.park_on_stop(self._park)
+
+    def _park(self, seq: EngineSequence) -> bool:
+        ctx = self.ctx
+        assert ctx is not None
+        if seq is not ctx.seq:
+            return True  # every path waits for its join
+        # the context parks to open a block, and while settling; otherwise its answer ends
+        return ctx.state == "settling" or (seq.stop_reason == GOAL_END and ctx.blocks < self.spec.max_blocks)
+
+    def _encode(self, text: str) -> list[int]:
+        assert self.engine is not None and self.engine.tokenizer is not None
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def _settle(self, seq: EngineSequence, extra: list[int]) -> None:
+        """Have a parked sequence compute its last token (and `extra`) in one more step; the
+        token it samples then is dropped when it parks again."""
+        assert self.tree is not None
+        seq.grammar = None
+        if extra:
+            self.tree.extend(seq, extra)
+            self.prefill_tokens += len(extra)
+        seq.token_limit = seq.num_tokens + 1
+        self.tree.resume(seq)
+
+    def on_step(self, engine: LLMEngine) -> None:
+        ctx, tree = self.ctx, self.tree
+        assert ctx is not None and tree is not None
+        self.peak_pages = max(
+            self.peak_pages, len({b for s in tree.seqs if not s.finished for b in s.block_table})
+        )
+        seq = ctx.seq
+        for p in ctx.paths:
+            if p.state == "running":
+                self.log.delta(p.info.id, p.seq.text)
+            if p.seq.status is not SequenceStatus.PAUSED:
+                continue
+            if p.state == "running":
+                sampled = p.seq.num_tokens - p.gen_start
+                p.info.generated_tokens, p.info.text, p.info.finish_reason = (
+                    sampled,
+                    p.seq.text,
+                    p.seq.finish_reason,
+                )
+                self.generated_tokens += sampled
+                self.log.emit("end", p.info.id, tokens=sampled)
+                closed = p.seq.stop_reason == PATH_END
+                self._settle(p.seq, [] if closed else self._encode(f"\n{PATH_END}"))
+                p.state = "settling"
+            elif p.state == "settling":
+                engine.tree.truncate(p.seq, p.seq.num_tokens - 1)
+                p.state = "parked"
+        if ctx.state == "free":
+            self.log.delta(0, seq.text)
+            if seq.finished:
+                self._finish()
+            elif seq.status is SequenceStatus.PAUSED:  # stopped at </Goal>
+                ctx.sampled += seq.num_tokens - ctx.gen_start
+                text = seq.text
+                block = text[text.rfind(OPEN) :] if OPEN in text else text
+                ctx.outlines = [
+                    (m.group(1) or str(i), m.group(2)) for i, m in enumerate(_OUTLINE.finditer(block), 1)
+                ]
+                if len(ctx.outlines) > self.spec.max_paths:
+                    raise ValueError(
+                        f"the model opened {len(ctx.outlines)} paths; max_paths is {self.spec.max_paths}"
+                    )
+                ctx.blocks += 1
+                ctx.state = "settling"
+                self._settle(seq, [])
+        elif ctx.state == "settling" and seq.status is SequenceStatus.PAUSED:
+            engine.tree.truncate(seq, seq.num_tokens - 1)
+            self._spawn(ctx)
+        elif ctx.state == "waiting" and all(p.state == "parked" for p in ctx.paths):
+            self._join(ctx)
+
+    def _spawn(self, ctx: _Context) -> None:
+        engine, tree = self.engine, self.tree
+        assert engine is not None and tree is not None
+        if not ctx.outlines:  # a block without outlines: nothing to run in parallel
+            self._continue(ctx, [])
+            return
+        suffixes = [self._encode(f"\n<Path>\n{num}:") for num, _ in ctx.outlines]
+        limits = [ctx.seq.num_tokens + len(s) + self.spec.max_tokens + 1 for s in suffixes]
+        kids = engine.tree.spawn(ctx.seq, suffixes, limits)
+        tree.forks += len(kids)
+        ctx.paths = []
+        for (num, text), kid, ids in zip(ctx.outlines, kids, suffixes):
+            info = ThreadInfo(len(self.threads), 0, f"{num}: {text}")
+            self.threads.append(info)
+            self.threads[0].children.append(info.id)
+            ctx.paths.append(_Path(info, kid, kid.num_tokens))
+            self.prefill_tokens += len(ids)
+        ctx.state = "waiting"
+        self.log.emit("spawn", 0, [p.info.id for p in ctx.paths])
+
+    def _join(self, ctx: _Context) -> None:
+        engine = self.engine
+        assert engine is not None
+        kids = [p.seq for p in ctx.paths]
+        base = ctx.seq.num_tokens
+        if self.spec.join == "kv_concat":
+            engine.tree.join_pages(ctx.seq, kids)
+            joined: list[int] = []
+        else:
+            joined = [t for k in kids for t in k.token_ids[base : k.num_computed_tokens]]
+            for k in kids:
+                engine.tree.end(k, k.finish_reason or "stop")
+        self.critical += max(p.info.generated_tokens for p in ctx.paths)
+        self.log.restart(0)
+        self._continue(ctx, joined)
+        self.log.emit(
+            "join", 0, [p.info.id for p in ctx.paths], join=self.spec.join, tokens=ctx.seq.num_tokens
+        )
+
+    def _continue(self, ctx: _Context, joined: list[int]) -> None:
+        assert self.tree is not None
+        extra = joined + self._encode("\n<Conclusion>\n")
+        self.tree.extend(ctx.seq, extra)
+        self.prefill_tokens += len(extra)
+        ctx.gen_start = ctx.seq.num_tokens
+        ctx.seq.token_limit = ctx.seq.num_tokens + self.spec.final_max_tokens
+        ctx.state = "free"
+        self.tree.resume(ctx.seq)
+
+    def _finish(self) -> None:
+        ctx = self.ctx
+        assert ctx is not None
+        seq = ctx.seq
+        if seq.finish_reason == "abort":
+            raise RuntimeError(f"thread tree aborted: {seq.stop_reason or 'aborted'}")
+        ctx.sampled += seq.num_tokens - ctx.gen_start
+        self.threads[0].generated_tokens = ctx.sampled
+        self.threads[0].text, self.threads[0].finish_reason = seq.text, seq.finish_reason
+        self.generated_tokens += ctx.sampled
+        self.critical += ctx.sampled
+        self.seconds = time.perf_counter() - self.t0
+        ctx.state = "done"
+        self.log.emit("end", 0, tokens=ctx.sampled)
+        self.done = True
+
+    def stop(self) -> None:
+        if self.tree is not None:
+            self.tree.park_on_stop(None)
+            self.tree.abort()
+
+    def result(self) -> ThreadResult:
+        assert self.ctx is not None
+        return ThreadResult(
+            text=self.threads[0].text,
+            threads=self.threads,
+            events=self.log.events,
+            join=self.spec.join,
+            prefill_tokens=self.prefill_tokens,
+            generated_tokens=self.generated_tokens,
+            critical_path_tokens=self.critical,
+            peak_kv_pages=self.peak_pages,
+            seconds=self.seconds,
+            finish_reason=self.ctx.seq.finish_reason,
+        )
