@@ -402,3 +402,36 @@ def test_unknown_protocol_is_refused():
         Protocol("threadweaver")
     with pytest.raises(ValueError, match="3 paths exceed max_paths"):
         Protocol("multiverse", outline=["a", "b", "c"], max_paths=2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_segmented_decode_skips_holes_exactly(dtype):
+    from forkllm.attention.metadata import AttentionBatch
+    from forkllm.engine.runner import key_segments
+
+    llm = tiny_llm(dtype=dtype, block_size=4)
+    runner = llm.engine.runner
+    backend, cache = runner.attention, runner.kv_caches[0]
+    torch.manual_seed(0)
+    cache.normal_()
+    d = cache.shape[3]
+    hq = runner.config.num_heads
+    tables = [[3, 4, 5, 6, 7], [8, 9, 10], [3, 4, 11]]
+    ctx = [19, 10, 12]
+    holes = [[(5, 8), (13, 15)], [], [(2, 4)]]
+    batch = AttentionBatch(
+        torch.zeros(3, dtype=torch.long), tables, ctx, [], [key_segments(h, c) for h, c in zip(holes, ctx)]
+    )
+    meta = backend.build_metadata(batch)
+    q = torch.randn(3, hq, d, dtype=cache.dtype)
+    got = backend.decode_segments(cache, q, meta)
+    for i, (table, n, hs) in enumerate(zip(tables, ctx, holes)):
+        slots = torch.tensor(
+            [table[j // 4] * 4 + j % 4 for j in range(n) if not any(a <= j < b for a, b in hs)]
+        )
+        k, v = cache[0][:, slots].float(), cache[1][:, slots].float()
+        want = F.scaled_dot_product_attention(
+            q[i].float()[None, :, None], k[None], v[None], enable_gqa=True, scale=d**-0.5
+        )[0, :, 0]
+        tol = 1e-5 if dtype == "float32" else 2e-2
+        torch.testing.assert_close(got[i].float(), want, rtol=tol, atol=tol)

@@ -37,6 +37,9 @@ class AttentionBatch:
     decode_block_tables: Sequence[list[int]]  # each decode row's block table (pages past its context ignored)
     decode_ctx_lens: list[int]  # keys each decode query sees (its own token included)
     chunks: list[PrefillChunk] = field(default_factory=list)
+    # Per decode row, the [start, end) key ranges it attends (a page-joined thread's holes left
+    # out); None (or a row's None) = all of [0, ctx_len).
+    decode_segments: list[list[tuple[int, int]] | None] | None = None
 
 
 @dataclass
@@ -73,6 +76,9 @@ class AttentionMetadata:
     decode_starts: torch.Tensor | None = None  # [num_decode] first key each row attends on its own
     shared: SharedPrefixGroups | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # Segmented decode: the decode fields above describe one row per key segment, and
+    # segment_query [rows] is the decode query (< num_decode) each segment row belongs to.
+    segment_query: torch.Tensor | None = None
 
 
 def metadata_to(meta: AttentionMetadata, dev: torch.device) -> AttentionMetadata:
@@ -85,6 +91,7 @@ def metadata_to(meta: AttentionMetadata, dev: torch.device) -> AttentionMetadata
     meta.decode_tables = mv(meta.decode_tables)
     meta.decode_ctx_lens = mv(meta.decode_ctx_lens)
     meta.decode_starts = mv(meta.decode_starts)
+    meta.segment_query = mv(meta.segment_query)
     if meta.shared is not None:
         g = meta.shared
         meta.shared = SharedPrefixGroups(

@@ -55,7 +55,10 @@ class TorchAttention:
     # ---- metadata (once per step) ---------------------------------------------------------------
     def build_metadata(self, batch: AttentionBatch) -> AttentionMetadata:
         meta = AttentionMetadata(slot_mapping=batch.slot_mapping)
-        if batch.decode_ctx_lens:
+        segments = batch.decode_segments
+        if batch.decode_ctx_lens and segments is not None and any(s is not None for s in segments):
+            self._segment_metadata(meta, batch, segments)
+        elif batch.decode_ctx_lens:
             self._decode_metadata(meta, batch.decode_block_tables, batch.decode_ctx_lens)
         offset = len(batch.decode_ctx_lens)
         for chunk in batch.chunks:
@@ -83,6 +86,48 @@ class TorchAttention:
         meta.decode_tables = torch.from_numpy(np.array(tables, dtype=np.int64))
         meta.decode_ctx_lens = torch.tensor(ctx_lens, dtype=torch.long)
         return tables
+
+    def _segment_metadata(
+        self, meta: AttentionMetadata, batch: AttentionBatch, segments: list[list[tuple[int, int]] | None]
+    ) -> None:
+        """One decode row per key segment (a row without segments is one segment [0, ctx)); no
+        shared-prefix groups this step (steps with page-joined threads decoding are rare)."""
+        tables: list[list[int]] = []
+        starts: list[int] = []
+        ends: list[int] = []
+        query: list[int] = []
+        for i, (table, ctx) in enumerate(zip(batch.decode_block_tables, batch.decode_ctx_lens)):
+            for a, b in segments[i] or [(0, ctx)]:
+                tables.append(table)
+                starts.append(a)
+                ends.append(b)
+                query.append(i)
+        TorchAttention._decode_metadata(self, meta, tables, ends)
+        meta.num_decode = len(batch.decode_ctx_lens)
+        meta.decode_starts = torch.tensor(starts, dtype=torch.long)
+        meta.segment_query = torch.tensor(query, dtype=torch.long)
+
+    def row_backend(self) -> TorchAttention:
+        """What attends decode rows one by one (a shared-prefix backend delegates)."""
+        return self
+
+    def decode_segments(self, cache: torch.Tensor, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Decode queries q [num_decode, hq, d] over their key segments: each segment row's
+        (out, lse), merged per query (softmax over a union = the lse-weighted mix of its parts)."""
+        sq = meta.segment_query
+        assert sq is not None
+        out, lse = self.row_backend().decode_rows(
+            cache, q.index_select(0, sq).contiguous(), meta, want_lse=True
+        )
+        assert lse is not None
+        n = q.shape[0]
+        top = torch.full((n, lse.shape[1]), float("-inf"), device=q.device)
+        top.scatter_reduce_(0, sq[:, None].expand_as(lse), lse, "amax")
+        w = torch.exp(lse - top.index_select(0, sq))
+        num = torch.zeros((n, *out.shape[1:]), dtype=torch.float32, device=q.device)
+        num.index_add_(0, sq, w[..., None] * out.float())
+        den = torch.zeros_like(top).index_add_(0, sq, w)
+        return (num / den[..., None]).to(q.dtype)
 
     def context(self, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> AttentionStep:
         """What the model calls every layer this step (models.llama.AttentionContext)."""
@@ -152,13 +197,14 @@ class AttentionStep:
         cache = self.kv_caches[layer]
         backend.write_kv(cache, meta.slot_mapping, k, v)
         nd = meta.num_decode
+        decode = backend.decode_segments if meta.segment_query is not None else backend.decode
         if nd == q.shape[0]:
-            return backend.decode(cache, q, meta)
+            return decode(cache, q, meta)
         if nd == 0 and len(meta.prefills) == 1:
             return backend.prefill(cache, q, k, v, meta.prefills[0])
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = backend.decode(cache, q[:nd], meta)
+            out[:nd] = decode(cache, q[:nd], meta)
         for span in meta.prefills:
             s = slice(span.q_start, span.q_start + span.q_len)
             out[s] = backend.prefill(cache, q[s], k[s], v[s], span)

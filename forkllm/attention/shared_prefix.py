@@ -60,6 +60,9 @@ class SharedPrefixAttention(TorchAttention):
         self.rows = rows  # attends each row's own keys
         self.min_shared_pages = min_shared_pages
 
+    def row_backend(self) -> TorchAttention:
+        return self.rows
+
     def _decode_metadata(
         self, meta: AttentionMetadata, block_tables: Sequence[list[int]], ctx_lens: list[int]
     ) -> list[list[int]]:

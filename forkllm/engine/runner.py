@@ -53,6 +53,20 @@ def key_valid(holes: list[tuple[int, int]], num_slots: int) -> torch.Tensor | No
     return valid
 
 
+def key_segments(holes: list[tuple[int, int]], num_slots: int) -> list[tuple[int, int]] | None:
+    """The [start, end) slot ranges of [0, num_slots) outside `holes` (None: no holes)."""
+    if not holes:
+        return None
+    out, at = [], 0
+    for a, b in holes:
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < num_slots:
+        out.append((at, num_slots))
+    return out
+
+
 class ModelRunner:
     """Owns the KV tensors, the attention backend (chosen once here from the kernels and the
     shared-prefix settings) and the model, with its layers swapped onto the kernels."""
@@ -128,15 +142,17 @@ class ModelRunner:
         # Decodes (one query each) first, then multi-token chunks: the layout attention expects.
         # A drafted sequence is one decode row per position (its last token, then each draft
         # token), each seeing the context up to itself: causal verification of the chain.
-        # A page-joined thread (holes in its pages) always runs as a chunk: chunks take a key mask.
-        decodes = [s for s in sched.scheduled if (s.num_new_tokens == 1 or s.draft) and not s.seq.kv_holes]
-        chunks = [s for s in sched.scheduled if not (s.num_new_tokens == 1 or s.draft) or s.seq.kv_holes]
+        decodes = [s for s in sched.scheduled if s.num_new_tokens == 1 or s.draft]
+        chunks = [s for s in sched.scheduled if s.num_new_tokens != 1 and not s.draft]
 
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         ctx_lens: list[int] = []
         tables: list[list[int]] = []
+        # A page-joined thread (holes in its pages; never drafted) attends its segments around them.
+        holey = any(s.seq.kv_holes for s in decodes)
+        segments: list[list[tuple[int, int]] | None] = []
         for s in decodes:
             seq = s.seq
             pos = seq.num_computed_tokens
@@ -149,6 +165,8 @@ class ModelRunner:
                 slots.append(NULL_SLOT if p < seq.num_reused_tokens else table[p // bs] * bs + p % bs)
                 ctx_lens.append(p + 1)
                 tables.append(table)
+                if holey:
+                    segments.append(key_segments(seq.kv_holes, p + 1))
         # Prompt chunks: many tokens, attending to their cached prefix and causally to themselves.
         prefill_chunks: list[PrefillChunk] = []
         for s in chunks:
@@ -168,6 +186,7 @@ class ModelRunner:
             tables,
             ctx_lens,
             prefill_chunks,
+            segments if holey else None,
         )
         meta = self.attention.build_metadata(batch)
         dev = self.device
