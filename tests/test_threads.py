@@ -435,3 +435,20 @@ def test_segmented_decode_skips_holes_exactly(dtype):
         )[0, :, 0]
         tol = 1e-5 if dtype == "float32" else 2e-2
         torch.testing.assert_close(got[i].float(), want, rtol=tol, atol=tol)
+
+
+def test_threads_of_a_joined_or_concluded_context_keep_its_layout_and_stay_out_of_the_cache():
+    llm = tiny_llm(block_size=4)
+    engine = llm.engine
+    prompt = list(range(300, 311))
+    rid, root = _prefilled_root(engine, prompt)
+    kids = _run_children(engine, rid, root, [[5, 6], [7]], [3, 6])
+    engine.tree.join_pages(root, kids)
+    (kid,) = engine.tree.spawn(root, [[9]])
+    assert (kid.position_shift, kid.kv_holes) == (root.position_shift, root.kv_holes) and kid.kv_pinned
+    cached = engine.kv.cache.num_cached
+    for _ in range(8):
+        engine.step()
+    assert engine.kv.cache.num_cached == cached  # nothing of a joined layout is prefix-cached
+    engine.abort_request(rid)
+    assert_no_leaks(engine)

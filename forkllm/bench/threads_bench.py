@@ -15,6 +15,10 @@ driver writes exactly as many tokens; all 8 documents run at once; raw text (no 
 - (d) sequential: one generation per document that writes the four summaries one after another
   and then the reduce (each chunk appended to the sequence's own KV after the previous summary).
 
+Then the long-horizon part: one task of 16 sequential subtasks of 200 tokens each (`Subtasks`),
+with each subtask's working KV pruned after it concludes (its prompt and last 32 tokens kept,
+keys re-rotated) and without pruning (every token kept): peak KV pages of the tree.
+
 Reported: wall time (median of --reps; the drivers take turns within each repetition), tokens
 computed in prefill chunks (multi-token chunks: prompts, thread prompts, rejoined text), decode
 rows, critical-path tokens (sampled tokens on the longest chain of sequential steps), and the
@@ -194,6 +198,42 @@ def run_client(url: str, docs: list[list[str]], max_tokens: int) -> dict[str, An
     return {"wall": time.perf_counter() - t0, "critical": 2 * max_tokens, "answer": answers[0]}
 
 
+SUBTASKS, SUBTASK_TOKENS, CONCLUSION_TOKENS = 16, 200, 32
+
+
+def bench_subtasks(llm: Any, seed: int) -> list[dict[str, Any]]:
+    """A long task as 16 sequential subtasks of 200 tokens (greedy, ignore_eos): peak KV pages
+    of the tree with the subtasks' working KV pruned (TIMRUN) and kept."""
+    from forkllm.threads import Subtasks
+
+    rng = random.Random(seed)
+    sentences = [s.strip() for p in _PASSAGES[:3] for s in p.split(". ") if s.strip()]
+    prompts = [f"\nStep {i + 1}: explain: {rng.choice(sentences)}.\n" for i in range(SUBTASKS)]
+    params = SamplingParams(temperature=0.0, ignore_eos=True)
+    out = []
+    for prune in (True, False):
+        spec = Subtasks(
+            prompts,
+            prune=prune,
+            max_tokens=SUBTASK_TOKENS,
+            conclusion_tokens=CONCLUSION_TOKENS,
+            final_max_tokens=64,
+        )
+        llm.engine.kv.pool.drop_cached()
+        r = llm.threads(CONTEXT, spec, params, chat=False)
+        out.append(
+            {
+                "run": "pruned (TIMRUN)" if prune else "kept (no pruning)",
+                "peak_kv_pages": r.peak_kv_pages,
+                "context_pages": r.pages_after_subtasks[-1],
+                "seconds": r.seconds,
+                "prefill_tokens": r.prefill_tokens,
+            }
+        )
+        print(f"subtasks {out[-1]}", flush=True)
+    return out
+
+
 def bench_threads(args: argparse.Namespace) -> int:
     from forkllm import LLM
     from forkllm.bench.tools_bench import _Server
@@ -252,6 +292,7 @@ def bench_threads(args: argparse.Namespace) -> int:
                 "answer_example": mid["answer"][:160],
             }
         )
+    sub_rows = bench_subtasks(llm, args.workload_seed)
     m = machine_info()
     a = rows[0]  # (a)
     md = (
@@ -268,6 +309,14 @@ def bench_threads(args: argparse.Namespace) -> int:
             f"{r['critical_path_tokens']} | {r['peak_kv_pages']} |\n"
         )
     md += "\nruns: " + "; ".join(f"{r['driver']} {[round(x, 2) for x in r['runs']]}" for r in rows) + "\n"
+    md += (
+        f"\n### Subtask pruning: {SUBTASKS} sequential subtasks x {SUBTASK_TOKENS} tokens, "
+        f"{CONCLUSION_TOKENS}-token conclusions kept\n\n"
+        "| run | peak KV pages (this tree) | context pages at the end | wall s | prefill tokens |\n|---|---|---|---|---|\n"
+    )
+    for r in sub_rows:
+        md += f"| {r['run']} | {r['peak_kv_pages']} | {r['context_pages']} | {r['seconds']:.2f} | {r['prefill_tokens']} |\n"
+    md += f"\npeak pages, pruned / kept: {sub_rows[0]['peak_kv_pages'] / sub_rows[1]['peak_kv_pages']:.2f}\n"
     print("\n" + md)
-    print(f"saved {save(args.out_dir, 'w8-threads', md, [], {'rows': rows})}")
+    print(f"saved {save(args.out_dir, 'w8-threads', md, [], {'rows': rows, 'subtasks': sub_rows})}")
     return 0

@@ -122,6 +122,10 @@ class TreeOps:
             parent=parent,
             status=status,
             grammar=None if source.grammar is None else source.grammar.fork(),
+            # a page-joined or concluded context's KV layout (and its not being cacheable) goes too
+            position_shift=source.position_shift,
+            kv_holes=list(source.kv_holes),
+            kv_moved=source.kv_moved,
         )
 
     def release(self, anchor: Sequence) -> None:
