@@ -452,3 +452,78 @@ def test_threads_of_a_joined_or_concluded_context_keep_its_layout_and_stay_out_o
     assert engine.kv.cache.num_cached == cached  # nothing of a joined layout is prefix-cached
     engine.abort_request(rid)
     assert_no_leaks(engine)
+
+
+# ---- shared-cache workers (Hogwild!) ------------------------------------------------------------
+def _worker_reference(engine, model, layers, w, view, bs):
+    """The next greedy token of worker `w` computed densely over its view: the context, the other
+    workers' computed tokens, its own; keys taken from the cache and re-rotated to their view
+    positions, the current token at its view position."""
+    from forkllm.models.rope import rerotate
+
+    base = view.base
+    slots, deltas = [], []
+
+    def take(seq, a, b, view_start):
+        for j in range(a, b):
+            slots.append(seq.block_table[j // bs] * bs + j % bs)
+            deltas.append(view_start + (j - a) - j)
+
+    take(w, 0, base, 0)
+    at = base
+    for o in view.workers:
+        if o is not w:
+            n = o.num_computed_tokens - base
+            take(o, base, base + n, at)
+            at += n
+    p = w.num_computed_tokens
+    take(w, base, p, at)
+    slot_t, delta_t = torch.tensor(slots), torch.tensor(deltas)
+    prefix = []
+    for li in range(layers):
+        cache = engine.runner.kv_caches[li]
+        k = rerotate(cache[0][:, slot_t].transpose(0, 1), delta_t, model.rotary)
+        prefix.append((k, cache[1][:, slot_t].transpose(0, 1)))
+    logits, _ = _dense(model, [w.token_ids[p]], [at + (p - base)], prefix, layers)
+    return int(logits[-1].argmax())
+
+
+def test_shared_cache_workers_attend_to_each_other_as_written():
+    from forkllm.engine.sequence import SharedView
+
+    llm = tiny_llm(block_size=4)
+    engine, model = llm.engine, llm.engine.runner.model
+    layers = engine.runner.config.num_layers
+    prompt = list(range(300, 310))
+    rid, root = _prefilled_root(engine, prompt)
+    workers = engine.tree.spawn(root, [[500, 501], [600], [700, 701, 702]])
+    view = SharedView(root.num_tokens, workers)
+    for w in workers:
+        w.view = view
+    engine.step()  # each computes its prompt and samples (no peers in view yet)
+    for _ in range(6):
+        want = [_worker_reference(engine, model, layers, w, view, 4) for w in workers]
+        engine.step()
+        got = [w.token_ids[-1] for w in workers]
+        assert got == want
+    # a worker's output depends on the others: the same worker alone writes something else
+    alone = tiny_llm(block_size=4)
+    rid2, root2 = _prefilled_root(alone.engine, prompt)
+    (solo,) = alone.engine.tree.spawn(root2, [[500, 501]])
+    for _ in range(7):
+        alone.engine.step()
+    assert solo.token_ids[len(prompt) + 2 :] != workers[0].token_ids[len(prompt) + 2 :]
+    engine.abort_request(rid)
+    assert_no_leaks(engine)
+
+
+def test_shared_cache_fanout_runs_and_joins():
+    llm = tiny_llm(block_size=4)
+    r = llm.threads(
+        "q", Fanout(["a", "bb", "ccc"], shared_cache=True, max_tokens=6, final_max_tokens=4), chat=False
+    )
+    assert [t.generated_tokens for t in r.threads] == [4, 7, 7, 7]
+    assert [e.event for e in r.events].count("join") == 1
+    with pytest.raises(ValueError, match="workers cannot fan out again"):
+        Fanout([Fanout(["x"], prefix="p")], shared_cache=True)
+    assert_no_leaks(llm.engine)

@@ -30,6 +30,18 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
+class KeySegment:
+    """A run of keys one decode query attends: slots [start, end) of its own pages, or of
+    `table` (a shared-cache peer's pages); `q_shift` rotates the query by that many positions
+    for these keys (their place in this query's view differs from where they were written)."""
+
+    start: int
+    end: int
+    table: list[int] | None = None
+    q_shift: int = 0
+
+
+@dataclass(frozen=True)
 class AttentionBatch:
     """A step as the runner packed it, decode rows first."""
 
@@ -37,9 +49,9 @@ class AttentionBatch:
     decode_block_tables: Sequence[list[int]]  # each decode row's block table (pages past its context ignored)
     decode_ctx_lens: list[int]  # keys each decode query sees (its own token included)
     chunks: list[PrefillChunk] = field(default_factory=list)
-    # Per decode row, the [start, end) key ranges it attends (a page-joined thread's holes left
-    # out); None (or a row's None) = all of [0, ctx_len).
-    decode_segments: list[list[tuple[int, int]] | None] | None = None
+    # Per decode row, the key segments it attends (a page-joined thread's holes left out, a
+    # shared-cache worker's peers added); None (or a row's None) = all of [0, ctx_len).
+    decode_segments: list[list[KeySegment] | None] | None = None
 
 
 @dataclass
@@ -79,6 +91,7 @@ class AttentionMetadata:
     # Segmented decode: the decode fields above describe one row per key segment, and
     # segment_query [rows] is the decode query (< num_decode) each segment row belongs to.
     segment_query: torch.Tensor | None = None
+    segment_q_shift: torch.Tensor | None = None  # [rows] query rotation per segment row; None: all 0
 
 
 def metadata_to(meta: AttentionMetadata, dev: torch.device) -> AttentionMetadata:
@@ -92,6 +105,7 @@ def metadata_to(meta: AttentionMetadata, dev: torch.device) -> AttentionMetadata
     meta.decode_ctx_lens = mv(meta.decode_ctx_lens)
     meta.decode_starts = mv(meta.decode_starts)
     meta.segment_query = mv(meta.segment_query)
+    meta.segment_q_shift = mv(meta.segment_q_shift)
     if meta.shared is not None:
         g = meta.shared
         meta.shared = SharedPrefixGroups(

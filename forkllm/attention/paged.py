@@ -22,6 +22,7 @@ from forkllm.attention.metadata import (
     PAD_PAGE,
     AttentionBatch,
     AttentionMetadata,
+    KeySegment,
     PrefillSpan,
     metadata_to,
 )
@@ -51,6 +52,9 @@ class TorchAttention:
         self.scale = scale
         self.device = device if device is not None else torch.device("cpu")
         self.write_kv = write_kv  # a plain callable attribute: the C++ write where kernels run
+        # Set by the runner (models.rope.rerotate on the model's tables): rotates queries [n, h, d]
+        # by per-row position shifts, for shared-cache workers.
+        self.shift_queries: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     # ---- metadata (once per step) ---------------------------------------------------------------
     def build_metadata(self, batch: AttentionBatch) -> AttentionMetadata:
@@ -88,24 +92,28 @@ class TorchAttention:
         return tables
 
     def _segment_metadata(
-        self, meta: AttentionMetadata, batch: AttentionBatch, segments: list[list[tuple[int, int]] | None]
+        self, meta: AttentionMetadata, batch: AttentionBatch, segments: list[list[KeySegment] | None]
     ) -> None:
         """One decode row per key segment (a row without segments is one segment [0, ctx)); no
-        shared-prefix groups this step (steps with page-joined threads decoding are rare)."""
+        shared-prefix groups this step (steps with joined threads or workers decoding are rare)."""
         tables: list[list[int]] = []
         starts: list[int] = []
         ends: list[int] = []
         query: list[int] = []
+        shifts: list[int] = []
         for i, (table, ctx) in enumerate(zip(batch.decode_block_tables, batch.decode_ctx_lens)):
-            for a, b in segments[i] or [(0, ctx)]:
-                tables.append(table)
-                starts.append(a)
-                ends.append(b)
+            for seg in segments[i] or [KeySegment(0, ctx)]:
+                tables.append(table if seg.table is None else seg.table)
+                starts.append(seg.start)
+                ends.append(seg.end)
                 query.append(i)
+                shifts.append(seg.q_shift)
         TorchAttention._decode_metadata(self, meta, tables, ends)
         meta.num_decode = len(batch.decode_ctx_lens)
         meta.decode_starts = torch.tensor(starts, dtype=torch.long)
         meta.segment_query = torch.tensor(query, dtype=torch.long)
+        if any(shifts):
+            meta.segment_q_shift = torch.tensor(shifts, dtype=torch.long)
 
     def row_backend(self) -> TorchAttention:
         """What attends decode rows one by one (a shared-prefix backend delegates)."""
@@ -116,9 +124,11 @@ class TorchAttention:
         (out, lse), merged per query (softmax over a union = the lse-weighted mix of its parts)."""
         sq = meta.segment_query
         assert sq is not None
-        out, lse = self.row_backend().decode_rows(
-            cache, q.index_select(0, sq).contiguous(), meta, want_lse=True
-        )
+        qx = q.index_select(0, sq)
+        if meta.segment_q_shift is not None:
+            assert self.shift_queries is not None, "a shifted query needs the model's rotary tables"
+            qx = self.shift_queries(qx, meta.segment_q_shift)
+        out, lse = self.row_backend().decode_rows(cache, qx.contiguous(), meta, want_lse=True)
         assert lse is not None
         n = q.shape[0]
         top = torch.full((n, lse.shape[1]), float("-inf"), device=q.device)

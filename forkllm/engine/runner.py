@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from forkllm.attention.backend import AttentionBackend, select_backend
-from forkllm.attention.metadata import AttentionBatch, PrefillChunk
+from forkllm.attention.metadata import AttentionBatch, KeySegment, PrefillChunk
 from forkllm.engine.scheduler import ScheduledSequence, SchedulerOutput
-from forkllm.engine.sequence import Sequence
+from forkllm.engine.sequence import Sequence, SharedView
 from forkllm.kernels import Kernels
 from forkllm.kv.block_pool import NULL_BLOCK
 from forkllm.kv.manager import PageCopy
@@ -53,18 +53,36 @@ def key_valid(holes: list[tuple[int, int]], num_slots: int) -> torch.Tensor | No
     return valid
 
 
-def key_segments(holes: list[tuple[int, int]], num_slots: int) -> list[tuple[int, int]] | None:
-    """The [start, end) slot ranges of [0, num_slots) outside `holes` (None: no holes)."""
+def key_segments(holes: list[tuple[int, int]], num_slots: int) -> list[KeySegment] | None:
+    """The slot ranges of [0, num_slots) outside `holes` (None: no holes)."""
     if not holes:
         return None
     out, at = [], 0
     for a, b in holes:
         if a > at:
-            out.append((at, a))
+            out.append(KeySegment(at, a))
         at = max(at, b)
     if at < num_slots:
-        out.append((at, num_slots))
+        out.append(KeySegment(at, num_slots))
     return out
+
+
+def worker_segments(seq: Sequence, view: SharedView, pos: int) -> list[KeySegment]:
+    """A shared-cache worker's decode query at slot `pos`: the context, each other worker's
+    computed tokens (from its own pages), then its own tokens up to `pos`; each segment's query
+    shifted so the distances are those of the view (context, others in order, itself last)."""
+    base = view.base
+    others = [w for w in view.workers if w is not seq and w.block_table]
+    own_start = base + sum(w.num_computed_tokens - base for w in others)  # where its block sits
+    segs = [KeySegment(0, base, None, own_start - base)]
+    at = base
+    for w in others:
+        n = w.num_computed_tokens - base
+        if n > 0:
+            segs.append(KeySegment(base, base + n, w.block_table, own_start - at))
+            at += n
+    segs.append(KeySegment(base, pos + 1))
+    return segs
 
 
 class ModelRunner:
@@ -99,6 +117,7 @@ class ModelRunner:
             kernels, block_size, self.scale, device, shared_prefix_attention, min_shared_prefix_tokens
         )
         model.use_cpu_kernels(kernels)
+        self.attention.shift_queries = lambda x, shift: rerotate(x, shift, model.rotary)
 
     def _pages(self, cache: torch.Tensor) -> torch.Tensor:
         return cache.view(2, cache.shape[1], self.num_blocks, -1)
@@ -151,8 +170,8 @@ class ModelRunner:
         ctx_lens: list[int] = []
         tables: list[list[int]] = []
         # A page-joined thread (holes in its pages; never drafted) attends its segments around them.
-        holey = any(s.seq.kv_holes for s in decodes)
-        segments: list[list[tuple[int, int]] | None] = []
+        holey = any(s.seq.kv_holes or s.seq.view is not None for s in decodes)
+        segments: list[list[KeySegment] | None] = []
         for s in decodes:
             seq = s.seq
             pos = seq.num_computed_tokens
@@ -166,7 +185,10 @@ class ModelRunner:
                 ctx_lens.append(p + 1)
                 tables.append(table)
                 if holey:
-                    segments.append(key_segments(seq.kv_holes, p + 1))
+                    view = seq.view
+                    segments.append(
+                        key_segments(seq.kv_holes, p + 1) if view is None else worker_segments(seq, view, p)
+                    )
         # Prompt chunks: many tokens, attending to their cached prefix and causally to themselves.
         prefill_chunks: list[PrefillChunk] = []
         for s in chunks:

@@ -70,11 +70,13 @@ class Sequence:
     kv_moved: bool = False
     # Ends the sequence ("length") once it holds this many tokens (a thread's own max_tokens).
     token_limit: int | None = None
+    # Hogwild!-style workers: each decode step attends to the other workers' tokens as written.
+    view: SharedView | None = None
 
     @property
     def kv_pinned(self) -> bool:
-        """Its KV cannot be rebuilt from its tokens (a page-joined thread)."""
-        return self.position_shift != 0 or bool(self.kv_holes) or self.kv_moved
+        """Its KV cannot be rebuilt from its tokens (a page-joined thread, a shared-cache worker)."""
+        return self.position_shift != 0 or bool(self.kv_holes) or self.kv_moved or self.view is not None
 
     @property
     def params(self) -> SamplingParams:
@@ -104,6 +106,18 @@ class Sequence:
     @property
     def text(self) -> str:
         return self.detok.text
+
+
+@dataclass(eq=False)
+class SharedView:
+    """Workers that share a cache (Hogwild!): each forked from one context at `base` slots and
+    writes its own pages after it; in a worker's view come the context, then every other
+    worker's tokens (in `workers` order, as many as they have computed), then its own. Keys stay
+    where they were written; each segment's query is rotated by where the segment sits in the
+    view instead (RoPE attention depends only on the distance)."""
+
+    base: int
+    workers: list[Sequence]
 
 
 @dataclass(eq=False)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from forkllm.engine.sampling_params import SamplingParams
-from forkllm.engine.sequence import Sequence, SequenceStatus
+from forkllm.engine.sequence import Sequence, SequenceStatus, SharedView
 from forkllm.engine.tree import TreeRun
 from forkllm.threads.result import EventLog, ThreadEvent, ThreadInfo, ThreadResult
 from forkllm.threads.spec import Fanout
@@ -182,7 +182,15 @@ class ThreadPolicy:
                 limits.append(seq.num_tokens + len(ids) + spec.max_tokens + 1)
             kids.append(kid)
             suffixes.append(ids)
+        if spec.shared_cache and seq.kv_pinned:
+            raise ValueError(
+                "Fanout.shared_cache: the context's KV was joined or moved; workers need a plain one"
+            )
         children = engine.tree.spawn(seq, suffixes, limits)
+        if spec.shared_cache:
+            view = SharedView(seq.num_tokens, children)
+            for child in children:
+                child.view = view
         assert self.tree is not None
         self.tree.forks += len(children)
         for kid, child, ids in zip(kids, children, suffixes):

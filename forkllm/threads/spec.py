@@ -29,6 +29,9 @@ class Fanout:
     max_tokens: int = 128  # each thread's own tokens (its prompt not counted)
     final_max_tokens: int = 256  # what the context generates after the join
     prefix: str = ""  # for a nested Fanout: the text its thread starts with
+    # Hogwild!: the threads are workers sharing a cache; each decode step attends to the other
+    # workers' tokens as they are written (positions as in its own view: context, others, itself).
+    shared_cache: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -40,6 +43,8 @@ class Fanout:
         for name in ("max_tokens", "final_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Fanout.{name} must be >= 1, got {getattr(self, name)}")
+        if self.shared_cache and any(isinstance(p, Fanout) for p in self.prompts):
+            raise ValueError("Fanout.shared_cache: workers cannot fan out again (give plain prompts)")
         for i, p in enumerate(self.prompts):
             if isinstance(p, Fanout):
                 if not p.prefix:
@@ -113,7 +118,7 @@ class Subtasks:
 
 
 _KINDS = {
-    "fanout": (Fanout, {"join", "then", "max_tokens", "final_max_tokens"}),
+    "fanout": (Fanout, {"join", "then", "max_tokens", "final_max_tokens", "shared_cache"}),
     "map_reduce": (MapReduce, {"map", "reduce", "join", "max_tokens", "final_max_tokens"}),
     "subtasks": (Subtasks, {"prune", "max_tokens", "conclusion_tokens", "then", "final_max_tokens"}),
     "protocol": (None, {"join", "max_tokens", "final_max_tokens", "outline", "max_paths", "max_blocks"}),
@@ -153,8 +158,9 @@ def spec_from_dict(d: object) -> tuple[Any, list[str]]:
     for key in ("join", "then", "map", "reduce"):
         if key in d and not isinstance(d[key], str):
             raise ValueError(f"threads.{key}: must be a string, got {d[key]!r}")
-    if "prune" in d and not isinstance(d["prune"], bool):
-        raise ValueError(f"threads.prune: must be true or false, got {d['prune']!r}")
+    for key in ("prune", "shared_cache"):
+        if key in d and not isinstance(d[key], bool):
+            raise ValueError(f"threads.{key}: must be true or false, got {d[key]!r}")
     if kind == "map_reduce" and not ("map" in d and "reduce" in d):
         raise ValueError("threads.map_reduce: needs `map` and `reduce` (the instructions)")
     params = {k: v for k, v in d.items() if k != kind}

@@ -149,7 +149,11 @@ class SpeculativeDecoder:
         items = [
             s
             for s in sched.scheduled
-            if s.num_new_tokens == 1 and s.samples and s.seq.num_output_tokens and not s.seq.kv_holes
+            if s.num_new_tokens == 1
+            and s.samples
+            and s.seq.num_output_tokens
+            and not s.seq.kv_holes
+            and s.seq.view is None
         ]
         if not items:
             return 0
