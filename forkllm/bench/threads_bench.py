@@ -9,9 +9,10 @@ driver writes exactly as many tokens; all 8 documents run at once; raw text (no 
   share the context's pages and are joined by page reference (nothing recomputed);
 - (b) in-engine, reprefill: the same, joined by appending the threads' tokens and computing them
   again (what a client loop does, without its round trips);
-- (c) client loop: forkllm's own OpenAI server in this process; per document, one
-  /v1/completions request per thread (concurrently), then a continuation that re-sends the joined
-  text (ThreadWeaver's client); the server's prefix cache is on, as it would be;
+- (c) client loop: forkllm's own OpenAI server (`forkllm serve`, a fresh process per run, the same
+  engine flags); per document, one /v1/completions request per thread (concurrently), then a
+  continuation that re-sends the joined text (ThreadWeaver's client); the server's prefix cache
+  is on, as it would be; its prefill tokens come from its /metrics, peak pages polled there;
 - (d) sequential: one generation per document that writes the four summaries one after another
   and then the reduce (each chunk appended to the sequence's own KV after the previous summary).
 
@@ -198,6 +199,109 @@ def run_client(url: str, docs: list[list[str]], max_tokens: int) -> dict[str, An
     return {"wall": time.perf_counter() - t0, "critical": 2 * max_tokens, "answer": answers[0]}
 
 
+class ServeProcess:
+    """`forkllm serve` in its own process (as the server a client loop talks to would be), with
+    this run's engine flags; a fresh one per run, so no run finds another's prefix cache. (Two
+    engines in one process run torch on two threads, and the one that ran last slows the other:
+    26.9 s vs 36.9 s measured for the same in-engine run.)"""
+
+    def __init__(self, kw: dict[str, Any]) -> None:
+        import dataclasses
+        import socket
+        import subprocess
+        import sys
+
+        import httpx
+
+        from forkllm.engine.config import EngineConfig
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        flags: list[str] = []
+        for f in dataclasses.fields(EngineConfig):
+            value = kw.get(f.name, f.default)
+            if f.name == "model" or value == f.default or value is None:
+                continue
+            name = f.name.replace("_", "-")
+            flags += (
+                [f"--{name}" if value else f"--no-{name}"]
+                if isinstance(value, bool)
+                else [f"--{name}", str(value)]
+            )
+        model = [str(kw["model"])] if kw.get("model") else []
+        cmd = [
+            sys.executable,
+            "-m",
+            "forkllm.cli",
+            "serve",
+            *model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *flags,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = self.base + "/v1/completions"
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"forkllm serve did not start: {' '.join(cmd)}")
+            time.sleep(0.5)
+
+    def gauge(self, name: str) -> float:
+        import httpx
+
+        for line in httpx.get(self.base + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+
+
+def run_client_process(kw: dict[str, Any], docs: list[list[str]], max_tokens: int) -> dict[str, Any]:
+    """(c) against a fresh `forkllm serve` process: warmed on two small documents, then timed;
+    prefill tokens from its /metrics, peak pages polled there every 0.2 s."""
+    import threading
+
+    srv = ServeProcess(kw)
+    try:
+        run_client(srv.url, [d[:2] for d in docs[:2]], 4)
+        before = srv.gauge("forkllm_prompt_tokens_computed")
+        peak = [0.0]
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.wait(0.2):
+                peak[0] = max(peak[0], srv.gauge("forkllm_kv_cache_pages_used"))
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        r = run_client(srv.url, docs, max_tokens)
+        done.set()
+        poller.join()
+        r.update(
+            prefill=int(srv.gauge("forkllm_prompt_tokens_computed") - before), decode=None, peak=int(peak[0])
+        )
+        return r
+    finally:
+        srv.stop()
+
+
 SUBTASKS, SUBTASK_TOKENS, CONCLUSION_TOKENS = 16, 200, 32
 
 
@@ -236,7 +340,6 @@ def bench_subtasks(llm: Any, seed: int) -> list[dict[str, Any]]:
 
 def bench_threads(args: argparse.Namespace) -> int:
     from forkllm import LLM
-    from forkllm.bench.tools_bench import _Server
 
     kw = engine_kwargs(args)
     max_tokens = args.output_len or 64
@@ -244,39 +347,33 @@ def bench_threads(args: argparse.Namespace) -> int:
     llm = LLM(**kw)
     tok = llm.get_tokenizer()
     docs = make_documents(tok, args.num_prompts or 8, 4, chunk_tokens, args.workload_seed)
-    srv = _Server(kw)
-    url = srv.url.replace("/chat/completions", "/completions")
-    meters: dict[str, StepMeter] = {"engine": StepMeter(llm.engine), "server": StepMeter(srv.engine)}
-    drivers: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
-        "(a) in-engine, kv_concat join": ("engine", lambda: run_threads(llm, docs, "kv_concat", max_tokens)),
-        "(b) in-engine, reprefill join": ("engine", lambda: run_threads(llm, docs, "reprefill", max_tokens)),
-        "(c) client loop through the server": ("server", lambda: run_client(url, docs, max_tokens)),
-        "(d) one sequential generation": ("engine", lambda: run_sequential(llm, docs, max_tokens)),
+    meter = StepMeter(llm.engine)
+    drivers: dict[str, Callable[[], dict[str, Any]]] = {
+        "(a) in-engine, kv_concat join": lambda: run_threads(llm, docs, "kv_concat", max_tokens),
+        "(b) in-engine, reprefill join": lambda: run_threads(llm, docs, "reprefill", max_tokens),
+        "(c) client loop through the server": lambda: run_client_process(kw, docs, max_tokens),
+        "(d) one sequential generation": lambda: run_sequential(llm, docs, max_tokens),
     }
     reps: dict[str, list[dict[str, Any]]] = {name: [] for name in drivers}
     try:
-        small = [d[:2] for d in docs[:2]]  # warm-up: kernels ready, every path run once
+        small = [d[:2] for d in docs[:2]]  # warm-up: kernels ready, every in-engine path run once
         run_threads(llm, small, "kv_concat", 4)
         run_threads(llm, small, "reprefill", 4)
-        run_client(url, small, 4)
         run_sequential(llm, small, 4)
         for rep in range(args.reps):
-            for name, (where, run) in drivers.items():
-                engine = llm.engine if where == "engine" else srv.engine
-                engine.kv.pool.drop_cached()  # idle between runs
-                meter = meters[where]
+            for name, run in drivers.items():
+                llm.engine.kv.pool.drop_cached()  # idle between runs
                 meter.reset()
                 r = run()
-                r.update(prefill=meter.prefill, decode=meter.decode, peak=meter.peak)
+                if "prefill" not in r:
+                    r.update(prefill=meter.prefill, decode=meter.decode, peak=meter.peak)
                 reps[name].append(r)
                 print(
-                    f"rep {rep + 1} {name}: {r['wall']:.2f}s prefill {meter.prefill} peak {meter.peak}",
+                    f"rep {rep + 1} {name}: {r['wall']:.2f}s prefill {r['prefill']} peak {r['peak']}",
                     flush=True,
                 )
     finally:
-        for meter in meters.values():
-            meter.restore()
-        srv.stop()
+        meter.restore()
     rows = []
     for name, rs in reps.items():
         mid = sorted(rs, key=lambda r: r["wall"])[len(rs) // 2]
@@ -305,7 +402,7 @@ def bench_threads(args: argparse.Namespace) -> int:
     for r in rows:
         md += (
             f"| {r['driver']} | {r['seconds']:.2f} | {r['seconds'] / a['seconds']:.2f}x | {r['prefill_tokens']} | "
-            f"{a['prefill_tokens'] / max(r['prefill_tokens'], 1):.2f} | {r['decode_rows']} | "
+            f"{a['prefill_tokens'] / max(r['prefill_tokens'], 1):.2f} | {r['decode_rows'] or '-'} | "
             f"{r['critical_path_tokens']} | {r['peak_kv_pages']} |\n"
         )
     md += "\nruns: " + "; ".join(f"{r['driver']} {[round(x, 2) for x in r['runs']]}" for r in rows) + "\n"

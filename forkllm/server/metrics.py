@@ -62,6 +62,9 @@ class ServerMetrics:
         )
         self.preemptions = Gauge("forkllm_preemptions", "sequences preempted so far", registry=r)
         self.forks = Gauge("forkllm_forks", "sequences forked so far", registry=r)
+        self.prompt_computed = Gauge(
+            "forkllm_prompt_tokens_computed", "prompt tokens whose KV was computed (not reused)", registry=r
+        )
         # speculative decoding (0 when off)
         self.spec = {
             key: Gauge(f"forkllm_{key}", help, registry=r)
@@ -82,6 +85,7 @@ class ServerMetrics:
         self.hit_rate.set(m.get("prefix_cache_hit_rate", 0.0))
         self.preemptions.set(m.get("preemptions", 0))
         self.forks.set(m.get("forks", 0))
+        self.prompt_computed.set(m.get("prompt_tokens_computed", 0))
         for key, gauge in self.spec.items():
             gauge.set(m.get(key, 0))
 
