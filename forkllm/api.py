@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 from forkllm.engine.config import EngineConfig
 from forkllm.engine.llm_engine import LLMEngine, PromptInput
 from forkllm.engine.outputs import CompletionOutput, RequestOutput
+from forkllm.engine.policy import TreePolicy, run_policies
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
-from forkllm.engine.tree import TreePolicy, run_policies
 from forkllm.threads import (
     Fanout,
     MapReduce,

@@ -12,8 +12,8 @@ from conftest import tiny_llm
 from forkllm.cli import build_parser
 from forkllm.engine.args import add_engine_args, engine_config, engine_kwargs
 from forkllm.engine.config import EngineConfig
+from forkllm.engine.policy import run_policies
 from forkllm.engine.sampling_params import SamplingParams
-from forkllm.engine.tree import run_policies
 
 FIELDS = [f.name for f in dataclasses.fields(EngineConfig)]
 
@@ -134,7 +134,7 @@ def test_a_failing_policy_is_stopped_and_its_error_raised():
 
 
 def test_readme_tree_policy_example():
-    from forkllm.engine.tree import TreeRun
+    from forkllm.engine.policy import TreeRun
 
     class FirstToFinish:  # n samples; the first to finish wins, the rest are pruned
         done = False

@@ -372,7 +372,7 @@ def test_best_of_n_self_judge_with_a_budget_over_a_batch(aengine):
 
 
 def test_cancelling_a_policy_aborts_its_judge_requests():
-    from forkllm.engine.tree import drive
+    from forkllm.engine.policy import drive
 
     engine = tiny_llm().engine
     policy = BestOfN(n=3, scorer=scorers.SelfJudge(), temperature=1.0, max_tokens=4, seed=0)

@@ -263,7 +263,7 @@ def test_abort_mid_tree_frees_every_page():
     llm = tiny_llm(block_size=4)
     engine = llm.engine
     policy = ThreadPolicy(Fanout(["a", "b", "c"], max_tokens=50))
-    from forkllm.engine.tree import drive
+    from forkllm.engine.policy import drive
 
     outcome = []
     handle = drive(engine, policy, engine.tokenizer.encode("q"), "q", outcome.append)
@@ -372,7 +372,7 @@ def test_multiverse_tags_in_the_output_spawn_and_join_paths(join):
 
 
 def test_multiverse_joined_context_holds_every_tag():
-    from forkllm.engine.tree import drive
+    from forkllm.engine.policy import drive
     from forkllm.threads import Protocol, ProtocolPolicy
 
     llm = tiny_llm()

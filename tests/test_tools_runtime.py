@@ -20,9 +20,9 @@ import pytest
 from conftest import tiny_llm
 
 from forkllm import SamplingParams
+from forkllm.engine.policy import cancel, drive, run_policies
 from forkllm.engine.sampler import SamplerOutput
 from forkllm.engine.sequence import SequenceStatus
-from forkllm.engine.tree import cancel, drive, run_policies
 from forkllm.tools.executor import ToolExecutor
 from forkllm.tools.formats import get_format
 from forkllm.tools.runtime import ToolCompletionOutput, ToolPolicy, ToolTurnRenderer

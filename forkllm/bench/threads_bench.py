@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 from forkllm.bench.report import machine_info, median, save
 from forkllm.bench.spec_bench import _PASSAGES
 from forkllm.engine.args import engine_kwargs
+from forkllm.engine.policy import TreeRun, run_policies
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import SequenceStatus
-from forkllm.engine.tree import TreeRun, run_policies
 
 if TYPE_CHECKING:
     from forkllm.engine.llm_engine import LLMEngine

@@ -30,9 +30,16 @@ from typing import TypeVar
 from forkllm.engine.inputs import PromptInput
 from forkllm.engine.llm_engine import LLMEngine
 from forkllm.engine.outputs import RequestOutput
+from forkllm.engine.policy import (
+    PolicyHandle,
+    TreePolicy,
+    drive,
+    driven_policies,
+    fail_policies,
+    fail_stalled,
+)
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Request
-from forkllm.engine.tree import PolicyHandle, TreePolicy, drive, driven_policies, fail_policies, fail_stalled
 
 R = TypeVar("R")
 

@@ -1,9 +1,9 @@
-"""What every scaling strategy shares: the Policy base class (engine/tree.py's TreePolicy
+"""What every scaling strategy shares: the Policy base class (engine/policy.py's TreePolicy
 protocol, run by the engine's one policy driver after every step, so a strategy's samples are
 stepped in the same batch as everything else), candidates and votes.
 
 A policy's view of its tree (`TreeRun`: live / paused / finished sequences, tokens generated, the
-exact token budget) and the tree operations live in engine/tree.py.
+exact token budget) live in engine/policy.py, the tree operations in engine/tree.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forkllm.engine.llm_engine import LLMEngine
+from forkllm.engine.policy import TreeRun, run_policies
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence
-from forkllm.engine.tree import TreeRun, run_policies
 from forkllm.scaling.scorers import ScoreJob
 
 __all__ = ["Candidate", "Policy", "ScaleResult", "TreeRun", "mean_logprob", "run_policies", "votes_for"]
@@ -61,7 +61,7 @@ def mean_logprob(seq: Sequence) -> float | None:
 
 class Policy(ABC):
     """A strategy (a TreePolicy): `start` creates the tree, `on_step` runs after every engine
-    step (engine/tree.py's driver calls it), `advance` is what each strategy decides there."""
+    step (engine/policy.py's driver calls it), `advance` is what each strategy decides there."""
 
     name = "policy"
 

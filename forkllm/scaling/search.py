@@ -13,10 +13,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from forkllm.engine.policy import TreeRun
 from forkllm.engine.sampler import derive_seed
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence, SequenceStatus
-from forkllm.engine.tree import TreeRun
 from forkllm.scaling.base import Candidate, Policy, ScaleResult, votes_for
 from forkllm.scaling.extract import Extractor, last_number
 from forkllm.scaling.scorers import MeanLogprob, Scorer, arithmetic_steps, softmax

@@ -14,8 +14,8 @@ from typing import Protocol, TypeVar
 from forkllm.engine.async_engine import AsyncEngine
 from forkllm.engine.llm_engine import PromptInput
 from forkllm.engine.outputs import RequestOutput
+from forkllm.engine.policy import TreePolicy
 from forkllm.engine.sampling_params import SamplingParams
-from forkllm.engine.tree import TreePolicy
 from forkllm.tokenizer import Tokenizer
 
 R = TypeVar("R")

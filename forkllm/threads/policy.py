@@ -15,15 +15,14 @@ sampled one (an EOS, mostly; a thread cut by max_tokens keeps max_tokens tokens)
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence, SequenceStatus, SharedView
-from forkllm.engine.tree import TreeRun
-from forkllm.threads.result import EventLog, ThreadEvent, ThreadInfo, ThreadResult
+from forkllm.threads.base import ThreadTreePolicy
+from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
 from forkllm.threads.spec import Fanout
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ class _Node:
     critical: int = 0  # sampled tokens on its longest sequential chain
 
 
-class ThreadPolicy:
+class ThreadPolicy(ThreadTreePolicy):
     """Runs one thread tree (a `Fanout`) from a prompt; `result()` is a ThreadResult."""
 
     def __init__(
@@ -59,44 +58,28 @@ class ThreadPolicy:
             raise TypeError(f"threads: expected a Fanout, got {type(spec).__name__}")
         if spec.depth > max_depth:
             raise ValueError(f"threads: the tree is {spec.depth} levels deep; max_depth is {max_depth}")
+        super().__init__(params, on_event)
         self.spec = spec
-        self.params = params or SamplingParams(temperature=0.0)
-        if self.params.n != 1:
-            raise ValueError("threads: n must be 1 (a thread tree is one request; fan out with Fanout)")
-        self.tree: TreeRun | None = None
-        self.engine: LLMEngine | None = None
         self.nodes: dict[str, _Node] = {}  # by sequence id
         self.root: _Node | None = None
-        self.threads: list[ThreadInfo] = []
-        self.log = EventLog(on_event)
-        self.prefill_tokens = 0
-        self.generated_tokens = 0
-        self.peak_pages = 0
-        self.t0 = 0.0
-        self.seconds = 0.0
-        self.done = False
 
     # ---- TreePolicy ---------------------------------------------------------------------------
     def start(self, engine: LLMEngine, prompt_ids: list[int], question: str) -> None:
-        if engine.tokenizer is None:
-            raise ValueError("threads need a tokenizer (thread prompts are text)")
         limit = engine.config.max_num_seqs
         if self.spec.num_threads > limit:
             raise ValueError(
                 f"threads: {self.spec.num_threads} threads at once exceed max_num_seqs ({limit})"
             )
-        self.engine, self.t0 = engine, time.perf_counter()
-        self.log.t0 = self.t0
-        params = self.params.clone(max_tokens=engine.max_model_len)
-        self.tree = TreeRun(engine, prompt_ids, params, None)
+        context = self._begin(engine, prompt_ids, self.params)
         root = self._node(None, question, self.spec, self.spec.final_max_tokens)
-        root.seq, root.prompt_end = self.tree.seqs[0], len(prompt_ids)
-        self.nodes[root.seq.seq_id] = self.root = root
+        root.seq, root.prompt_end = context, len(prompt_ids)
+        self.nodes[context.seq_id] = self.root = root
+        assert self.tree is not None
         self.tree.park_on_stop(self._park)
 
     def on_step(self, engine: LLMEngine) -> None:
         assert self.root is not None and self.root.seq is not None
-        self.peak_pages = max(self.peak_pages, engine.kv.pool.num_used)
+        self._measure()
         for node in list(self.nodes.values()):
             seq = node.seq
             assert seq is not None
@@ -111,32 +94,13 @@ class ThreadPolicy:
             elif node.state == "running" and seq.status is SequenceStatus.PAUSED:
                 self._park_done(node)
             elif node.state == "running" and seq.finished:  # the context's answer
-                if seq.finish_reason == "abort":
-                    raise RuntimeError(f"thread tree aborted: {seq.stop_reason or 'aborted'}")
+                self._finished(seq)
                 self._park_done(node)
-                self.done = True
-                self.seconds = time.perf_counter() - self.t0
                 self.log.emit("end", 0, tokens=node.info.generated_tokens)
-
-    def stop(self) -> None:
-        if self.tree is not None:
-            self.tree.park_on_stop(None)
-            self.tree.abort()
 
     def result(self) -> ThreadResult:
         assert self.root is not None and self.root.seq is not None
-        return ThreadResult(
-            text=self.root.info.text,
-            threads=self.threads,
-            events=self.log.events,
-            join=self.spec.join,
-            prefill_tokens=self.prefill_tokens,
-            generated_tokens=self.generated_tokens,
-            critical_path_tokens=self.root.critical,
-            peak_kv_pages=self.peak_pages,
-            seconds=self.seconds,
-            finish_reason=self.root.seq.finish_reason,
-        )
+        return self._result(self.spec.join, self.root.critical, self.root.seq.finish_reason)
 
     # ---- the tree -----------------------------------------------------------------------------
     def _node(self, parent: _Node | None, prompt: str, spec: Fanout | None, max_tokens: int) -> _Node:
@@ -151,10 +115,6 @@ class ThreadPolicy:
         answer ends the tree."""
         node = self.nodes.get(seq.seq_id)
         return node is not None and not (node is self.root and node.state == "running")
-
-    def _encode(self, text: str) -> list[int]:
-        assert self.engine is not None and self.engine.tokenizer is not None
-        return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
     def _fan_out(self, node: _Node) -> None:
         """Its prompt is computed (the token sampled after it is dropped): spawn its threads."""

@@ -26,7 +26,6 @@ regex on the context's output: the model writes it token by token, and the same 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,9 +33,9 @@ from typing import TYPE_CHECKING
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence as EngineSequence
 from forkllm.engine.sequence import SequenceStatus
-from forkllm.engine.tree import TreeRun
 from forkllm.structured.params import StructuredOutputsParams
-from forkllm.threads.result import EventLog, ThreadEvent, ThreadInfo, ThreadResult
+from forkllm.threads.base import ThreadTreePolicy
+from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
 from forkllm.threads.spec import JOINS
 
 if TYPE_CHECKING:
@@ -94,7 +93,7 @@ class _Context:
     sampled: int = 0
 
 
-class ProtocolPolicy:
+class ProtocolPolicy(ThreadTreePolicy):
     """Runs Multiverse-tagged generation from a prompt; `result()` is a ThreadResult."""
 
     def __init__(
@@ -103,39 +102,26 @@ class ProtocolPolicy:
         params: SamplingParams | None = None,
         on_event: Callable[[ThreadEvent], None] | None = None,
     ) -> None:
+        super().__init__(params, on_event)
         self.spec = spec
-        self.params = params or SamplingParams(temperature=0.0)
-        if self.params.n != 1:
-            raise ValueError("threads: n must be 1 (a thread tree is one request)")
-        self.tree: TreeRun | None = None
-        self.engine: LLMEngine | None = None
         self.ctx: _Context | None = None
-        self.threads: list[ThreadInfo] = []
-        self.log = EventLog(on_event)
-        self.prefill_tokens = self.generated_tokens = self.critical = self.peak_pages = 0
-        self.t0 = self.seconds = 0.0
-        self.done = False
+        self.critical = 0
 
     def start(self, engine: LLMEngine, prompt_ids: list[int], question: str) -> None:
-        if engine.tokenizer is None:
-            raise ValueError("threads need a tokenizer (the protocol's tags are text)")
-        self.engine, self.t0 = engine, time.perf_counter()
-        self.log.t0 = self.t0
         forced = self.spec.forced_opening() if self.spec.outline else None
         params = self.params.clone(
-            max_tokens=engine.max_model_len,
             stop=[GOAL_END, PATH_END],
             include_stop_str_in_output=True,
             structured=StructuredOutputsParams(regex=re.escape(forced)) if forced else None,
         )
-        self.tree = TreeRun(engine, prompt_ids, params, None)
-        seq = self.tree.seqs[0]
+        seq = self._begin(engine, prompt_ids, params)
         self.ctx = _Context(seq, gen_start=len(prompt_ids))
         seq.token_limit = (
             len(prompt_ids) + self.spec.final_max_tokens + (len(self._encode(forced)) if forced else 0)
         )
         self.prefill_tokens += len(prompt_ids)
         self.threads.append(ThreadInfo(0, None, question))
+        assert self.tree is not None
         self.tree.park_on_stop(self._park)
 
     def _park(self, seq: EngineSequence) -> bool:
@@ -145,10 +131,6 @@ class ProtocolPolicy:
             return True  # every path waits for its join
         # the context parks to open a block, and while settling; otherwise its answer ends
         return ctx.state == "settling" or (seq.stop_reason == GOAL_END and ctx.blocks < self.spec.max_blocks)
-
-    def _encode(self, text: str) -> list[int]:
-        assert self.engine is not None and self.engine.tokenizer is not None
-        return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
     def _settle(self, seq: EngineSequence, extra: list[int]) -> None:
         """Have a parked sequence compute its last token (and `extra`) in one more step; the
@@ -164,9 +146,7 @@ class ProtocolPolicy:
     def on_step(self, engine: LLMEngine) -> None:
         ctx, tree = self.ctx, self.tree
         assert ctx is not None and tree is not None
-        self.peak_pages = max(
-            self.peak_pages, len({b for s in tree.seqs if not s.finished for b in s.block_table})
-        )
+        self._measure()
         seq = ctx.seq
         for p in ctx.paths:
             if p.state == "running":
@@ -265,34 +245,15 @@ class ProtocolPolicy:
         ctx = self.ctx
         assert ctx is not None
         seq = ctx.seq
-        if seq.finish_reason == "abort":
-            raise RuntimeError(f"thread tree aborted: {seq.stop_reason or 'aborted'}")
+        self._finished(seq)
         ctx.sampled += seq.num_tokens - ctx.gen_start
         self.threads[0].generated_tokens = ctx.sampled
         self.threads[0].text, self.threads[0].finish_reason = seq.text, seq.finish_reason
         self.generated_tokens += ctx.sampled
         self.critical += ctx.sampled
-        self.seconds = time.perf_counter() - self.t0
         ctx.state = "done"
         self.log.emit("end", 0, tokens=ctx.sampled)
-        self.done = True
-
-    def stop(self) -> None:
-        if self.tree is not None:
-            self.tree.park_on_stop(None)
-            self.tree.abort()
 
     def result(self) -> ThreadResult:
         assert self.ctx is not None
-        return ThreadResult(
-            text=self.threads[0].text,
-            threads=self.threads,
-            events=self.log.events,
-            join=self.spec.join,
-            prefill_tokens=self.prefill_tokens,
-            generated_tokens=self.generated_tokens,
-            critical_path_tokens=self.critical,
-            peak_kv_pages=self.peak_pages,
-            seconds=self.seconds,
-            finish_reason=self.ctx.seq.finish_reason,
-        )
+        return self._result(self.spec.join, self.critical, self.ctx.seq.finish_reason)

@@ -11,26 +11,20 @@ context keeps every working token: the baseline for the KV budget.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence, SequenceStatus
-from forkllm.engine.tree import TreeRun
-from forkllm.threads.result import EventLog, ThreadEvent, ThreadInfo, ThreadResult
+from forkllm.threads.base import ThreadTreePolicy
+from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
 from forkllm.threads.spec import Subtasks
 
 if TYPE_CHECKING:
     from forkllm.engine.llm_engine import LLMEngine
 
 
-def tree_pages(seqs: list[Sequence]) -> int:
-    """Distinct KV pages the live sequences of one tree hold."""
-    return len({b for s in seqs if not s.finished for b in s.block_table})
-
-
-class SubtaskPolicy:
+class SubtaskPolicy(ThreadTreePolicy):
     def __init__(
         self,
         spec: Subtasks,
@@ -39,42 +33,25 @@ class SubtaskPolicy:
     ) -> None:
         if not isinstance(spec, Subtasks):
             raise TypeError(f"subtasks: expected Subtasks, got {type(spec).__name__}")
+        super().__init__(params, on_event)
         self.spec = spec
-        self.params = params or SamplingParams(temperature=0.0)
-        if self.params.n != 1:
-            raise ValueError("threads: n must be 1 (a thread tree is one request)")
-        self.tree: TreeRun | None = None
-        self.engine: LLMEngine | None = None
         self.root: Sequence | None = None
         self.child: Sequence | None = None
         self.prompt_end = 0
         self.index = -1  # the subtask running (-1: the prompt; len(prompts): the answer)
-        self.threads: list[ThreadInfo] = []
-        self.log = EventLog(on_event)
         self.pages_after: list[int] = []  # the context's pages after each subtask concluded
-        self.prefill_tokens = self.generated_tokens = self.critical = self.peak_pages = 0
-        self.gen_start = 0
-        self.t0 = self.seconds = 0.0
-        self.done = False
+        self.critical = self.gen_start = 0
 
     def start(self, engine: LLMEngine, prompt_ids: list[int], question: str) -> None:
-        if engine.tokenizer is None:
-            raise ValueError("threads need a tokenizer (thread prompts are text)")
-        self.engine, self.t0 = engine, time.perf_counter()
-        self.log.t0 = self.t0
-        self.tree = TreeRun(engine, prompt_ids, self.params.clone(max_tokens=engine.max_model_len), None)
-        self.root, self.prompt_end = self.tree.seqs[0], len(prompt_ids)
+        self.root, self.prompt_end = self._begin(engine, prompt_ids, self.params), len(prompt_ids)
         self.threads.append(ThreadInfo(0, None, question))
+        assert self.tree is not None
         self.tree.park_on_stop(lambda s: s is not self.root or self.index < len(self.spec.prompts))
-
-    def _encode(self, text: str) -> list[int]:
-        assert self.engine is not None and self.engine.tokenizer is not None
-        return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
     def on_step(self, engine: LLMEngine) -> None:
         root, tree = self.root, self.tree
         assert root is not None and tree is not None
-        self.peak_pages = max(self.peak_pages, tree_pages(tree.seqs))
+        self._measure()
         if self.child is not None and not self.child.finished:
             self.log.delta(len(self.threads) - 1, self.child.text)
         if self.index == len(self.spec.prompts):
@@ -95,16 +72,13 @@ class SubtaskPolicy:
                 self._conclude(child)
                 self._next()
         elif root.finished:
-            if root.finish_reason == "abort":
-                raise RuntimeError(f"thread tree aborted: {root.stop_reason or 'aborted'}")
+            self._finished(root)
             sampled = root.num_tokens - self.gen_start
             self.threads[0].generated_tokens, self.threads[0].text = sampled, root.text
             self.threads[0].finish_reason = root.finish_reason
             self.generated_tokens += sampled
             self.critical += sampled
-            self.seconds = time.perf_counter() - self.t0
             self.log.emit("end", 0, tokens=sampled)
-            self.done = True
 
     def _next(self) -> None:
         """Spawn the next subtask, or append `then` and let the context answer."""
@@ -151,23 +125,9 @@ class SubtaskPolicy:
             self.log.emit("join", 0, [info.id], join="kv_concat", tokens=root.num_tokens)
         self.pages_after.append(len(root.block_table))
 
-    def stop(self) -> None:
-        if self.tree is not None:
-            self.tree.park_on_stop(None)
-            self.tree.abort()
-
     def result(self) -> ThreadResult:
         assert self.root is not None
-        return ThreadResult(
-            text=self.threads[0].text,
-            threads=self.threads,
-            events=self.log.events,
-            join="prune" if self.spec.prune else "kv_concat",
-            prefill_tokens=self.prefill_tokens,
-            generated_tokens=self.generated_tokens,
-            critical_path_tokens=self.critical,
-            peak_kv_pages=self.peak_pages,
-            seconds=self.seconds,
-            finish_reason=self.root.finish_reason,
-            pages_after_subtasks=self.pages_after,
+        join = "prune" if self.spec.prune else "kv_concat"
+        return self._result(
+            join, self.critical, self.root.finish_reason, pages_after_subtasks=self.pages_after
         )

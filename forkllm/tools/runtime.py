@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from forkllm.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from forkllm.engine.policy import TreeRun, driven_policies
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.sequence import Sequence, SequenceStatus
-from forkllm.engine.tree import TreeRun, driven_policies
 from forkllm.structured.params import StructuredOutputsParams
 from forkllm.tokenizer import Tokenizer
 from forkllm.tools.executor import ToolCallRecord, ToolExecutor

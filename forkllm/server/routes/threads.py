@@ -25,8 +25,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from forkllm.engine.policy import TreePolicy
 from forkllm.engine.sampling_params import SamplingParams
-from forkllm.engine.tree import TreePolicy
 from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError
 from forkllm.server.limits import Limits

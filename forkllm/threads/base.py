@@ -1,0 +1,84 @@
+"""What the thread policies share: the request, the thread records, the event log, the counters
+their ThreadResult reports, and how they start, stop and measure pages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from forkllm.engine.policy import TreeRun
+from forkllm.engine.sampling_params import SamplingParams
+from forkllm.engine.sequence import Sequence
+from forkllm.threads.result import EventLog, ThreadEvent, ThreadInfo, ThreadResult
+
+if TYPE_CHECKING:
+    from forkllm.engine.llm_engine import LLMEngine
+
+
+def tree_pages(seqs: list[Sequence]) -> int:
+    """Distinct KV pages the live sequences of one tree hold."""
+    return len({b for s in seqs if not s.finished for b in s.block_table})
+
+
+class ThreadTreePolicy:
+    """A TreePolicy[ThreadResult] skeleton: `_begin` adds the tree's one request, `_measure`
+    runs first in every `on_step`, `_result` builds the answer's record."""
+
+    def __init__(self, params: SamplingParams | None, on_event: Callable[[ThreadEvent], None] | None) -> None:
+        self.params = params or SamplingParams(temperature=0.0)
+        if self.params.n != 1:
+            raise ValueError("threads: n must be 1 (a thread tree is one request; fan out with Fanout)")
+        self.tree: TreeRun | None = None
+        self.engine: LLMEngine | None = None
+        self.threads: list[ThreadInfo] = []
+        self.log = EventLog(on_event)
+        self.prefill_tokens = self.generated_tokens = self.peak_pages = 0
+        self.t0 = self.seconds = 0.0
+        self.done = False
+
+    def _begin(self, engine: LLMEngine, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Add the tree's request (its context is thread 0); returns the context's sequence."""
+        if engine.tokenizer is None:
+            raise ValueError("threads need a tokenizer (thread prompts are text)")
+        self.engine, self.t0 = engine, time.perf_counter()
+        self.log.t0 = self.t0
+        self.tree = TreeRun(engine, prompt_ids, params.clone(max_tokens=engine.max_model_len), None)
+        return self.tree.seqs[0]
+
+    def _measure(self) -> None:
+        assert self.tree is not None
+        self.peak_pages = max(self.peak_pages, tree_pages(self.tree.seqs))
+
+    def _encode(self, text: str) -> list[int]:
+        assert self.engine is not None and self.engine.tokenizer is not None
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def _finished(self, context: Sequence) -> None:
+        """The context's answer ended: the tree is done (or failed, when it was aborted)."""
+        if context.finish_reason == "abort":
+            raise RuntimeError(f"thread tree aborted: {context.stop_reason or 'aborted'}")
+        self.seconds = time.perf_counter() - self.t0
+        self.done = True
+
+    def stop(self) -> None:
+        if self.tree is not None:
+            self.tree.park_on_stop(None)
+            self.tree.abort()
+
+    def _result(
+        self, join: str, critical: int, finish_reason: str | None, **extra: list[int]
+    ) -> ThreadResult:
+        return ThreadResult(
+            text=self.threads[0].text,
+            threads=self.threads,
+            events=self.log.events,
+            join=join,
+            prefill_tokens=self.prefill_tokens,
+            generated_tokens=self.generated_tokens,
+            critical_path_tokens=critical,
+            peak_kv_pages=self.peak_pages,
+            seconds=self.seconds,
+            finish_reason=finish_reason,
+            **extra,
+        )
