@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from forkllm.bench.report import machine_info, median, save
+from forkllm.bench.serve_process import ServeProcess
 from forkllm.bench.spec_bench import _PASSAGES
 from forkllm.engine.args import engine_kwargs
 from forkllm.engine.policy import TreeRun, run_policies
@@ -197,80 +198,6 @@ def run_client(url: str, docs: list[list[str]], max_tokens: int) -> dict[str, An
     t0 = time.perf_counter()
     answers = asyncio.run(main())
     return {"wall": time.perf_counter() - t0, "critical": 2 * max_tokens, "answer": answers[0]}
-
-
-class ServeProcess:
-    """`forkllm serve` in its own process (as the server a client loop talks to would be), with
-    this run's engine flags; a fresh one per run, so no run finds another's prefix cache. (Two
-    engines in one process run torch on two threads, and the one that ran last slows the other:
-    26.9 s vs 36.9 s measured for the same in-engine run.)"""
-
-    def __init__(self, kw: dict[str, Any]) -> None:
-        import dataclasses
-        import socket
-        import subprocess
-        import sys
-
-        import httpx
-
-        from forkllm.engine.config import EngineConfig
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        flags: list[str] = []
-        for f in dataclasses.fields(EngineConfig):
-            value = kw.get(f.name, f.default)
-            if f.name == "model" or value == f.default or value is None:
-                continue
-            name = f.name.replace("_", "-")
-            flags += (
-                [f"--{name}" if value else f"--no-{name}"]
-                if isinstance(value, bool)
-                else [f"--{name}", str(value)]
-            )
-        model = [str(kw["model"])] if kw.get("model") else []
-        cmd = [
-            sys.executable,
-            "-m",
-            "forkllm.cli",
-            "serve",
-            *model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *flags,
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.base = f"http://127.0.0.1:{port}"
-        self.url = self.base + "/v1/completions"
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"forkllm serve did not start: {' '.join(cmd)}")
-            time.sleep(0.5)
-
-    def gauge(self, name: str) -> float:
-        import httpx
-
-        for line in httpx.get(self.base + "/metrics", timeout=10).text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except Exception:
-            self.proc.kill()
 
 
 def run_client_process(kw: dict[str, Any], docs: list[list[str]], max_tokens: int) -> dict[str, Any]:

@@ -12,7 +12,8 @@ the answer. Greedy sampling; all tasks run at once.
 - in-engine: `LLM.chat(..., tools=..., run_tools=True, tool_grammar=...)`: each call starts when its
   `</tool_call>` closes (the first weather call runs while the second is decoded), the calls of a
   message run concurrently, and the sequence resumes from its own KV with the results.
-- client loop: forkllm's own server in this process (uvicorn in a thread); per task, the usual
+- client loop: forkllm's own server (`forkllm serve`, a fresh process per run with the same engine
+  flags: bench/serve_process.py); per task, the usual
   agent loop of the openai SDK: POST /v1/chat/completions with the tools, `tool_choice: auto` and the
   round's grammar (`structured_outputs.grammar`); run the returned `tool_calls` (one after the other,
   as most agent loops do; `client loop, parallel tools` runs them with asyncio.gather); append the
@@ -25,8 +26,10 @@ admitted at once) a prefill of the system prompt per task that HTTP arrivals, a 
 mostly avoid.
 
 Reported per driver: end-to-end wall time for all tasks (median of --reps), prefill tokens the
-engine computed (prompt tokens, plus the appended tool turns in-engine), and tool time overlapped
-with the model running (the part of each call's run that overlapped some model execution).
+engine computed (prompt tokens, plus the appended tool turns in-engine; the server's from its
+/metrics), and tool time overlapped with the model running (in-engine: the part of each call's
+run that overlapped the runner's executions; client loop, where the model is out of sight: the
+part while some task had a request in flight).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forkllm.bench.report import machine_info, median, save
+from forkllm.bench.serve_process import ServeProcess
 from forkllm.engine.args import engine_kwargs
 from forkllm.structured.params import StructuredOutputsParams
 from forkllm.tools.executor import result_text
@@ -177,7 +180,22 @@ class ModelClock:
         engine.runner.execute = execute
 
     def overlap(self, intervals: list[tuple[float, float]]) -> float:
-        busy = sorted(self.busy)
+        return self.overlap_with(sorted(self.busy), intervals)
+
+    @staticmethod
+    def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        """The union of intervals, as disjoint sorted intervals."""
+        out: list[tuple[float, float]] = []
+        for s, e in sorted(intervals):
+            if out and s <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], e))
+            else:
+                out.append((s, e))
+        return out
+
+    @staticmethod
+    def overlap_with(busy: list[tuple[float, float]], intervals: list[tuple[float, float]]) -> float:
+        """Seconds of `intervals` inside the disjoint `busy` intervals."""
         total = 0.0
         for s, e in intervals:
             total += sum(max(0.0, min(e, b1) - max(s, b0)) for b0, b1 in busy if b1 > s and b0 < e)
@@ -201,43 +219,13 @@ def run_in_engine(llm: Any, tasks: list[Task], max_tokens: int) -> tuple[float, 
 
 
 # ---- the client loop ------------------------------------------------------------------------------
-class _Server:
-    """forkllm's server on a free local port, in this process (uvicorn in a thread)."""
-
-    def __init__(self, kwargs: dict[str, Any]) -> None:
-        import socket
-
-        import uvicorn
-
-        from forkllm.engine.async_engine import AsyncEngine
-        from forkllm.engine.config import EngineConfig
-        from forkllm.engine.llm_engine import LLMEngine
-        from forkllm.server.app import ServerConfig, create_app
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.engine = LLMEngine(EngineConfig(**kwargs))
-        self.clock = ModelClock(self.engine)
-        app = create_app(ServerConfig(served_model_name="w9"), engine=AsyncEngine(self.engine))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{port}/v1/chat/completions"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 async def client_task(
     client: Any, url: str, task: Task, specs: list[dict[str, Any]], max_tokens: int, parallel: bool
 ) -> dict[str, Any]:
     """The usual agent loop for one task: call, run the tool calls, send the whole history back."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": task.question}]
     calls: list[tuple[float, float]] = []
+    posts: list[tuple[float, float]] = []  # when this task had a request in flight
     prompt_tokens = 0
     answer = ""
     for round in range(task.num_calls + 1):
@@ -250,7 +238,9 @@ async def client_task(
             "max_tokens": max_tokens,
             "structured_outputs": {"grammar": task.grammar(round)},
         }
+        t_post = time.perf_counter()
         r = await client.post(url, json=body, timeout=600)
+        posts.append((t_post, time.perf_counter()))
         r.raise_for_status()
         data = r.json()
         prompt_tokens += data["usage"]["prompt_tokens"]
@@ -278,7 +268,7 @@ async def client_task(
             results = [await run(c) for c in tool_calls]
         for call, result in zip(tool_calls, results):
             messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
-    return {"calls": calls, "prompt_tokens": prompt_tokens, "answer": answer}
+    return {"calls": calls, "posts": posts, "prompt_tokens": prompt_tokens, "answer": answer}
 
 
 def run_client_loop(
@@ -347,18 +337,26 @@ def _in_engine_rep(llm: Any, tasks: list[Task], max_tokens: int, clock: ModelClo
     }
 
 
-def _client_rep(srv: _Server, tasks: list[Task], max_tokens: int, parallel: bool) -> dict[str, Any]:
-    srv.engine.kv.pool.drop_cached()  # safe: the server is idle between runs
-    _warm_server(srv.url)
-    srv.clock.busy.clear()
-    before = srv.engine.stats.prompt_tokens_computed
-    wall, res = run_client_loop(srv.url, tasks, max_tokens, parallel)
+def _client_rep(kw: dict[str, Any], tasks: list[Task], max_tokens: int, parallel: bool) -> dict[str, Any]:
+    """A fresh `forkllm serve` process per run (bench/serve_process.py), warmed, then timed. The
+    model's busy time is not visible from outside: a tool call counts as overlapped while some
+    task had a request in flight."""
+    srv = ServeProcess(kw, ["--served-model-name", "w9"])
+    url = srv.base + "/v1/chat/completions"
+    try:
+        _warm_server(url)  # the tools' system prompt cached, as a serving engine would have it
+        before = srv.gauge("forkllm_prompt_tokens_computed")
+        wall, res = run_client_loop(url, tasks, max_tokens, parallel)
+        after = srv.gauge("forkllm_prompt_tokens_computed")
+    finally:
+        srv.stop()
     calls = [c for r in res for c in r["calls"]]
+    busy = ModelClock.merged([p for r in res for p in r["posts"]])
     return {
         "wall": wall,
         "calls": calls,
-        "overlap": srv.clock.overlap(calls),
-        "prefill_tokens": srv.engine.stats.prompt_tokens_computed - before,
+        "overlap": ModelClock.overlap_with(busy, calls),
+        "prefill_tokens": int(after - before),
         "prompt_tokens_sent": sum(r["prompt_tokens"] for r in res),
         "answer": res[0]["answer"] if res else "",
     }
@@ -375,16 +373,14 @@ def bench_tools(args: argparse.Namespace) -> int:
     expected = sum(t.num_calls for t in tasks)
     llm = LLM(**kw)
     clock = ModelClock(llm.engine)
-    srv = _Server(kw)
     drivers: dict[str, Callable[[], dict[str, Any]]] = {
         "in-engine": lambda: _in_engine_rep(llm, tasks, max_tokens, clock),
-        "client loop": lambda: _client_rep(srv, tasks, max_tokens, parallel=False),
-        "client loop, parallel tools": lambda: _client_rep(srv, tasks, max_tokens, parallel=True),
+        "client loop": lambda: _client_rep(kw, tasks, max_tokens, parallel=False),
+        "client loop, parallel tools": lambda: _client_rep(kw, tasks, max_tokens, parallel=True),
     }
     reps: dict[str, list[dict[str, Any]]] = {name: [] for name in drivers}
     try:
-        run_in_engine(llm, make_tasks(2), max_tokens)  # warm-up: grammars compiled, kernels ready
-        run_client_loop(srv.url, make_tasks(2), max_tokens, parallel=False)
+        run_in_engine(llm, make_tasks(2), max_tokens)  # warm-up: kernels ready
         for rep in range(args.reps):
             for name, run in drivers.items():
                 r = run()
@@ -393,7 +389,6 @@ def bench_tools(args: argparse.Namespace) -> int:
                     print(f"warning: {name} made {len(r['calls'])} calls, expected {expected}", flush=True)
                 print(f"rep {rep + 1} {name}: {r['wall']:.2f}s, {len(r['calls'])} calls", flush=True)
     finally:
-        srv.stop()
         clock.restore()
     rows: list[dict[str, Any]] = []
     for name, rs in reps.items():
