@@ -527,3 +527,16 @@ def test_shared_cache_fanout_runs_and_joins():
     with pytest.raises(ValueError, match="workers cannot fan out again"):
         Fanout([Fanout(["x"], prefix="p")], shared_cache=True)
     assert_no_leaks(llm.engine)
+
+
+def test_a_joined_context_out_of_pages_fails_its_tree_cleanly():
+    # two joined contexts both decoding, pages for one: the scheduler cannot recompute a joined
+    # context, so the one it must preempt fails its tree (the other finishes)
+    llm = tiny_llm(block_size=4, num_kv_blocks=24)
+    spec = Fanout(["a", "b"], max_tokens=8, final_max_tokens=200)
+    with pytest.raises(RuntimeError, match="ran out of pages for a page-joined thread"):
+        llm.threads_batch(
+            ["q", "r"], [spec, spec], SamplingParams(temperature=0.0, ignore_eos=True), chat=False
+        )
+    assert_no_leaks(llm.engine)
+    assert llm.generate(["still serving"], SamplingParams(max_tokens=3))[0].outputs[0].token_ids

@@ -295,6 +295,10 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         touched: dict[str, Request] = {}
         now = time.time()
+        for seq in sched.preempted:
+            if seq.finished:  # a page-joined sequence the scheduler had to end (it cannot be recomputed)
+                self.seqs.pop(seq.seq_id, None)
+                touched[seq.request.request_id] = seq.request
         if sched:
             if self.spec is not None:
                 self.spec.plan(sched, self.kv, self.config.max_num_batched_tokens - sched.num_batched_tokens)
