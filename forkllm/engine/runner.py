@@ -169,7 +169,8 @@ class ModelRunner:
         slots: list[int] = []
         ctx_lens: list[int] = []
         tables: list[list[int]] = []
-        # A page-joined thread (holes in its pages; never drafted) attends its segments around them.
+        # A page-joined thread attends the segments around the holes in its pages, a shared-cache
+        # worker its view's segments (neither is ever drafted): one attention row per segment.
         holey = any(s.seq.kv_holes or s.seq.view is not None for s in decodes)
         segments: list[list[KeySegment] | None] = []
         for s in decodes:
