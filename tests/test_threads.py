@@ -353,14 +353,14 @@ def test_subtasks_prune_keeps_the_context_bounded():
 
 
 # ---- model-driven protocol (Multiverse tags) ----------------------------------------------------
-@pytest.mark.parametrize("join", ["kv_concat", "reprefill"])
-def test_multiverse_tags_in_the_output_spawn_and_join_paths(join):
+@pytest.mark.parametrize(
+    "join, name", [("kv_concat", "multiverse"), ("reprefill", "multiverse"), ("kv_concat", "threadweaver")]
+)
+def test_protocol_tags_in_the_output_spawn_and_join_paths(join, name):
     from forkllm.threads import Protocol
 
     llm = tiny_llm()
-    spec = Protocol(
-        "multiverse", join=join, outline=["alpha", "beta", "gamma"], max_tokens=5, final_max_tokens=6
-    )
+    spec = Protocol(name, join=join, outline=["alpha", "beta", "gamma"], max_tokens=5, final_max_tokens=6)
     r = llm.threads("q", spec, chat=False)
     assert [e.event for e in r.events][:1] == ["spawn"] and r.events[0].children == [1, 2, 3]
     assert [t.prompt for t in r.threads[1:]] == ["1: alpha", "2: beta", "3: gamma"]
@@ -393,13 +393,25 @@ def test_multiverse_joined_context_holds_every_tag():
     assert "</Goal>\n<Path>\n1:" in text and text.endswith("\n<Conclusion>\n")
     assert "<Outline>1: a</Outline>" in text
     assert_no_leaks(engine)
+    weaver = Protocol("threadweaver", outline=["a", "b"], max_tokens=3, final_max_tokens=2)
+    policy = ProtocolPolicy(weaver)
+    joined.clear()
+    drive(engine, policy, tok.encode("q"), "q", done.append)
+    while len(done) < 2:
+        engine.step()
+        ctx = policy.ctx
+        if ctx.state == "free" and ctx.blocks == 1 and not joined:
+            joined.append(tok.decode(ctx.seq.token_ids[-10:]))
+    assert joined[0].endswith("\n</Parallel>\n")
+    assert [t.prompt for t in done[1].threads[1:]] == ["1: a", "2: b"]
+    assert_no_leaks(engine)
 
 
 def test_unknown_protocol_is_refused():
     from forkllm.threads import Protocol
 
-    with pytest.raises(ValueError, match="unknown protocol 'threadweaver'"):
-        Protocol("threadweaver")
+    with pytest.raises(ValueError, match="unknown protocol 'apr'"):
+        Protocol("apr")
     with pytest.raises(ValueError, match="3 paths exceed max_paths"):
         Protocol("multiverse", outline=["a", "b", "c"], max_paths=2)
 

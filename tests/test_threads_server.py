@@ -113,7 +113,7 @@ def test_threads_stream_events_then_answer(live, client):
         ({"fanout": ["a"] * 65}, "threads", "65 threads at once"),
         ({"fanout": ["a"], "max_tokens": 100000}, "threads.max_tokens", "over this server's limit"),
         ("fanout", "threads", ""),
-        ({"protocol": "threadweaver"}, "threads.protocol", "unknown protocol 'threadweaver'"),
+        ({"protocol": "apr"}, "threads.protocol", "unknown protocol 'apr'"),
         ({"protocol": "multiverse", "outline": "a"}, "threads.outline", "list of non-empty strings"),
     ],
 )

@@ -15,6 +15,10 @@ max_tokens (then `\\n</Path>` is appended for it). When every path has ended, th
 them (kv_concat or reprefill), `\\n<Conclusion>\\n` is appended and it goes on; it may open
 another `<Parallel>` block later (up to `max_blocks`; one more ends the answer).
 
+ThreadWeaver's format is the same machine with other tags (`PROTOCOL_TAGS`): `<Outlines>` ...
+`</Outlines>` lists the outlines, each thread is `<Thread>\n1: ... </Thread>`, and the join is
+followed by `\n</Parallel>\n`.
+
 A parked sequence's last token (the `>` of its closing tag, or its last sampled token) has no KV
 yet: before a spawn or a join the sequence settles (one more step computes it; the token sampled
 then is dropped), so every tag is in the joined context.
@@ -41,8 +45,28 @@ from forkllm.threads.spec import JOINS
 if TYPE_CHECKING:
     from forkllm.engine.llm_engine import LLMEngine
 
-PROTOCOLS = ("multiverse",)
-OPEN, GOAL_END, PATH_END = "<Parallel>", "</Goal>", "</Path>"
+
+@dataclass(frozen=True)
+class Tags:
+    """A protocol's tags: the block opens with `open` and `outlines_open`, lists `<Outline>`s,
+    closes them with `outlines_end` (where the context stops and paths are spawned); a path is
+    `path_open ... path_end`; after the join comes `after_join`."""
+
+    open: str
+    outlines_open: str
+    outlines_end: str
+    path_open: str
+    path_end: str
+    after_join: str
+
+
+PROTOCOL_TAGS = {
+    "multiverse": Tags("<Parallel>", "<Goal>", "</Goal>", "<Path>", "</Path>", "\n<Conclusion>\n"),
+    "threadweaver": Tags(
+        "<Parallel>", "<Outlines>", "</Outlines>", "<Thread>", "</Thread>", "\n</Parallel>\n"
+    ),
+}
+PROTOCOLS = tuple(PROTOCOL_TAGS)
 _OUTLINE = re.compile(r"<Outline>\s*(?:(\d+)\s*:)?\s*(.*?)\s*</Outline>", re.S)
 
 
@@ -69,9 +93,14 @@ class Protocol:
                 f"Protocol.outline: {len(self.outline)} paths exceed max_paths ({self.max_paths})"
             )
 
+    @property
+    def tags(self) -> Tags:
+        return PROTOCOL_TAGS[self.name]
+
     def forced_opening(self) -> str:
+        t = self.tags
         items = "".join(f"<Outline>{i}: {o}</Outline>\n" for i, o in enumerate(self.outline, 1))
-        return f"{OPEN}\n<Goal>\n{items}{GOAL_END}"
+        return f"{t.open}\n{t.outlines_open}\n{items}{t.outlines_end}"
 
 
 @dataclass(eq=False)
@@ -110,7 +139,7 @@ class ProtocolPolicy(ThreadTreePolicy):
     def start(self, engine: LLMEngine, prompt_ids: list[int], question: str) -> None:
         forced = self.spec.forced_opening() if self.spec.outline else None
         params = self.params.clone(
-            stop=[GOAL_END, PATH_END],
+            stop=[self.spec.tags.outlines_end, self.spec.tags.path_end],
             include_stop_str_in_output=True,
             structured=StructuredOutputsParams(regex=re.escape(forced)) if forced else None,
         )
@@ -130,7 +159,8 @@ class ProtocolPolicy(ThreadTreePolicy):
         if seq is not ctx.seq:
             return True  # every path waits for its join
         # the context parks to open a block, and while settling; otherwise its answer ends
-        return ctx.state == "settling" or (seq.stop_reason == GOAL_END and ctx.blocks < self.spec.max_blocks)
+        opens = seq.stop_reason == self.spec.tags.outlines_end
+        return ctx.state == "settling" or (opens and ctx.blocks < self.spec.max_blocks)
 
     def _settle(self, seq: EngineSequence, extra: list[int]) -> None:
         """Have a parked sequence compute its last token (and `extra`) in one more step; the
@@ -162,8 +192,8 @@ class ProtocolPolicy(ThreadTreePolicy):
                 )
                 self.generated_tokens += sampled
                 self.log.emit("end", p.info.id, tokens=sampled)
-                closed = p.seq.stop_reason == PATH_END
-                self._settle(p.seq, [] if closed else self._encode(f"\n{PATH_END}"))
+                end = self.spec.tags.path_end
+                self._settle(p.seq, [] if p.seq.stop_reason == end else self._encode(f"\n{end}"))
                 p.state = "settling"
             elif p.state == "settling":
                 engine.tree.truncate(p.seq, p.seq.num_tokens - 1)
@@ -175,7 +205,8 @@ class ProtocolPolicy(ThreadTreePolicy):
             elif seq.status is SequenceStatus.PAUSED:  # stopped at </Goal>
                 ctx.sampled += seq.num_tokens - ctx.gen_start
                 text = seq.text
-                block = text[text.rfind(OPEN) :] if OPEN in text else text
+                opening = self.spec.tags.open
+                block = text[text.rfind(opening) :] if opening in text else text
                 ctx.outlines = [
                     (m.group(1) or str(i), m.group(2)) for i, m in enumerate(_OUTLINE.finditer(block), 1)
                 ]
@@ -198,7 +229,7 @@ class ProtocolPolicy(ThreadTreePolicy):
         if not ctx.outlines:  # a block without outlines: nothing to run in parallel
             self._continue(ctx, [])
             return
-        suffixes = [self._encode(f"\n<Path>\n{num}:") for num, _ in ctx.outlines]
+        suffixes = [self._encode(f"\n{self.spec.tags.path_open}\n{num}:") for num, _ in ctx.outlines]
         limits = [ctx.seq.num_tokens + len(s) + self.spec.max_tokens + 1 for s in suffixes]
         kids = engine.tree.spawn(ctx.seq, suffixes, limits)
         tree.forks += len(kids)
@@ -233,7 +264,7 @@ class ProtocolPolicy(ThreadTreePolicy):
 
     def _continue(self, ctx: _Context, joined: list[int]) -> None:
         assert self.tree is not None
-        extra = joined + self._encode("\n<Conclusion>\n")
+        extra = joined + self._encode(self.spec.tags.after_join)
         self.tree.extend(ctx.seq, extra)
         self.prefill_tokens += len(extra)
         ctx.gen_start = ctx.seq.num_tokens
