@@ -11,16 +11,8 @@ from forkllm.engine.llm_engine import LLMEngine, PromptInput
 from forkllm.engine.outputs import CompletionOutput, RequestOutput
 from forkllm.engine.policy import TreePolicy, run_policies
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
-from forkllm.threads import (
-    Fanout,
-    MapReduce,
-    Protocol,
-    ProtocolPolicy,
-    SubtaskPolicy,
-    Subtasks,
-    ThreadPolicy,
-    ThreadResult,
-)
+from forkllm.threads import Fanout, MapReduce, Protocol, Subtasks, ThreadResult
+from forkllm.threads.factory import make_policy
 from forkllm.threads.policy import DEFAULT_MAX_DEPTH
 from forkllm.tokenizer import Tokenizer
 from forkllm.tools.executor import ToolExecutor
@@ -196,18 +188,12 @@ class LLM:
             raise ValueError(f"got {len(specs)} thread specs for {len(prompts)} prompts; pass one per prompt")
         jobs: list[tuple[TreePolicy[ThreadResult], list[int], str]] = []
         for prompt, spec in zip(prompts, specs):
-            policy: TreePolicy[ThreadResult]
+            chunks: list[str] = []
             if isinstance(spec, MapReduce):
                 if isinstance(prompt, str) or not all(isinstance(c, str) for c in prompt):
                     raise ValueError("MapReduce: the prompt must be a list of chunks (strings)")
-                policy = ThreadPolicy(spec.fanout(list(prompt)), sampling_params, max_depth)  # type: ignore[arg-type]
-                prompt = spec.context
-            elif isinstance(spec, Subtasks):
-                policy = SubtaskPolicy(spec, sampling_params)
-            elif isinstance(spec, Protocol):
-                policy = ProtocolPolicy(spec, sampling_params)
-            else:
-                policy = ThreadPolicy(spec, sampling_params, max_depth)
+                chunks, prompt = list(prompt), spec.context  # type: ignore[arg-type]
+            policy = make_policy(spec, sampling_params, chunks, max_depth)
             ids, question = self._scale_prompt(prompt, chat)  # type: ignore[arg-type]
             jobs.append((policy, ids, question))
         return run_policies(self.engine, jobs)

@@ -22,6 +22,16 @@ KEY = "test-key"  # what test_server._pages_in_use sends
 MSGS = [{"role": "user", "content": "Why is the sky blue?"}]
 
 
+def _chat_stream(live, body):
+    return httpx.stream(
+        "POST",
+        live.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+
+
 @pytest.fixture(scope="module")
 def live():
     engine = AsyncEngine(tiny_llm(max_model_len=1024).engine)
@@ -67,13 +77,7 @@ def test_threads_stream_events_then_answer(live, client):
         },
     }
     events, content, last = [], "", None
-    with httpx.stream(
-        "POST",
-        live.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=60,
-    ) as r:
+    with _chat_stream(live, body) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -159,13 +163,7 @@ def test_leaving_mid_stream_aborts_the_tree(live):
         "max_tokens": 500,
         "threads": {"fanout": ["a", "b", "c"], "max_tokens": 500},
     }
-    with httpx.stream(
-        "POST",
-        live.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=60,
-    ) as r:
+    with _chat_stream(live, body) as r:
         seen = 0
         for line in r.iter_lines():
             seen += "delta" in line

@@ -211,6 +211,36 @@ async def _client_gone(raw: Request) -> None:
         pass
 
 
+# Chat fields an in-engine tree (a scaling strategy, a thread tree) honours, or that shaped its
+# prompt; each extension adds its own.
+TREE_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "temperature",
+        "top_p",
+        "seed",
+        "max_tokens",
+        "max_completion_tokens",
+        "stream",
+        "stream_options",
+        "user",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+    }
+)
+
+
+def refuse_unapplied(req: SamplingRequest, honoured: frozenset[str], message: str) -> None:
+    """400 for the first field sent with a non-default value that is not in `honoured`:
+    `message` formatted with the field's name. Nothing a user sent is silently ignored."""
+    fields = type(req).model_fields
+    for name in sorted(req.model_fields_set - honoured):
+        if getattr(req, name) != fields[name].default:
+            raise APIError(400, message.format(name=name), param=name)
+
+
 async def guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """Turn an error in the middle of a stream into an error event plus [DONE]."""
     try:

@@ -122,9 +122,7 @@ class ThreadPolicy(ThreadTreePolicy):
         assert engine is not None and seq is not None
         if node is self.root:
             self.prefill_tokens += node.prompt_end - seq.num_reused_tokens
-        if spec is None:  # a leaf thread: it generates from here (never the case: leaves spawn running)
-            node.state = "running"
-            return
+        assert spec is not None, "a leaf thread is spawned running: it never fans out"
         if seq.status is not SequenceStatus.PAUSED:  # parked already when its first sample ended it
             engine.tree.pause(seq)
         engine.tree.truncate(seq, node.prompt_end)

@@ -12,33 +12,13 @@ from fastapi.responses import JSONResponse, Response
 from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError
 from forkllm.server.protocol import ChatCompletionRequest
-from forkllm.server.requests import max_tokens_for, unless_disconnected
+from forkllm.server.requests import TREE_FIELDS, max_tokens_for, refuse_unapplied, unless_disconnected
 from forkllm.server.responses import Envelope, chat_choice, finish_reason
 from forkllm.server.state import ServerState
 
 # Request fields a strategy run honours (or that shaped the prompt, or were checked already).
 # Any other field sent with a non-default value is refused: a strategy samples on its own terms.
-_HONOURED = frozenset(
-    {
-        "model",
-        "messages",
-        "scaling",
-        "temperature",
-        "top_p",
-        "seed",
-        "max_tokens",
-        "max_completion_tokens",
-        "stream",
-        "stream_options",
-        "user",
-        "add_generation_prompt",
-        "continue_final_message",
-        "chat_template",
-        "tools",
-        "tool_choice",
-        "response_format",
-    }
-)
+_HONOURED = TREE_FIELDS | {"scaling", "tools", "tool_choice", "response_format"}
 
 
 async def scaled_chat(
@@ -56,7 +36,11 @@ async def scaled_chat(
 
     if req.stream:
         raise APIError(400, "scaling cannot be combined with stream=true", param="stream")
-    _refuse_unhonoured(req)
+    refuse_unapplied(
+        req,
+        _HONOURED,
+        "{name} is not applied by scaling strategies; leave it out (strategy parameters go inside `scaling`)",
+    )
     assert req.scaling is not None
     spec = dict(req.scaling)
     forwarded = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
@@ -100,17 +84,6 @@ async def scaled_chat(
         "prunes": result.prunes,
     }
     return JSONResponse(env.body([choice], len(ids), result.tokens_generated, scaling=scaling))
-
-
-def _refuse_unhonoured(req: ChatCompletionRequest) -> None:
-    for name in sorted(req.model_fields_set - _HONOURED):
-        if getattr(req, name) != ChatCompletionRequest.model_fields[name].default:
-            raise APIError(
-                400,
-                f"{name} is not applied by scaling strategies; leave it out "
-                "(strategy parameters go inside `scaling`)",
-                param=name,
-            )
 
 
 def _spec_error(msg: str, forwarded: dict[str, Any]) -> APIError:

@@ -25,48 +25,33 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from forkllm.engine.policy import TreePolicy
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError
 from forkllm.server.limits import Limits
 from forkllm.server.protocol import ChatCompletionRequest
-from forkllm.server.requests import guard_stream, max_tokens_for, unless_disconnected
+from forkllm.server.requests import (
+    TREE_FIELDS,
+    guard_stream,
+    max_tokens_for,
+    refuse_unapplied,
+    unless_disconnected,
+)
 from forkllm.server.responses import Envelope, chat_choice, chat_delta, sse
 from forkllm.server.state import ServerState
-from forkllm.threads import Fanout, MapReduce, Protocol, ProtocolPolicy, SubtaskPolicy, Subtasks, ThreadPolicy
+from forkllm.threads import MapReduce, Protocol, Subtasks
+from forkllm.threads.factory import ThreadSpec, make_policy
 from forkllm.threads.result import ThreadEvent, ThreadResult
 from forkllm.threads.spec import spec_from_dict
 
-ThreadSpec = Fanout | MapReduce | Subtasks | Protocol
-
 # Request fields a thread tree honours (or that shaped the prompt); any other field sent with a
 # non-default value is refused.
-_HONOURED = frozenset(
-    {
-        "model",
-        "messages",
-        "threads",
-        "temperature",
-        "top_p",
-        "seed",
-        "max_tokens",
-        "max_completion_tokens",
-        "stream",
-        "stream_options",
-        "user",
-        "add_generation_prompt",
-        "continue_final_message",
-        "chat_template",
-    }
-)
+_HONOURED = TREE_FIELDS | {"threads"}
 
 
 def parse_threads(req: ChatCompletionRequest, limits: Limits) -> tuple[ThreadSpec, list[str]]:
     """The request's thread spec, checked against the server's limits (400 naming the key)."""
-    for name in sorted(req.model_fields_set - _HONOURED):
-        if getattr(req, name) != ChatCompletionRequest.model_fields[name].default:
-            raise APIError(400, f"{name} cannot be combined with threads; leave it out", param=name)
+    refuse_unapplied(req, _HONOURED, "{name} cannot be combined with threads; leave it out")
     raw = dict(req.threads or {})
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if limit is not None:
@@ -111,18 +96,6 @@ def parse_threads(req: ChatCompletionRequest, limits: Limits) -> tuple[ThreadSpe
     return spec, chunks
 
 
-def _policy(
-    spec: ThreadSpec, chunks: list[str], params: SamplingParams, on_event: Any
-) -> TreePolicy[ThreadResult]:
-    if isinstance(spec, Subtasks):
-        return SubtaskPolicy(spec, params, on_event)
-    if isinstance(spec, Protocol):
-        return ProtocolPolicy(spec, params, on_event)
-    fan = spec.fanout(chunks) if isinstance(spec, MapReduce) else spec
-    assert isinstance(fan, Fanout)
-    return ThreadPolicy(fan, params, on_event=on_event)
-
-
 def tree_field(result: ThreadResult) -> dict[str, Any]:
     return {
         **result.tree,
@@ -157,7 +130,7 @@ async def threaded_chat(
         return StreamingResponse(
             guard_stream(events), media_type="text/event-stream", headers={"x-request-id": env.id}
         )
-    run = engine.run_policy(_policy(spec, chunks, params, None), ids, question)
+    run = engine.run_policy(make_policy(spec, params, chunks), ids, question)
     try:
         result = await unless_disconnected(raw, run)
     except (ValueError, RuntimeError) as e:
@@ -187,7 +160,9 @@ async def _stream(
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
     stream = env.stream(len(ids), req.stream_options)
-    task = asyncio.ensure_future(engine.run_policy(_policy(spec, chunks, params, on_event), ids, question))
+    task = asyncio.ensure_future(
+        engine.run_policy(make_policy(spec, params, chunks, on_event=on_event), ids, question)
+    )
     try:
         yield stream.chunk([chat_delta(0, {"role": "assistant", "content": ""}, None, None)])
         while True:
