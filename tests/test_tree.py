@@ -230,6 +230,17 @@ def test_random_tree_operations_keep_refcounts_consistent(seed):
     assert_no_leaks(engine)
 
 
+def test_pruning_an_n_request_before_its_first_sample_ends_it():
+    # found by the random tree test (seed 37886): the pending samples fork from the first
+    # sequence's first sample; pruned before it, the request used to stay unfinished forever
+    llm = tiny_llm()
+    engine = llm.engine
+    rid = engine.add_request(list(range(100, 140)), SamplingParams(temperature=1.0, max_tokens=5, n=3))
+    engine.prune(engine.requests[rid].seqs[0].seq_id)
+    assert not engine.has_unfinished_requests()
+    assert_no_leaks(engine)
+
+
 def test_fork_errors():
     engine = tiny_llm().engine
     with pytest.raises(ValueError, match="no live sequence"):

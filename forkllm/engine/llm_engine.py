@@ -239,6 +239,8 @@ class LLMEngine:
         seq = self._live(seq_id, "prune")
         self.tree.prune(seq)
         req = seq.request
+        if req.pending_samples and req.deferred is None and seq.index == 0 and seq.num_output_tokens == 0:
+            req.pending_samples = 0  # they fork from this sequence's first sample, which will never come
         if req.finished and self.requests.get(req.request_id) is req:  # its last sequence went
             self._retire(req, time.time())
 
