@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from forkllm.engine.events import TreeWatcher
 from forkllm.engine.inputs import PromptInput
 from forkllm.engine.llm_engine import LLMEngine
 from forkllm.engine.outputs import RequestOutput
@@ -129,9 +130,11 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        watch: TreeWatcher | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs for one request (their shape follows params.output_kind).
-        `priority`: lower is scheduled sooner.
+        `priority`: lower is scheduled sooner. `watch` is called on the engine's thread with the
+        request's tree operations (engine/events.py).
 
         Raises ValueError at once for invalid input; the engine keeps serving others."""
         if not self.is_running:
@@ -144,6 +147,8 @@ class AsyncEngine:
                 raise ValueError(f"request_id {rid!r} is already in use")
             self._streams[rid] = stream
             self._pending_work[rid] = request_work(req, self.engine.max_model_len)
+        if watch is not None:
+            self._commands.put(CallOnEngine(lambda engine: engine.watch(rid, watch)))
         self._commands.put(AddRequest(req))
         self._handed_over += 1
         self._wakeup.set()

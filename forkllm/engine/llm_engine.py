@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from forkllm.engine.config import EngineConfig
+from forkllm.engine.events import TreeWatcher
 from forkllm.engine.inputs import InputProcessor, PromptInput
 from forkllm.engine.output_processor import OutputProcessor, TokenLogprob
 from forkllm.engine.outputs import RequestOutput
@@ -184,19 +185,24 @@ class LLMEngine:
             seq.seed = derive_seed(req.base_seed, seq.index)
             self.seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
+        if self.tree.events.watching(req.request_id):
+            self.tree.events.added(req)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
             req = self.requests.pop(rid, None)
             if req is None:
+                self.tree.events.unwatch(rid)  # watched, but never added (or gone already)
                 continue
             req.pending_samples = 0
             self._drop_deferred(req)
+            self.tree.events.progress([req], force=True)
             for seq in req.seqs:
                 if not seq.finished:
                     seq.finish_reason = "abort"
                     self.tree.finish(seq)
+            self.tree.events.close(rid)
             if self.spec is not None:
                 self.spec.drop(req)
 
@@ -243,6 +249,12 @@ class LLMEngine:
             req.pending_samples = 0  # they fork from this sequence's first sample, which will never come
         if req.finished and self.requests.get(req.request_id) is req:  # its last sequence went
             self._retire(req, time.time())
+
+    def watch(self, request_id: str, fn: TreeWatcher, hold: bool = False) -> None:
+        """Report the request's tree operations to `fn` as they happen (engine/events.py), from
+        now until it leaves the engine (`hold`: until `tree.events.release(fn)`); it may be
+        added later. Call on the engine's thread."""
+        self.tree.events.watch(request_id, fn, self.requests.get(request_id), hold)
 
     def _live(self, seq_id: str, what: str) -> Sequence:
         seq = self.seqs.get(seq_id)
@@ -309,6 +321,7 @@ class LLMEngine:
             now = self._run_batch(sched, touched)
         if self.scheduler.deferred:  # also after an empty step: the room may have opened outside one
             self._fork_deferred_samples(touched, now)
+        self.tree.events.progress(touched.values())
         outputs = []
         for req in touched.values():
             ro = self.outputs.make_output(req)
@@ -398,6 +411,9 @@ class LLMEngine:
     def _retire(self, req: Request, now: float) -> None:
         req.metrics.finished_time = now
         self.requests.pop(req.request_id, None)
+        if self.tree.events.watching(req.request_id):
+            self.tree.events.progress([req], force=True)
+            self.tree.events.close(req.request_id)
         self.stats.requests_finished += 1
         if self.spec is not None:
             self.spec.drop(req)

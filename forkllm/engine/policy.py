@@ -16,8 +16,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from forkllm.engine.events import TreeWatcher
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.sequence import Request, Sequence, SequenceStatus
 from forkllm.engine.tree import StopGate
@@ -34,8 +35,14 @@ class TreeRun:
     """One request's sequence tree as a policy sees it, with an exact token budget."""
 
     def __init__(
-        self, engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, budget: int | None
+        self,
+        engine: LLMEngine,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        budget: int | None,
+        watch: TreeWatcher | None = None,
     ) -> None:
+        """`watch`: report the tree's operations as they happen (engine/events.py)."""
         self.engine = engine
         self.budget = budget
         params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
@@ -45,6 +52,8 @@ class TreeRun:
             )
         rid = engine.add_request(prompt_ids, params)
         self.request: Request = engine.requests[rid]
+        if watch is not None:
+            engine.watch(rid, watch, hold=True)  # released by the driver when the policy is done
         self.forks = params.n - 1  # the engine forks these at the first sample
         self.prunes = 0
 
@@ -129,6 +138,10 @@ class TreeRun:
             self.request.metrics.finished_time = time.time()
             self.engine.abort_request(self.request.request_id)  # nothing left to abort: retires it
 
+    def note(self, kind: str, seq: Sequence, value: float | None = None, **data: Any) -> None:
+        """Tell the tree's watcher what the policy decided about a sequence ("score", "vote")."""
+        self.engine.tree.events.emit(kind, seq, value=value, data=data)
+
     def enforce_budget(self, priority: Callable[[Sequence], float] | None = None) -> bool:
         """Prune live sequences (lowest priority first) so that the next step cannot take the
         tree past its budget: each live sequence generates at most one token per step, and each
@@ -152,7 +165,9 @@ class TreeRun:
 
 class TreePolicy(Protocol[R_co]):
     """What the driver needs of a policy. `on_step` runs on the engine's thread after every step
-    (also after an empty one: a tree of paused sequences waits for its policy's decision)."""
+    (also after an empty one: a tree of paused sequences waits for its policy's decision). A
+    policy may have a `watch` (a TreeWatcher it passes to TreeRun): the driver ends that watch
+    when the policy is done."""
 
     @property
     def done(self) -> bool: ...
@@ -189,12 +204,14 @@ class PolicyHandle(Generic[R]):
             engine.remove_step_hook(self)
             self.policy.stop()
             outcome = e
+        engine.tree.events.release(getattr(self.policy, "watch", None))
         self._settle(outcome)
 
     def cancel(self, engine: LLMEngine) -> None:
         """Stop now and free the tree's pages (its caller went away)."""
         engine.remove_step_hook(self)
         self.policy.stop()
+        engine.tree.events.release(getattr(self.policy, "watch", None))
 
     def fail(self, engine: LLMEngine, error: BaseException) -> None:
         self.cancel(engine)

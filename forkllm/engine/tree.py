@@ -21,6 +21,7 @@ from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 from forkllm.engine.detokenizer import IncrementalDetokenizer
+from forkllm.engine.events import TreeEvents
 from forkllm.engine.sampler import derive_seed
 from forkllm.engine.scheduler import Scheduler
 from forkllm.engine.sequence import Sequence, SequenceStatus
@@ -46,6 +47,7 @@ class TreeOps:
         self.num_forks = 0
         self.num_prunes = 0
         self.stop_gates: dict[str, StopGate] = {}  # by request id (see park_on_stop)
+        self.events = TreeEvents(kv.pool)  # watched requests' operations (engine/events.py)
         # Set by the engine: copy pages now (copy-on-write) and move slots' KV with re-rotated keys.
         self.copy_pages: Callable[[list[PageCopy]], None] | None = None
         self.move_kv: Callable[[list[int], list[int], list[int]], None] | None = None
@@ -78,6 +80,7 @@ class TreeOps:
             self.seqs[child.seq_id] = child
             self.scheduler.add_running(child, after=source if j == 0 else kids[-1])
             kids.append(child)
+            self.events.emit("fork", child, parent=parent.seq_id, start=child.num_output_tokens)
         self.num_forks += k
         return kids
 
@@ -131,11 +134,13 @@ class TreeOps:
             raise ValueError(f"no live sequence {seq.seq_id!r} to pause")
         if seq.status is not SequenceStatus.PAUSED:
             self.scheduler.pause(seq)
+            self.events.emit("pause", seq)
 
     def resume(self, seq: Sequence) -> None:
         if seq.status is not SequenceStatus.PAUSED:
             raise ValueError(f"no paused sequence {seq.seq_id!r} to resume")
         self.scheduler.resume(seq)
+        self.events.emit("resume", seq)
 
     def prune(self, seq: Sequence) -> None:
         """Finish a sequence now (finish_reason "pruned") and release the pages only it held."""
@@ -152,7 +157,10 @@ class TreeOps:
         parkable = seq.finish_reason in ("stop", "length")
         if gate is not None and parkable and not seq.finished and gate(seq):
             self.scheduler.pause(seq)
+            self.events.emit("pause", seq, reason="parked")
             return
+        kind = "prune" if seq.finish_reason == "pruned" else "finish"
+        self.events.emit(kind, seq, reason=seq.finish_reason)
         self.scheduler.finish(seq)
         self.seqs.pop(seq.seq_id, None)
 
@@ -182,6 +190,7 @@ class TreeOps:
         seq.detok = detok
         seq.finish_reason = seq.stop_reason = None
         seq.grammar = grammar
+        self.events.emit("extend", seq, data={"added": len(token_ids)})
 
     # ---- threads: spawn / truncate / join by page ------------------------------------------------
     def spawn(
@@ -241,6 +250,7 @@ class TreeOps:
         plan = join_pages(branch(parent), [branch(c) for c in children], self.kv.block_size)
         tokens = list(parent.token_ids) + [0] * (plan.num_slots - base)
         for c, (start, n) in zip(children, plan.regions):
+            self.events.emit("join", c, parent=parent.seq_id)
             tokens[start : start + n] = c.token_ids[base : base + n]
             c.block_table = []  # its references moved to the parent or are in plan.released
             c.cache_nodes = []
@@ -290,6 +300,7 @@ class TreeOps:
         parent.num_computed_tokens = parent.num_tokens
         parent.kv_moved = True
         parent.detok = IncrementalDetokenizer.for_prompt(parent.num_tokens)
+        self.events.emit("join", child, parent=parent.seq_id, data={"kept": n})
         self.end(child, child.finish_reason or "stop")
         return n
 
@@ -298,5 +309,6 @@ class TreeOps:
         if seq.finished:
             raise ValueError(f"no live sequence {seq.seq_id!r} to end")
         seq.finish_reason = reason
+        self.events.emit("finish", seq, reason=reason)
         self.scheduler.finish(seq)  # not self.finish: no stop gate asked
         self.seqs.pop(seq.seq_id, None)

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from forkllm.engine.events import TreeWatcher
 from forkllm.engine.llm_engine import LLMEngine
 from forkllm.engine.policy import TreeRun, run_policies
 from forkllm.engine.sampling_params import SamplingParams
@@ -51,6 +52,7 @@ class ScaleResult:
     seconds: float
     forks: int = 0
     prunes: int = 0
+    chosen: str | None = None  # the chosen candidate's sequence id
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,11 +82,12 @@ class Policy(ABC):
         self.done = False
         self.t0 = 0.0
         self.question = ""
+        self.watch: TreeWatcher | None = None  # reports the tree's operations (engine/events.py)
 
     def start(self, engine: LLMEngine, prompt_ids: list[int], question: str = "") -> None:
         self.t0 = time.perf_counter()
         self.question = question
-        self.tree = TreeRun(engine, prompt_ids, self.sampling_params(), self.budget_tokens())
+        self.tree = TreeRun(engine, prompt_ids, self.sampling_params(), self.budget_tokens(), self.watch)
 
     def on_step(self, engine: LLMEngine) -> None:
         if self.done:

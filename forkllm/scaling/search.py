@@ -108,6 +108,8 @@ class BeamSearch(Policy):
         if not self.job.done():
             return
         ranked = sorted(zip(self.frontier, self.job.scores()), key=lambda x: -x[1])
+        for s, score in ranked:
+            tree.note("score", s, score)
         self.job = None
         self.steps += 1
         survivors = []
@@ -154,6 +156,7 @@ class BeamSearch(Policy):
             self.seconds(),
             tree.forks,
             tree.prunes,
+            best.seq_id if best else None,
             {"steps": self.steps},
         )
 
@@ -219,6 +222,7 @@ class ParticleFilter(Policy):
         for p in self.population:
             if p.seq.status is SequenceStatus.PAUSED or (p.finished and p.seq.finish_reason != "pruned"):
                 p.weight = float(self.reward(self.question, p.seq.text))
+                tree.note("score", p.seq, p.weight)
         self.steps += 1
         spent = tree.budget is not None and tree.generated >= tree.budget
         if all(p.finished for p in self.population) or self.steps >= self.max_steps or spent:
@@ -285,6 +289,7 @@ class ParticleFilter(Policy):
             self.seconds(),
             tree.forks,
             tree.prunes,
+            best.seq_id if best else None,
             {"steps": self.steps, "weights": self.history},
         )
 

@@ -66,6 +66,7 @@ class SelfConsistency(Policy):
         for s in tree.finished():
             if s.seq_id not in self.answers and s.finish_reason != "pruned":
                 self.answers[s.seq_id] = self.extract(s.text)
+                tree.note("vote", s, answer=self.answers[s.seq_id])
         if not tree.sampling:
             return
         if self.converge_tokens:
@@ -92,6 +93,7 @@ class SelfConsistency(Policy):
                 self._stable[s.seq_id] = (ans, s.num_output_tokens)
             elif s.num_output_tokens - since >= self.converge_tokens:
                 self.answers[s.seq_id] = ans
+                tree.note("vote", s, answer=ans)
                 tree.prune(s)
 
     def _decided(self) -> bool:
@@ -126,17 +128,18 @@ class SelfConsistency(Policy):
         )
         votes = votes_for(cands, weights)
         answer = next(iter(votes), None)
-        text = next((c.text for c in cands if c.answer == answer), "")
+        chosen = next((c for c in cands if c.answer == answer), None)
         return ScaleResult(
             self.name,
             answer,
-            text,
+            chosen.text if chosen else "",
             votes,
             cands,
             tree.generated,
             self.seconds(),
             tree.forks,
             tree.prunes,
+            chosen.seq_id if chosen else None,
             {"decided_early": self.decided_early, "samples_counted": len(cands)},
         )
 
@@ -180,6 +183,8 @@ class BestOfN(Policy):
             self._pending = done
         if self.job.done():
             self.scored = list(zip(self._pending, self.job.scores()))
+            for s, score in self.scored:
+                tree.note("score", s, score)
             self.done = True
 
     def result(self) -> ScaleResult:
@@ -197,4 +202,5 @@ class BestOfN(Policy):
             self.seconds(),
             tree.forks,
             tree.prunes,
+            best.seq_id if best else None,
         )

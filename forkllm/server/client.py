@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol, TypeVar
 
 from forkllm.engine.async_engine import AsyncEngine
+from forkllm.engine.events import TreeWatcher
 from forkllm.engine.llm_engine import PromptInput
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.policy import TreePolicy
@@ -47,11 +48,16 @@ class EngineClient(Protocol):
         """Admitted, unfinished work in tokens (prompt + n x max_tokens per request)."""
 
     def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0
+        self,
+        prompt: PromptInput,
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        watch: TreeWatcher | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; closing the iterator early aborts the request.
-        `priority`: lower is scheduled sooner (vLLM's convention). Raises ValueError for invalid
-        input."""
+        `priority`: lower is scheduled sooner (vLLM's convention); `watch` gets its tree's
+        operations (engine/events.py). Raises ValueError for invalid input."""
 
     def abort(self, request_id: str) -> None: ...
 
@@ -103,9 +109,14 @@ class LocalEngineClient:
         return self._async.pending_tokens
 
     def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0
+        self,
+        prompt: PromptInput,
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        watch: TreeWatcher | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        return self._async.generate(prompt, params, request_id, priority)
+        return self._async.generate(prompt, params, request_id, priority, watch)
 
     def abort(self, request_id: str) -> None:
         self._async.abort(request_id)

@@ -232,6 +232,8 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
+    # Stream the generation tree's operations as `tree_event` chunks (server/tree_events.py).
+    tree_events: bool = False
 
 
 class TokenizeRequest(RequestBody):

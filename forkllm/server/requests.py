@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from forkllm.engine.events import TreeWatcher
 from forkllm.engine.inputs import PromptInput
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -99,10 +100,11 @@ async def merged_outputs(
     params: list[SamplingParams],
     rid: str,
     priority: int = 0,
+    watch: TreeWatcher | None = None,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Stream (prompt index, delta output) from all of a request's prompts, interleaved; records
     latency metrics. Cancelling the consumer cancels the producers, which abort their requests.
-    `priority`: lower is scheduled sooner."""
+    `priority`: lower is scheduled sooner; `watch` gets every prompt's tree events."""
     queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
     arrival = time.perf_counter()
 
@@ -110,7 +112,7 @@ async def merged_outputs(
         last: float | None = None
         try:
             prompt: PromptInput = {"prompt": text, "prompt_token_ids": ids}
-            async for out in engine.generate(prompt, sp, f"{rid}-{i}", priority):
+            async for out in engine.generate(prompt, sp, f"{rid}-{i}", priority, watch):
                 ntok = sum(len(c.token_ids) for c in out.outputs)
                 t = time.perf_counter()
                 if ntok:
@@ -228,6 +230,7 @@ TREE_FIELDS = frozenset(
         "add_generation_prompt",
         "continue_final_message",
         "chat_template",
+        "tree_events",
     }
 )
 

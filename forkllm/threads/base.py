@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from forkllm.engine.events import TreeWatcher
 from forkllm.engine.policy import TreeRun
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence
@@ -33,6 +34,7 @@ class ThreadTreePolicy:
         self.engine: LLMEngine | None = None
         self.threads: list[ThreadInfo] = []
         self.log = EventLog(on_event)
+        self.watch: TreeWatcher | None = None  # reports the tree's operations (engine/events.py)
         self.prefill_tokens = self.generated_tokens = self.peak_pages = 0
         self.t0 = self.seconds = 0.0
         self.done = False
@@ -43,7 +45,9 @@ class ThreadTreePolicy:
             raise ValueError("threads need a tokenizer (thread prompts are text)")
         self.engine, self.t0 = engine, time.perf_counter()
         self.log.t0 = self.t0
-        self.tree = TreeRun(engine, prompt_ids, params.clone(max_tokens=engine.max_model_len), None)
+        self.tree = TreeRun(
+            engine, prompt_ids, params.clone(max_tokens=engine.max_model_len), None, self.watch
+        )
         return self.tree.seqs[0]
 
     def _measure(self) -> None:

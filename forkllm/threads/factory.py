@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from forkllm.engine.events import TreeWatcher
 from forkllm.engine.policy import TreePolicy
 from forkllm.engine.sampling_params import SamplingParams
+from forkllm.threads.base import ThreadTreePolicy
 from forkllm.threads.policy import DEFAULT_MAX_DEPTH, ThreadPolicy
 from forkllm.threads.protocols import Protocol, ProtocolPolicy
 from forkllm.threads.result import ThreadEvent, ThreadResult
@@ -21,11 +23,17 @@ def make_policy(
     chunks: Sequence[str] = (),
     max_depth: int = DEFAULT_MAX_DEPTH,
     on_event: Callable[[ThreadEvent], None] | None = None,
+    watch: TreeWatcher | None = None,
 ) -> TreePolicy[ThreadResult]:
-    """The policy that runs `spec` (`chunks`: a MapReduce's input)."""
+    """The policy that runs `spec` (`chunks`: a MapReduce's input); `on_event` gets the thread
+    events (threads/result.py), `watch` the engine's tree events (engine/events.py)."""
+    policy: ThreadTreePolicy
     if isinstance(spec, Subtasks):
-        return SubtaskPolicy(spec, params, on_event)
-    if isinstance(spec, Protocol):
-        return ProtocolPolicy(spec, params, on_event)
-    fan = spec.fanout(list(chunks)) if isinstance(spec, MapReduce) else spec
-    return ThreadPolicy(fan, params, max_depth, on_event)
+        policy = SubtaskPolicy(spec, params, on_event)
+    elif isinstance(spec, Protocol):
+        policy = ProtocolPolicy(spec, params, on_event)
+    else:
+        fan = spec.fanout(list(chunks)) if isinstance(spec, MapReduce) else spec
+        policy = ThreadPolicy(fan, params, max_depth, on_event)
+    policy.watch = watch
+    return policy

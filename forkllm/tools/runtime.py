@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from forkllm.engine.events import TreeWatcher
 from forkllm.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from forkllm.engine.policy import TreeRun, driven_policies
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -169,6 +170,7 @@ class ToolPolicy:
         self.states: dict[str, _SeqState] = {}
         self._seen_completions = 0
         self._call_ids = 0
+        self.watch: TreeWatcher | None = None  # reports the tree's operations (engine/events.py)
 
     # ---- TreePolicy ----------------------------------------------------------------------------
     def start(self, engine: LLMEngine, prompt_ids: list[int], question: str = "") -> None:
@@ -176,7 +178,7 @@ class ToolPolicy:
         changes: dict[str, Any] = {"max_tokens": None, "output_kind": RequestOutputKind.FINAL_ONLY}
         if self.round_grammar is not None:
             changes["structured"] = self.round_grammar(0)
-        self.tree = TreeRun(engine, prompt_ids, self.params.clone(**changes), None)
+        self.tree = TreeRun(engine, prompt_ids, self.params.clone(**changes), None, self.watch)
         self.tree.park_on_stop(self._park)
 
     def on_step(self, engine: LLMEngine) -> None:

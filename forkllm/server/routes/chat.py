@@ -41,6 +41,7 @@ from forkllm.server.tool_calls import (
     choice_events,
     tool_plan,
 )
+from forkllm.server.tree_events import TreeEventFeed
 from forkllm.tokenizer import ChatTemplateError
 from forkllm.tools.formats import get_format
 from forkllm.tools.prompt import render_chat
@@ -121,6 +122,10 @@ def _check_fields(req: ChatCompletionRequest, limits: Limits) -> None:
             param="top_logprobs",
         )
     check_count(req.n, limits.max_n, "n", "--max-n")
+    if req.tree_events and not req.stream:
+        raise APIError(
+            400, "tree_events needs stream=true (the events stream with the answer)", param="tree_events"
+        )
     if (
         req.continue_final_message
         and "add_generation_prompt" in req.model_fields_set
@@ -237,14 +242,20 @@ async def _stream(
     """A role chunk per choice, then content deltas; the finish chunk has an empty delta."""
     decode = token_decoder(engine)
     stream = env.stream(len(ids), req.stream_options)
+    feed = TreeEventFeed(env) if req.tree_events else None
     yield stream.chunk(
         [chat_delta(j, {"role": "assistant", "content": ""}, None, None) for j in range(req.n)]
     )
-    async for _, out in merged_outputs(state, engine, [(text, ids)], [sp], env.id, req.priority):
+    outputs = merged_outputs(state, engine, [(text, ids)], [sp], env.id, req.priority, feed)
+    async for _, out in outputs:
+        for chunk in feed.drain() if feed is not None else ():
+            yield chunk
         for c in out.outputs:
             lp = chat_logprobs(c.token_ids, c.logprobs or [], k, decode) if k is not None else None
             delta = {"content": c.text} if c.text or c.finish_reason is None else {}
             yield stream.chunk([chat_delta(c.index, delta, lp, c.finish_reason)], len(c.token_ids))
+    for chunk in feed.drain() if feed is not None else ():
+        yield chunk
     for event in stream.end():
         yield event
 
@@ -262,11 +273,13 @@ async def _chat_with_tools(
 ) -> Response:
     """A request with tools: every choice's text goes through its own tool-call parser, streamed
     or gathered from the same events."""
-    outputs = merged_outputs(state, engine, [prompt], [sp], env.id, req.priority)
+    feed = TreeEventFeed(env) if req.tree_events else None
+    outputs = merged_outputs(state, engine, [prompt], [sp], env.id, req.priority, feed)
     events = choice_events(outputs, plan, req.n)
     decode = token_decoder(engine)
     if req.stream:
-        chunks = _tool_stream(events, env.stream(len(prompt[1]), req.stream_options), req.n, k, decode)
+        stream = env.stream(len(prompt[1]), req.stream_options)
+        chunks = _tool_stream(events, stream, req.n, k, decode, feed)
         return StreamingResponse(
             guard_stream(chunks), media_type="text/event-stream", headers={"x-request-id": env.id}
         )
@@ -294,13 +307,20 @@ async def _chat_with_tools(
 
 
 async def _tool_stream(
-    events: AsyncIterator[ChoiceEvent], stream: ChunkStream, n: int, k: int | None, decode: Decode
+    events: AsyncIterator[ChoiceEvent],
+    stream: ChunkStream,
+    n: int,
+    k: int | None,
+    decode: Decode,
+    feed: TreeEventFeed | None,
 ) -> AsyncIterator[str]:
     """A role chunk per choice; then per event its content, each complete call (id and name,
     then arguments) and, when the choice ends, a chunk with its finish_reason."""
     yield stream.chunk([chat_delta(j, {"role": "assistant"}, None, None) for j in range(n)])
     calls_sent = [0] * n
     async for ev in events:
+        for chunk in feed.drain() if feed is not None else ():
+            yield chunk
         lp = chat_logprobs(ev.token_ids, ev.logprobs or [], k, decode) if k is not None else None
         deltas: list[dict[str, Any]] = [{"content": ev.parsed.content}] if ev.parsed.content else []
         deltas += call_deltas(ev.parsed.calls, calls_sent[ev.index])
@@ -316,5 +336,7 @@ async def _tool_stream(
             )
         if ev.finish_reason is not None:
             yield stream.chunk([chat_delta(ev.index, {}, None, ev.finish_reason)])
+    for chunk in feed.drain() if feed is not None else ():
+        yield chunk
     for event in stream.end():
         yield event

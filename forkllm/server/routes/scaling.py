@@ -1,20 +1,35 @@
 """The chat route's `scaling` extension: run an inference-time strategy inside the engine and
 answer with the chosen candidate, plus candidates and votes under an extra `scaling` field. A
-client that leaves stops the run: its whole tree (and any judge requests) is aborted."""
+client that leaves stops the run: its whole tree (and any judge requests) is aborted.
+
+With stream=true the answer comes as one content chunk when the strategy has chosen it (a
+strategy decides at its end), and the last chunk carries the `scaling` field; with
+`"tree_events": true` the tree's forks, prunes, scores and votes stream as they happen
+(server/tree_events.py) before it."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from forkllm.scaling.base import Policy, ScaleResult
 from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError
 from forkllm.server.protocol import ChatCompletionRequest
-from forkllm.server.requests import TREE_FIELDS, max_tokens_for, refuse_unapplied, unless_disconnected
-from forkllm.server.responses import Envelope, chat_choice, finish_reason
+from forkllm.server.requests import (
+    TREE_FIELDS,
+    guard_stream,
+    max_tokens_for,
+    refuse_unapplied,
+    unless_disconnected,
+)
+from forkllm.server.responses import Envelope, chat_choice, chat_delta, finish_reason, sse
 from forkllm.server.state import ServerState
+from forkllm.server.tree_events import TreeEventFeed
 
 # Request fields a strategy run honours (or that shaped the prompt, or were checked already).
 # Any other field sent with a non-default value is refused: a strategy samples on its own terms.
@@ -34,8 +49,6 @@ async def scaled_chat(
     disconnect cancels the run, which aborts the tree as a whole, and answers 499."""
     from forkllm.scaling.factory import make_policy
 
-    if req.stream:
-        raise APIError(400, "scaling cannot be combined with stream=true", param="stream")
     refuse_unapplied(
         req,
         _HONOURED,
@@ -55,21 +68,81 @@ async def scaled_chat(
     except ValueError as e:
         raise _spec_error(str(e), forwarded) from e
     question = str(req.messages[-1].content or "") if req.messages else ""
+    env = Envelope.chat(state.config.served_model_name)
+    state.metrics.prompt_tokens.inc(len(ids))
+    if req.stream:
+        events = _stream(state, engine, env, req, policy, ids, question)
+        return StreamingResponse(
+            guard_stream(events), media_type="text/event-stream", headers={"x-request-id": env.id}
+        )
     run = engine.run_policy(policy, ids, question)
     try:
         result = await (unless_disconnected(raw, run) if raw is not None else run)
     except ValueError as e:
         raise APIError(400, f"scaling: {e}", param="scaling") from e
-    state.metrics.prompt_tokens.inc(len(ids))
     state.metrics.generation_tokens.inc(result.tokens_generated)
-    env = Envelope.chat(state.config.served_model_name)
     choice = chat_choice(0, result.text, None, "stop")
-    scaling: dict[str, Any] = {
+    return JSONResponse(
+        env.body([choice], len(ids), result.tokens_generated, scaling=scaling_field(result)),
+        headers={"x-request-id": env.id},
+    )
+
+
+async def _stream(
+    state: ServerState,
+    engine: EngineClient,
+    env: Envelope,
+    req: ChatCompletionRequest,
+    policy: Policy,
+    ids: list[int],
+    question: str,
+) -> AsyncIterator[str]:
+    """Role chunk; tree events as they happen (when asked); the chosen text; the finish chunk
+    with the `scaling` field; usage and [DONE] as stream_options say. A client that leaves
+    cancels the run (its tree is aborted)."""
+    stream = env.stream(len(ids), req.stream_options)
+    feed = TreeEventFeed(env) if req.tree_events else None
+    policy.watch = feed
+    task = asyncio.ensure_future(engine.run_policy(policy, ids, question))
+    try:
+        yield stream.chunk([chat_delta(0, {"role": "assistant", "content": ""}, None, None)])
+        while feed is not None:
+            getter = asyncio.ensure_future(feed.queue.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield feed.chunk(getter.result())
+                continue
+            getter.cancel()
+            for chunk in feed.drain():
+                yield chunk
+            break
+        try:
+            result = await task
+        except ValueError as e:
+            raise APIError(400, f"scaling: {e}", param="scaling") from e
+        state.metrics.generation_tokens.inc(result.tokens_generated)
+        yield stream.chunk([chat_delta(0, {"content": result.text}, None, None)], result.tokens_generated)
+        last = {**env.head(env.chunk_object), "choices": [chat_delta(0, {}, None, "stop")]}
+        last["scaling"] = scaling_field(result)
+        yield sse(last)
+        for event in stream.end():
+            yield event
+    finally:
+        if not task.done():
+            task.cancel()  # the client left: the tree is aborted, its pages freed
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def scaling_field(result: ScaleResult) -> dict[str, Any]:
+    """The response's extra `scaling` object: the answer, votes, candidates (with their sequence
+    ids, which the tree events name), the chosen sequence, the tree's token and fork counts."""
+    return {
         "strategy": result.strategy,
         "answer": result.answer,
         "votes": result.votes,
         "candidates": [
             {
+                "seq": c.seq_id,
                 "text": c.text,
                 "answer": c.answer,
                 "score": c.score,
@@ -82,8 +155,8 @@ async def scaled_chat(
         "seconds": round(result.seconds, 4),
         "forks": result.forks,
         "prunes": result.prunes,
+        "chosen": result.chosen,
     }
-    return JSONResponse(env.body([choice], len(ids), result.tokens_generated, scaling=scaling))
 
 
 def _spec_error(msg: str, forwarded: dict[str, Any]) -> APIError:

@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from forkllm.engine.events import TreeEvent
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.server.client import EngineClient
 from forkllm.server.errors import APIError
@@ -39,6 +40,7 @@ from forkllm.server.requests import (
 )
 from forkllm.server.responses import Envelope, chat_choice, chat_delta, sse
 from forkllm.server.state import ServerState
+from forkllm.server.tree_events import TreeEventFeed
 from forkllm.threads import MapReduce, Protocol, Subtasks
 from forkllm.threads.factory import ThreadSpec, make_policy
 from forkllm.threads.result import ThreadEvent, ThreadResult
@@ -153,16 +155,16 @@ async def _stream(
     question: str,
 ) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[ThreadEvent] = asyncio.Queue()
+    queue: asyncio.Queue[ThreadEvent | TreeEvent] = asyncio.Queue()
+    feed = TreeEventFeed(env)  # renders the engine's tree events, when asked for
 
-    def on_event(ev: ThreadEvent) -> None:  # on the engine's thread
+    def on_event(ev: ThreadEvent | TreeEvent) -> None:  # on the engine's thread
         with contextlib.suppress(RuntimeError):  # the stream's loop is gone
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
     stream = env.stream(len(ids), req.stream_options)
-    task = asyncio.ensure_future(
-        engine.run_policy(make_policy(spec, params, chunks, on_event=on_event), ids, question)
-    )
+    policy = make_policy(spec, params, chunks, on_event=on_event, watch=on_event if req.tree_events else None)
+    task = asyncio.ensure_future(engine.run_policy(policy, ids, question))
     try:
         yield stream.chunk([chat_delta(0, {"role": "assistant", "content": ""}, None, None)])
         while True:
@@ -174,6 +176,9 @@ async def _stream(
                     break
                 continue
             ev = getter.result()
+            if isinstance(ev, TreeEvent):
+                yield feed.chunk(ev)
+                continue
             if ev.event == "delta" and ev.thread == 0:  # the context writes only its answer
                 yield stream.chunk([chat_delta(0, {"content": ev.text}, None, None)])
                 continue
