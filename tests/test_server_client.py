@@ -32,7 +32,7 @@ class EchoClient:
         self.shut_down = False
 
     async def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0, watch=None
     ) -> AsyncIterator[RequestOutput]:
         self.request_ids.append(request_id)
         assert isinstance(prompt, dict)

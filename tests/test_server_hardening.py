@@ -581,7 +581,7 @@ class TickClient:
         self.tokenizer = SlowTokenizer()
 
     async def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0, watch=None
     ) -> AsyncIterator[RequestOutput]:
         assert isinstance(prompt, dict)
         ids, text = list(prompt["prompt_token_ids"]), str(prompt.get("prompt"))

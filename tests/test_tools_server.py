@@ -109,7 +109,7 @@ class ScriptClient:
         self.closed_early: list[str] = []
 
     async def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0, watch=None
     ) -> AsyncIterator[RequestOutput]:
         assert isinstance(prompt, dict)
         text = str(prompt["prompt"])

@@ -35,7 +35,8 @@ from forkllm.server.state import ServerState
 logger = logging.getLogger("forkllm.server")
 
 # Routes open without the API key: probes and the schema.
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# The web page (routes/ui.py: "/" and its files under /ui/) loads without a key; it asks for one.
+OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID = b"x-request-id"
 
@@ -87,7 +88,7 @@ class ServerMiddleware:
 
     def _check_key(self, path: str, headers: Headers) -> None:
         key = self.state.config.api_key
-        if key is None or path in OPEN_PATHS:
+        if key is None or path in OPEN_PATHS or path.startswith("/ui/"):
             return
         sent = headers.get("authorization", "").encode()
         if not hmac.compare_digest(sent, f"Bearer {key}".encode()):

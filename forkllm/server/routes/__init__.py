@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from forkllm.server.routes import chat, completions, plain
+from forkllm.server.routes import chat, completions, plain, ui
 
-ROUTERS = (plain.router, completions.router, chat.router)
+ROUTERS = (plain.router, completions.router, chat.router, ui.router)
