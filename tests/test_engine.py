@@ -243,3 +243,25 @@ def test_n_samples_and_chat_batch(tiny):
     outs = tiny.chat(convs, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(outs) == 2 and all(len(o.outputs[0].token_ids) == 4 for o in outs)
     assert outs[0].prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_prompts_sharing_a_prefix_in_one_call_compute_it_once(monkeypatch):
+    """Six prompts with a 330-token common prefix in one generate(): the prefix is computed once
+    (the others wait a step and reuse it), with the same greedy tokens as when each computes it."""
+    import forkllm.engine.scheduler as scheduler
+
+    prefix = list(range(100, 430))
+    prompts = [{"prompt_token_ids": prefix + [1000 + i] * (5 + i)} for i in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    runs = {}
+    for pages in (scheduler.SHARE_MIN_PAGES, 10**9):
+        monkeypatch.setattr(scheduler, "SHARE_MIN_PAGES", pages)
+        llm = tiny_llm(max_model_len=1024)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs[pages] = ([o.outputs[0].token_ids for o in outs], llm.engine.metrics())
+    (shared_ids, shared), (alone_ids, alone) = runs.values()
+    assert shared_ids == alone_ids
+    total = sum(len(p["prompt_token_ids"]) for p in prompts)
+    assert alone["prompt_tokens_computed"] == total and alone["prefix_cache_hit_rate"] == 0.0
+    # each follower reuses the prefix's 20 full pages (320 tokens)
+    assert shared["prompt_tokens_computed"] == total - 5 * 320

@@ -260,6 +260,43 @@ def test_prefix_reuse_of_leading_full_pages():
     assert sim.pool.num_cached_idle == 2  # the shared pages stay cached, idle
 
 
+def test_prompts_sharing_a_prefix_in_one_step_compute_it_once():
+    """Three prompts with a 10-page prefix arrive together: one computes it, the others wait a
+    step and revive it from the cache (SHARE_MIN_PAGES)."""
+    sim = Sim(budget=200)
+    prefix = toks(0, 40)
+    a, b, c = (
+        make_seq(n, prefix + tail) for n, tail in (("A", [500, 501]), ("B", [600, 601, 602]), ("C", [700]))
+    )
+    sim.add(a, b, c)
+    assert sim.step().plan == [("A", 42)]
+    assert sim.step().plan == [("A", 1), ("B", 3), ("C", 1)]
+    assert b.num_reused_tokens == c.num_reused_tokens == 40
+    st = sim.sched.prefix_stats
+    assert (st.prompt_tokens, st.reused_tokens) == (42 + 43 + 41, 80)
+
+
+def test_a_prompt_follows_a_chunked_leader_until_the_shared_part_is_done():
+    sim = Sim(budget=20)
+    prefix = toks(0, 40)
+    a, b = make_seq("A", prefix + [500, 501]), make_seq("B", prefix + [600, 601, 602])
+    sim.add(a, b)
+    plans = [sim.step().plan for _ in range(3)]
+    # B waits while A computes the shared pages, then starts after them as A finishes its own
+    assert plans == [[("A", 20)], [("A", 20)], [("A", 2), ("B", 3)]]
+    assert b.num_reused_tokens == 40
+
+
+@pytest.mark.parametrize("prefix_len", [8, 12])
+def test_a_short_shared_prefix_is_not_waited_for(prefix_len):
+    """Under SHARE_MIN_PAGES (4 pages) shared, both prompts start in the same step (waiting would
+    cost a step to save little), as they do when the shared part is a small part of the prompt."""
+    sim = Sim(budget=200)
+    a, b = make_seq("A", toks(0, prefix_len) + [500] * 30), make_seq("B", toks(0, prefix_len) + [600] * 30)
+    sim.add(a, b)
+    assert sim.step().plan == [("A", prefix_len + 30), ("B", prefix_len + 30)]
+
+
 def test_full_prefix_hit_recomputes_only_the_last_token():
     sim = Sim()
     a = make_seq("A", toks(0, 8))

@@ -31,6 +31,12 @@ Fairness, so that no request holds the engine hostage:
   a waiting sequence's chunk, a sequence left idle over its request's share is preempted for it.
   A preempted sequence's pages are released and it is recomputed from its tokens later (mostly
   from the prefix cache), first in its priority among the waiting.
+
+Prompts that share a prefix and arrive together are computed once: a waiting prompt whose next
+uncached pages are the same as those a prompt in this step's batch is computing (at least
+`SHARE_MIN_PAGES` pages, and a quarter of what it would compute) waits a step and then revives
+them from the prefix cache, instead of computing its own copy in the same step (SGLang's
+in-batch prefix caching does the same).
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ from dataclasses import dataclass, field
 
 from forkllm.engine.sequence import Request, Sequence, SequenceStatus
 from forkllm.kv.manager import KVCacheManager, PageCopy
+
+# A waiting prompt waits for a prompt in the batch to compute a shared prefix (and then reuses it)
+# when they share at least this many uncached pages, and at least a quarter of its uncached ones.
+SHARE_MIN_PAGES = 4
 
 
 @dataclass
@@ -360,6 +370,7 @@ class Scheduler:
         another was being cut."""
         over_share, reclaim, within_cap, charge = admit
         passed_long = False
+        leaders = self._prefix_leaders(out)
         i = 0
         while i < len(self.waiting) and budget > 0 and slots > 0:
             seq = self.waiting[i]
@@ -371,6 +382,10 @@ class Scheduler:
             fresh = seq.num_computed_tokens == 0 and not seq.block_table
             if fresh:
                 self._reuse_prefix(seq)
+                if leaders is not None and self._follows(seq, leaders):
+                    self._reset(seq)  # computed by a leader this step; revived from the cache next
+                    i += 1
+                    continue
             remaining = seq.num_tokens - seq.num_computed_tokens
             n = within_cap(seq, min(remaining, budget, cut)) if self.enable_chunked_prefill else remaining
             if n == 0:  # its request has its share of the step's work
@@ -395,11 +410,69 @@ class Scheduler:
             self.running.append(seq)
             charge(seq, n)
             out.scheduled.append(ScheduledSequence(seq, n))
+            if leaders is not None:
+                self._lead(seq, leaders)
             taken[seq.request] = taken.get(seq.request, 0) + 1
             budget -= n
             slots -= 1
             long_cut |= n == cut < remaining
         return passed_long
+
+    # ---- in-batch prefix sharing ----------------------------------------------------------------
+    def _prefix_leaders(
+        self, out: SchedulerOutput
+    ) -> dict[tuple[int, tuple[int, ...]], list[Sequence]] | None:
+        """The prompts this step computes, by their first uncached page (the cache node it hangs
+        from and its tokens); None when there is no prefix cache."""
+        if self.kv.cache is None:
+            return None
+        leaders: dict[tuple[int, tuple[int, ...]], list[Sequence]] = {}
+        for item in out.scheduled:
+            if item.seq.num_tokens - item.seq.num_computed_tokens > 1:
+                self._lead(item.seq, leaders)
+        return leaders
+
+    def _frontier(self, seq: Sequence) -> tuple[int, tuple[int, ...]] | None:
+        """A prompt's first page not in the prefix cache, keyed by the node it follows (None: no
+        full uncached page, or a sequence whose pages are never cached)."""
+        if seq.kv_pinned or seq.params.prompt_logprobs is not None:
+            return None
+        bs = self.kv.block_size
+        p = len(seq.cache_nodes)
+        if (p + 1) * bs > seq.num_prompt_tokens:
+            return None
+        parent = id(seq.cache_nodes[-1]) if seq.cache_nodes else 0
+        return parent, tuple(seq.token_ids[p * bs : (p + 1) * bs])
+
+    def _lead(self, seq: Sequence, leaders: dict[tuple[int, tuple[int, ...]], list[Sequence]]) -> None:
+        key = self._frontier(seq)
+        if key is not None:
+            leaders.setdefault(key, []).append(seq)
+
+    def _follows(self, seq: Sequence, leaders: dict[tuple[int, tuple[int, ...]], list[Sequence]]) -> bool:
+        """Whether a fresh prompt shares enough uncached pages with a prompt computing them now."""
+        key = self._frontier(seq)
+        if key is None or key not in leaders:
+            return False
+        bs = self.kv.block_size
+        p = len(seq.cache_nodes)
+        own = seq.num_prompt_tokens // bs - p  # full uncached pages of its prompt
+        for lead in leaders[key]:
+            end = min(seq.num_prompt_tokens, lead.num_prompt_tokens) // bs
+            shared = (
+                next(
+                    (
+                        j
+                        for j in range(p, end)
+                        if seq.token_ids[j * bs : (j + 1) * bs] != lead.token_ids[j * bs : (j + 1) * bs]
+                    ),
+                    end,
+                )
+                - p
+            )
+            if shared >= SHARE_MIN_PAGES and 4 * shared >= own:
+                return True
+        return False
 
     def _extend_cut_chunks(self, out: SchedulerOutput, budget: int) -> int:
         """Budget left after every sequence had its turn goes back to chunks cut to the threshold,
