@@ -97,6 +97,13 @@ class EngineConfig:
     min_shared_prefix_tokens: int = _flag(
         256, "shortest common prefix (tokens) for which decode rows attend to it together"
     )
+    deterministic: bool = _flag(
+        False,
+        "batch-invariant results: the same seed gives the same tokens with the prefix cache on or "
+        "off, chunked or not, alone or in any batch (every token attends through the per-row kernel, "
+        "every matmul through a kernel whose per-row sums do not depend on the batch; no shared-prefix "
+        "attention); needs the CPU kernels; costs prefill speed (README: Deterministic mode)",
+    )
     enable_cpu_kernels: bool = _flag(
         True, "the optional C++ CPU kernels (FORKLLM_KERNELS=0 also turns them off); off = PyTorch ops"
     )

@@ -10,6 +10,7 @@ engine/tree.py, token append and outputs in engine/output_processor.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -73,6 +74,13 @@ class LLMEngine:
         self.kv_spec = size_kv_cache(config, mcfg, place)
         self.kv = KVCacheManager(self.kv_spec.num_blocks, config.block_size, config.enable_prefix_caching)
         kernels = Kernels.resolve(config.enable_cpu_kernels, self.device, self.dtype, mcfg)
+        if config.deterministic:
+            if not kernels.paged_decode:
+                raise ValueError(
+                    "deterministic=True needs the C++ CPU kernels with paged attention for this model "
+                    "(enable_cpu_kernels, a CPU device, FORKLLM_KERNELS not 0)"
+                )
+            kernels = dataclasses.replace(kernels, batch_invariant=True)
         self.runner = ModelRunner(
             loaded.model,
             mcfg,
@@ -81,7 +89,7 @@ class LLMEngine:
             self.dtype,
             self.device,
             kernels,
-            shared_prefix_attention=config.enable_shared_prefix_attention,
+            shared_prefix_attention=config.enable_shared_prefix_attention and not config.deterministic,
             min_shared_prefix_tokens=config.min_shared_prefix_tokens,
         )
         self.max_model_len = resolve_max_model_len(config, mcfg, self.kv_spec)

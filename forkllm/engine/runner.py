@@ -163,6 +163,8 @@ class ModelRunner:
         # token), each seeing the context up to itself: causal verification of the chain.
         decodes = [s for s in sched.scheduled if s.num_new_tokens == 1 or s.draft]
         chunks = [s for s in sched.scheduled if s.num_new_tokens != 1 and not s.draft]
+        if self.kernels.batch_invariant:  # deterministic: every token is a row of the row kernel
+            decodes, chunks = list(sched.scheduled), []
 
         input_ids: list[int] = []
         positions: list[int] = []
@@ -177,7 +179,10 @@ class ModelRunner:
             seq = s.seq
             pos = seq.num_computed_tokens
             table = seq.block_table
-            for j, token in enumerate((seq.token_ids[pos], *s.draft)):
+            tokens = (
+                (seq.token_ids[pos], *s.draft) if s.draft else seq.token_ids[pos : pos + s.num_new_tokens]
+            )
+            for j, token in enumerate(tokens):
                 p = pos + j
                 input_ids.append(token)
                 positions.append(p - seq.position_shift)

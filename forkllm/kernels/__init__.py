@@ -227,6 +227,9 @@ class Kernels:
     shared_prefix_fused: bool = False
     # the packed bf16 GEMM (AVX512-BF16 CPUs without AMX); bf16 weights only
     packed_gemm: bool = False
+    # deterministic mode: every matmul through a kernel whose per-row result does not depend on
+    # how many rows it runs with (the packed GEMM, else the GEMV in slices of its row limit)
+    batch_invariant: bool = False
 
     @classmethod
     def disabled(cls) -> Kernels:

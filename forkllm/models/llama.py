@@ -53,6 +53,20 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
     return F.linear(x, w, b)
 
 
+def gemv_rows(ops: KernelOps, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T through the GEMV, SMALL_BATCH_ROWS rows at a time: each row's sums run in the same
+    order whatever the number of rows (deterministic mode's matmul where the packed GEMM does not
+    run; one call for a decode-sized batch)."""
+    x = x.contiguous()
+    if x.shape[0] == 0:
+        return x.new_empty((0, w.shape[0]))
+    if x.shape[0] <= SMALL_BATCH_ROWS:
+        return ops.small_linear(x, w, b)
+    return torch.cat(
+        [ops.small_linear(x[i : i + SMALL_BATCH_ROWS], w, b) for i in range(0, x.shape[0], SMALL_BATCH_ROWS)]
+    )
+
+
 class Linear(nn.Linear):
     """nn.Linear that, once given the CPU kernels, routes decode-sized inputs to a multi-threaded
     GEMV, or, for bf16 weights on CPUs with AVX512-BF16 and no AMX, every input to the packed GEMM.
@@ -61,12 +75,14 @@ class Linear(nn.Linear):
 
     ops: KernelOps | None = None
     packed: torch.Tensor | None = None  # set only together with ops
+    invariant = False  # Kernels.batch_invariant: unpacked weights go through the GEMV at any rows
 
     def set_kernels(self, kernels: Kernels) -> None:
         if self.packed is not None and not kernels.packed_gemm:
             self.weight = nn.Parameter(unpack_weight(self.packed, self.out_features), requires_grad=False)
             self.packed = None
         self.ops = kernels.ops
+        self.invariant = kernels.batch_invariant
         if self.packed is None and packs(kernels, self.weight):
             self.packed = pack_weight(self.weight.detach())
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
@@ -76,8 +92,8 @@ class Linear(nn.Linear):
         if ops is not None:
             if self.packed is not None:
                 return ops.packed_linear(x.contiguous(), self.packed, self.out_features, self.bias)
-            if 0 < x.shape[0] <= SMALL_BATCH_ROWS:
-                return ops.small_linear(x.contiguous(), self.weight, self.bias)
+            if 0 < x.shape[0] <= SMALL_BATCH_ROWS or self.invariant:
+                return gemv_rows(ops, x, self.weight, self.bias)
         return dense_linear(x, self.weight, self.bias)
 
 
@@ -212,6 +228,7 @@ class LlamaForCausalLM(nn.Module):
         and rotary embedding through the fused elementwise kernels (`Kernels.disabled()`: PyTorch,
         weights restored to their row-major layout). Called once, when the engine starts."""
         self.ops = kernels.ops
+        self.invariant = kernels.batch_invariant
         for m in self.modules():
             if isinstance(m, Linear):
                 m.set_kernels(kernels)
@@ -223,6 +240,7 @@ class LlamaForCausalLM(nn.Module):
 
     ops: KernelOps | None = None
     packed_logits: torch.Tensor | None = None  # set only together with ops
+    invariant = False  # Kernels.batch_invariant
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits in float32 for the selected rows only."""
@@ -235,6 +253,6 @@ class LlamaForCausalLM(nn.Module):
         if ops is not None:
             if self.packed_logits is not None:
                 return ops.packed_linear(hidden.contiguous(), self.packed_logits, w.shape[0], None, True)
-            if 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
-                return ops.small_linear(hidden.contiguous(), w, None).float()
+            if 0 < hidden.shape[0] <= SMALL_BATCH_ROWS or self.invariant:
+                return gemv_rows(ops, hidden, w, None).float()
         return dense_linear(hidden, w).float()
