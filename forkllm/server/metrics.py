@@ -66,6 +66,18 @@ class ServerMetrics:
             "forkllm_prompt_tokens_computed", "prompt tokens whose KV was computed (not reused)", registry=r
         )
         # speculative decoding (0 when off)
+        # One series per replica (forkllm serve --replicas): the same gauges, labelled.
+        self.replica = {
+            key: Gauge(f"forkllm_replica_{key}", help, ["replica"], registry=r)
+            for key, help in (
+                ("alive", "1 while the replica answers"),
+                ("running_seqs", "sequences in the replica's running batch"),
+                ("waiting_seqs", "sequences waiting in the replica"),
+                ("kv_pages_in_use", "KV pages held by the replica's sequences"),
+                ("prefix_cache_hit_rate", "the replica's prefix cache hit rate"),
+                ("generation_tokens", "tokens the replica generated"),
+            )
+        }
         self.spec = {
             key: Gauge(f"forkllm_{key}", help, registry=r)
             for key, help in (
@@ -88,6 +100,11 @@ class ServerMetrics:
         self.prompt_computed.set(m.get("prompt_tokens_computed", 0))
         for key, gauge in self.spec.items():
             gauge.set(m.get(key, 0))
+        for name, value in m.items():
+            if name.startswith("replica."):
+                _, replica, key = name.split(".", 2)
+                if key in self.replica:
+                    self.replica[key].labels(replica=replica).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

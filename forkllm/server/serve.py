@@ -112,6 +112,29 @@ def add_serve_parser(sub: Any) -> None:
         'model\'s), llama3_json ({"name": ..., "parameters": ...}) or pythonic ([f(a=1)]); '
         "templates without tools get the tools and past calls written in this format",
     )
+    r = s.add_argument_group(
+        "replicas (one engine per Ray actor behind this endpoint; pip install 'forkllm[replicas]')"
+    )
+    r.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="engine replicas (default 1: one engine in this process, no Ray)",
+    )
+    r.add_argument(
+        "--ray-address",
+        default=None,
+        help="an existing Ray cluster ('auto' or host:port; default: start a local one on this machine)",
+    )
+    r.add_argument(
+        "--router",
+        choices=["prefix", "least_loaded", "round_robin"],
+        default="prefix",
+        help="how requests are spread: by prompt prefix while loads are balanced (default), to the "
+        "least loaded replica, or in turn; a request's whole tree stays on one replica",
+    )
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica actor reserves")
+    r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica actor reserves")
     _add_limit_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -188,8 +211,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser,
     )
 
+    if args.replicas < 1:
+        raise SystemExit(f"forkllm serve: --replicas must be >= 1, got {args.replicas}")
+
     def factory() -> EngineClient:
-        client = LocalEngineClient(AsyncEngine(LLMEngine(EngineConfig(**kw))))
+        client: EngineClient
+        if args.replicas > 1 or args.ray_address is not None:
+            from forkllm.server.replicas.client import RayEngineClient
+
+            client = RayEngineClient(
+                kw,
+                args.replicas,
+                router=args.router,
+                ray_address=args.ray_address,
+                cpus_per_replica=args.cpus_per_replica,
+                gpus_per_replica=args.gpus_per_replica,
+            )
+        else:
+            client = LocalEngineClient(AsyncEngine(LLMEngine(EngineConfig(**kw))))
         print(f"forkllm serve: {client.describe()}", flush=True)
         print(
             f"forkllm serve: model '{name}' ready on http://{args.host}:{args.port}/v1"

@@ -23,7 +23,8 @@ router = APIRouter()
 @router.get("/health")
 async def health(state: AppState) -> Response:
     if state.engine is not None and state.engine.is_running and state.load_error is None:
-        return JSONResponse({"status": "ok"})
+        replicas = getattr(state.engine, "replica_status", None)  # forkllm serve --replicas
+        return JSONResponse({"status": "ok", **({"replicas": replicas()} if replicas else {})})
     status = "failed" if state.load_error is not None else "loading"
     return JSONResponse({"status": status}, status_code=503)
 

@@ -1,0 +1,66 @@
+"""One engine replica as a Ray actor: an AsyncEngine with its own model and KV cache, driven on
+the actor's event loop. Outputs stream back one RequestOutput per item of a Ray streaming
+generator (nothing is buffered whole); cancelling the generator, or `abort`, aborts the request
+in the engine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from forkllm.engine.async_engine import AsyncEngine
+from forkllm.engine.config import EngineConfig
+from forkllm.engine.inputs import PromptInput
+from forkllm.engine.llm_engine import LLMEngine
+from forkllm.engine.outputs import RequestOutput
+from forkllm.engine.policy import TreePolicy
+from forkllm.engine.sampling_params import SamplingParams
+
+
+class EngineReplica:
+    """The actor's class (replicas/client.py wraps it with `ray.remote` and its resources)."""
+
+    def __init__(self, engine_kwargs: dict[str, Any], index: int, threads: int | None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.index = index
+        self.engine = AsyncEngine(LLMEngine(EngineConfig(**engine_kwargs)))
+
+    def info(self) -> dict[str, Any]:
+        """What the front end needs to validate and render requests without a model."""
+        e = self.engine.engine
+        return {
+            "tokenizer": e.tokenizer,
+            "vocab_size": e.model_config.vocab_size,
+            "max_model_len": e.max_model_len,
+            "eos_token_ids": list(e.eos_token_ids),
+            "describe": e.describe(),
+            "pid": os.getpid(),
+        }
+
+    async def generate(
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int
+    ) -> AsyncIterator[RequestOutput]:
+        async for out in self.engine.generate(prompt, params, request_id, priority):
+            yield out
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    async def run_policy(self, policy: TreePolicy[Any], prompt_ids: list[int], question: str) -> Any:
+        return await self.engine.run_policy(policy, prompt_ids, question)
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.engine.metrics_snapshot)
+
+    def load(self) -> dict[str, int]:
+        return {"waiting": self.engine.num_waiting, "pending_tokens": self.engine.pending_tokens}
+
+    def healthy(self) -> bool:
+        return self.engine.is_running
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

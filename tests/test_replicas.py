@@ -1,0 +1,183 @@
+"""Many replicas behind one endpoint (forkllm/server/replicas): the router on its own, then a local
+Ray cluster with two tiny replicas behind the real app: routing by prefix, a fork group on one
+replica, streaming, disconnect, a killed replica's requests retried, metrics per replica."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from forkllm.server.replicas.router import Router
+
+
+def _ids(seed: int, n: int = 64) -> list[int]:
+    return [(seed * 1000 + j) % 40_000 + 10 for j in range(n)]
+
+
+# ---- the router ----------------------------------------------------------------------------------
+def test_prefix_routing_keeps_a_prefix_on_its_replica():
+    r = Router(3, "prefix")
+    first = {s: r.pick(_ids(s)) for s in range(3)}
+    assert sorted(first.values()) == [0, 1, 2]  # new prefixes spread to the least used
+    for s in range(3):  # the same system prompt with another question: where it went before
+        assert r.pick(_ids(s) + [7, 8, 9] * 10) == first[s]
+    assert [load.prefix_pages for load in r.loads] == [4, 4, 4]
+
+
+def test_an_imbalanced_load_goes_to_the_least_loaded_replica():
+    r = Router(2, "prefix", balance_abs=2, balance_rel=1.5)
+    home = r.pick(_ids(1))
+    for _ in range(5):
+        r.started(home)
+    assert r.pick(_ids(1)) != home  # its prefix is there, but that replica is far busier
+    for _ in range(5):
+        r.finished(home)
+    assert r.pick(_ids(1)) == home
+
+
+def test_round_robin_and_least_loaded_and_dead_replicas():
+    rr = Router(3, "round_robin")
+    assert [rr.pick(_ids(0)) for _ in range(6)] == [0, 1, 2, 0, 1, 2]
+    ll = Router(2, "least_loaded")
+    ll.started(0)
+    assert ll.pick(_ids(0)) == 1
+    ll.mark(1, False)
+    assert ll.pick(_ids(0)) == 0 and ll.pick(_ids(0), exclude=[1]) == 0
+    ll.mark(0, False)
+    with pytest.raises(RuntimeError, match="no live replica"):
+        ll.pick(_ids(0))
+    with pytest.raises(ValueError, match="router must be one of"):
+        Router(2, "random")
+
+
+# ---- two replicas on a local Ray cluster ---------------------------------------------------------
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from test_server import LiveServer  # noqa: E402
+
+from forkllm.server.app import ServerConfig, create_app  # noqa: E402
+from forkllm.server.replicas.client import RayEngineClient  # noqa: E402
+
+TINY = dict(
+    model="tiny", load_format="dummy", dtype="float32", kv_cache_memory="64MiB", seed=0, max_model_len=2048
+)
+SYSTEM = "You are a careful assistant who answers in one line. " * 8
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    client = RayEngineClient(TINY, 2, ray_init={"object_store_memory": 80 * 1024**2}, poll_seconds=0.2)
+    srv = LiveServer(create_app(ServerConfig(served_model_name="tiny"), engine=client))
+    yield client, srv
+    srv.stop()
+    ray.shutdown()
+
+
+def _chat(srv, question: str, **kw) -> dict:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+    }
+    r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "max_tokens": 4, **kw}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _metric(srv, name: str) -> float:
+    text = httpx.get(srv.url + "/metrics", timeout=10).text
+    line = next(ln for ln in text.splitlines() if ln.startswith(name))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_a_shared_system_prompt_lands_on_one_replica_and_n_samples_stay_together(replicas):
+    client, srv = replicas
+    before = [load.routed for load in client.router.loads]
+    _chat(srv, "Name a color.")
+    after_first = [load.routed for load in client.router.loads]
+    home = next(i for i in range(2) if after_first[i] > before[i])
+    for q in ("Name a fruit.", "Name a city."):
+        _chat(srv, q)
+    assert client.router.loads[home].routed - before[home] == 3  # the whole conversation family
+    r = _chat(srv, "Name four animals.", n=4, temperature=1.0)
+    assert sorted(c["index"] for c in r["choices"]) == [0, 1, 2, 3]
+    time.sleep(0.6)  # the client polls the replicas' metrics
+    forks = [client.metrics().get(f"replica.{i}.forks", 0.0) for i in range(2)]
+    assert forks[home] >= 3 and forks[1 - home] == 0  # the 3 forks of n=4 ran where the prompt did
+
+
+def test_streaming_through_a_replica(replicas):
+    _, srv = replicas
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        lines = [ln for ln in resp.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 4
+
+
+def test_a_client_that_leaves_aborts_on_its_replica(replicas):
+    client, srv = replicas
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        next(resp.iter_lines())
+    deadline = time.time() + 20
+    while any(w for w in client._work) or client.metrics().get("running_seqs", 0) > 0:
+        assert time.time() < deadline, "the request kept running after its client left"
+        time.sleep(0.2)
+
+
+def test_metrics_and_health_per_replica(replicas):
+    _, srv = replicas
+    _chat(srv, "hello")
+    time.sleep(0.5)
+    assert _metric(srv, 'forkllm_replica_alive{replica="0"}') == 1.0
+    assert _metric(srv, 'forkllm_replica_alive{replica="1"}') == 1.0
+    health = httpx.get(srv.url + "/health", timeout=10).json()
+    assert [r["status"] for r in health["replicas"]] == ["ok", "ok"]
+
+
+def _wait_all_alive(client, seconds: float = 90) -> None:
+    deadline = time.time() + seconds
+    while not all(load.alive for load in client.router.loads):
+        assert time.time() < deadline, "Ray did not bring the replica back"
+        time.sleep(0.5)
+
+
+def test_a_killed_replica_is_routed_around_and_comes_back(replicas):
+    client, srv = replicas
+    prompt = _ids(99, 80)
+    home = client.router.pick(prompt)  # this prompt's home from now on (the pick is recorded)
+    ray.kill(client.actors[home], no_restart=False)
+    retries = client.retries
+    r = httpx.post(
+        srv.url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 4}, timeout=60
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    # retried on the other replica, or routed there at once when the poll saw the death first
+    assert client.retries == retries + 1 or not client.router.loads[home].alive
+    _wait_all_alive(client)
+    assert httpx.get(srv.url + "/health", timeout=10).json()["replicas"][home]["status"] == "ok"
+
+
+def test_a_stream_cut_by_its_replica_dying_ends_with_an_error(replicas):
+    client, srv = replicas
+    _wait_all_alive(client)
+    body = {"model": "tiny", "prompt": _ids(7, 40), "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        first = next(ln for ln in lines if ln.startswith("data: "))
+        assert '"text"' in first
+        where = next(i for i, w in enumerate(client._work) if w)
+        ray.kill(client.actors[where], no_restart=False)
+        rest = [ln for ln in lines if ln.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert any('"error"' in ln and "died" in ln for ln in rest)
+    _wait_all_alive(client)
