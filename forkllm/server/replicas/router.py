@@ -73,7 +73,7 @@ class Router:
     policy: str = "prefix"
     page: int = 16
     capacity: int = 1 << 18  # pages remembered per replica
-    balance_abs: int = 8
+    balance_abs: int = 32
     balance_rel: float = 1.5
     loads: list[ReplicaLoad] = field(init=False)
     indexes: list[PrefixIndex] = field(init=False)
