@@ -52,6 +52,21 @@ def test_round_robin_and_least_loaded_and_dead_replicas():
         Router(2, "random")
 
 
+def test_the_simulator_shows_prefix_routing_keeping_each_cache_warm():
+    """Replicas on paper (bench/replica_sim.py): 4 replicas, 16 system prompts, caches that hold
+    8 each: prefix routing keeps every replica's share cached, round-robin thrashes all of them."""
+    from forkllm.bench.replica_sim import Costs, make_trace, simulate
+
+    trace = make_trace(16, 320, 20, 2.0, 400, 16, seed=1)
+    prefix = simulate(trace, 4, "prefix", Costs(), cache_tokens=8 * 320)
+    rr = simulate(trace, 4, "round_robin", Costs(), cache_tokens=8 * 320)
+    assert prefix["completed"] == rr["completed"] == 400
+    assert prefix["hit_rate"] > 0.8 and prefix["hit_rate"] > 2 * rr["hit_rate"]
+    assert prefix["ttft_mean"] < rr["ttft_mean"]
+    split = simulate(trace, 4, "prefix", Costs(), cache_tokens=8 * 320, split=1)
+    assert split["completed"] == 400
+
+
 # ---- two replicas on a local Ray cluster ---------------------------------------------------------
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
