@@ -217,3 +217,28 @@ def test_saved_json_keeps_rows_with_notes(tmp_path: Path) -> None:
     md = save(tmp_path, "w1", "# t", rows, {"ratios": []})
     data = json.loads(md.with_suffix(".json").read_text())
     assert data["rows"][1]["note"] == "x" and data["ratios"] == []
+
+
+def test_vllm_engine_failure_names_the_root_cause(tmp_path: Path) -> None:
+    python = fake_python(
+        tmp_path,
+        'print("(Worker pid=1) ERROR ValueError: Available memory on node 0 is too low", flush=True)\n'
+        'json.dump({"ok": False, "error": "RuntimeError: Engine core initialization failed. '
+        'See root cause above."}, open(res_path, "w"))\nsys.exit(1)',
+    )
+    res = peers.run_peer(python, REQUEST)
+    assert not res.ok and not res.not_installed
+    assert res.error.endswith("[ValueError: Available memory on node 0 is too low]")
+
+
+def test_greedy_peer_row_says_how_far_it_agrees_with_forkllm(tmp_path: Path) -> None:
+    body = ECHO_PEER.replace('"note": "fake"', '"note": "fake", "first_tokens": [5, 6, 7, 9]')
+    python = fake_python(tmp_path, body)
+    args = _args(tmp_path, "llamacpp", llamacpp_python=str(python))
+    req = [[1, 2, 3]]
+    rows, info = peers.subprocess_peer_rows(
+        args, "throughput", req, 4, reference=("forkllm bfloat16", [5, 6, 7, 8])
+    )
+    assert rows[0].note == "fake; greedy tokens of prompt 1 match forkllm bfloat16 for 3/4"
+    assert info["llamacpp"]["first_tokens"] == [5, 6, 7, 9]
+    assert peers.agreement([1, 2], [1, 2, 3]) == 2 and peers.agreement([], [1]) == 0

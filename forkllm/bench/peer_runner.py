@@ -46,6 +46,19 @@ def _expected_tokens(req: dict[str, Any]) -> int:
     return len(req["prompts"]) * int(req.get("n", 1)) * int(req["output_len"])
 
 
+def _vllm_kv_bytes(folder: str, tokens: int) -> int:
+    """Twice the bf16 KV bytes `tokens` need (from the model's config.json), at least 1 GiB."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+        heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        per_token = 2 * cfg["num_hidden_layers"] * heads * head_dim * 2
+    except (OSError, KeyError, ValueError):
+        return 4 << 30
+    return max(1 << 30, 2 * per_token * tokens)
+
+
 # ---- vLLM --------------------------------------------------------------------------------------
 def run_vllm(req: dict[str, Any]) -> dict[str, Any]:
     try:
@@ -67,6 +80,9 @@ def run_vllm(req: dict[str, Any]) -> dict[str, Any]:
     total_seqs = len(prompts) * n
     if total_seqs > 256:
         kw["max_num_seqs"] = total_seqs
+    # A KV cache sized to the workload: vLLM's CPU default reserves a fraction of the node's memory
+    # and refuses to start when less than that is free.
+    kw["kv_cache_memory_bytes"] = _vllm_kv_bytes(req["model"], total_seqs * max_len)
     kw.update(req.get("engine_kwargs") or {})
     t0 = time.perf_counter()
     llm = LLM(**kw)
@@ -82,6 +98,7 @@ def run_vllm(req: dict[str, Any]) -> dict[str, Any]:
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
     runs: list[dict[str, float]] = []
+    first: list[int] = []  # the first sequence's tokens (of the last run), for a sanity check
     if workload in ("throughput", "parallel"):
         if n > 1 or float(req.get("temperature", 0)) > 0:
             sp_kw: dict[str, Any] = dict(
@@ -103,6 +120,7 @@ def run_vllm(req: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
             outs = llm.generate(prompts, sp, use_tqdm=False)
             runs.append({"seconds": time.perf_counter() - t0, "tokens": count(outs)})
+            first = list(outs[0].outputs[0].token_ids)
     elif workload == "latency":
         from vllm.sampling_params import RequestOutputKind
 
@@ -122,10 +140,12 @@ def run_vllm(req: dict[str, Any]) -> dict[str, Any]:
             stamps: list[float] = []  # one per generated token
             t0 = time.perf_counter()
             engine.add_request(f"w4-{rep}", prompts[0], sp)
+            first = []
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     now = time.perf_counter()
                     stamps += [now] * sum(len(c.token_ids) for c in out.outputs)
+                    first += out.outputs[0].token_ids
             runs.append(
                 {
                     "ttft": stamps[0] - t0,
@@ -141,6 +161,7 @@ def run_vllm(req: dict[str, Any]) -> dict[str, Any]:
         "dtype": kw["dtype"],
         "load_seconds": load,
         "runs": runs,
+        "first_tokens": first,
         "note": note,
     }
 
@@ -183,14 +204,17 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
     lc.llama_model_desc(model, buf, len(buf))
     desc = buf.value.decode(errors="replace")
     # One KV stream per sequence (attention reads only its own cells); a prompt's KV is computed
-    # once and copied to its n samples with llama_memory_seq_cp.
+    # once and copied to its n samples with llama_memory_seq_cp. Each prompt is prefilled in its
+    # own llama_decode. On the 2-core test machine this beat a unified KV cache (the prompt's cells
+    # shared, but every query scans all cells) and prompts packed into one batch: W2 224 s vs
+    # 253 s unified; W1's prefill 36 s per prompt vs 43-48 s packed.
     kv_unified = bool(req.get("kv_unified", False))
+    per_prompt = bool(req.get("prefill_per_prompt", True))
     per_seq = max(len(p) for p in prompts) + out_len + 1
     cparams = lc.llama_context_default_params()
     cparams.n_seq_max = n_seqs
     cparams.n_ctx = per_seq * n_seqs
-    n_batch = max(2048, n_seqs)
-    cparams.n_batch = n_batch
+    cparams.n_batch = max(2048, n_seqs)
     cparams.n_ubatch = max(512, n_seqs)
     cparams.n_threads = threads
     cparams.n_threads_batch = threads
@@ -199,6 +223,9 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
     if not ctx:
         raise RuntimeError("llama.cpp could not create its context")
     mem = lc.llama_get_memory(ctx)
+    n_batch = lc.llama_n_batch(ctx)  # llama.cpp caps it at n_ctx
+    if n_batch < n_seqs:
+        raise RuntimeError(f"llama.cpp batch of {n_batch} tokens cannot hold {n_seqs} sequences")
     batch = lc.llama_batch_init(n_batch, 0, 1)
     load = time.perf_counter() - t0
 
@@ -234,12 +261,15 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
         """Prefill every prompt (chunks of n_batch tokens), fork its KV to n samples, then one
         llama_decode per step for all sequences. Returns the number of generated tokens; `stamps`
         gets the time each step's tokens were sampled."""
-        lc.llama_memory_clear(mem, True)
+        # the caller clears the memory first (not timed)
         last: dict[int, int] = {}  # seq -> last sampled token
-        # prefill: prompt p runs as sequence p * n
-        flat = [(p, j) for p in range(len(prompts)) for j in range(len(prompts[p]))]
-        for start in range(0, len(flat), n_batch):
-            chunk = flat[start : start + n_batch]
+        # prefill: prompt p runs as sequence p * n, in batches of up to n_batch tokens that pack
+        # several prompts (per_prompt: one prompt per batch)
+        spans = [[(p, j) for j in range(len(prompts[p]))] for p in range(len(prompts))]
+        if not per_prompt:
+            spans = [[t for span in spans for t in span]]
+        chunks = [span[i : i + n_batch] for span in spans for i in range(0, len(span), n_batch)]
+        for chunk in chunks:
             ends: list[tuple[int, int]] = []  # (prompt, batch index of its last token)
             for i, (p, j) in enumerate(chunk):
                 is_last = j == len(prompts[p]) - 1
@@ -264,6 +294,7 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
                         last[p * n + s] = t
         if stamps is not None:
             stamps.append(time.perf_counter())
+        first[:] = [last[0]]
         generated = len(last)
         pos = {p * n + s: len(prompts[p]) for p in range(len(prompts)) for s in range(n)}
         seqs = sorted(last)
@@ -274,21 +305,28 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
             decode(len(seqs))
             for seq, t in zip(seqs, sample(list(range(len(seqs)))), strict=True):
                 last[seq] = t
+            first.append(last[0])
             generated += len(seqs)
             if stamps is not None:
                 stamps.append(time.perf_counter())
         return generated
 
+    first: list[int] = []  # the first sequence's tokens (of the last run), for a sanity check
     runs: list[dict[str, float]] = []
     if workload in ("throughput", "parallel"):
+        lc.llama_memory_clear(mem, True)
         generate(prompts[: max(1, min(8, len(prompts)))], 8)  # warm-up
         for _ in range(int(req["reps"])):
             lc.llama_memory_clear(mem, True)
+            steps: list[float] = []
             t0 = time.perf_counter()
-            tokens = generate(prompts, out_len)
-            runs.append({"seconds": time.perf_counter() - t0, "tokens": tokens})
+            tokens = generate(prompts, out_len, steps)
+            runs.append(
+                {"seconds": time.perf_counter() - t0, "tokens": tokens, "prefill_seconds": steps[0] - t0}
+            )
     elif workload == "latency":
-        generate(prompts[:1], 16)
+        lc.llama_memory_clear(mem, True)
+        generate(prompts[:1], 16)  # warm-up
         for _ in range(int(req["reps"])):
             lc.llama_memory_clear(mem, True)
             stamps: list[float] = []
@@ -314,6 +352,7 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
         "dtype": f"{wtype} GGUF",
         "load_seconds": load,
         "runs": runs,
+        "first_tokens": first,
         "note": f"{desc}; low-level batched API, {'unified KV' if kv_unified else 'one KV stream per sequence'}, "
         f"{threads} threads",
     }

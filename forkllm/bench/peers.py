@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -104,6 +105,15 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def _root_cause(log: str) -> str:
+    """The first `SomethingError: message` line of a log (e.g. from a peer's child process)."""
+    for line in log.splitlines():
+        m = re.search(r"\b([A-Z]\w*(?:Error|Exception)): (.+)", line)
+        if m:
+            return f"{m.group(1)}: {m.group(2).strip()}"
+    return ""
+
+
 def _exit_reason(rc: int) -> str:
     if rc < 0:
         try:
@@ -156,10 +166,14 @@ def run_peer(
             False, error=f"{_exit_reason(rc)}: {last}" if last else _exit_reason(rc), log=log_path
         )
     if not data.get("ok"):
+        error = str(data.get("error") or _last_line(log_text) or _exit_reason(rc))
+        if "root cause" in error:  # vLLM's engine process died; its own error is earlier in the log
+            cause = _root_cause(log_text)
+            error += f" [{cause}]" if cause else ""
         return PeerResult(
             False,
             data,
-            error=str(data.get("error") or _last_line(log_text) or _exit_reason(rc)),
+            error=error,
             not_installed=bool(data.get("not_installed")) or rc == NOT_INSTALLED_EXIT,
             log=log_path,
         )
@@ -225,8 +239,11 @@ def subprocess_peer_rows(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    reference: tuple[str, list[int]] | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
-    """One row per requested vLLM / llama.cpp peer, and what each reported (for the JSON)."""
+    """One row per requested vLLM / llama.cpp peer, and what each reported (for the JSON).
+    `reference`: (label, forkllm's greedy tokens for the first prompt); a greedy peer's row says
+    for how many leading tokens it agrees (a check that both got the same token ids)."""
     rows: list[Row] = []
     info: dict[str, Any] = {}
     threads = getattr(args, "num_threads", None) or os.cpu_count() or 1
@@ -261,11 +278,18 @@ def subprocess_peer_rows(
         wall = time.perf_counter() - t0
         if result.ok:
             metrics, samples = metrics_from_runs(workload, result.data["runs"])
+            notes = [str(result.data.get("note") or "")]
+            theirs = result.data.get("first_tokens") or []
+            if reference is not None and temperature == 0 and theirs:
+                label, ours = reference
+                notes.append(
+                    f"greedy tokens of prompt 1 match {label} for {agreement(ours, theirs)}/{len(ours)}"
+                )
             row = Row(
                 spec.system + (f" {result.data['version']}" if result.data.get("version") else ""),
                 str(result.data.get("dtype") or spec.dtype),
                 metrics,
-                note=str(result.data.get("note") or ""),
+                note="; ".join(x for x in notes if x),
                 samples=samples,
             )
         else:
@@ -277,10 +301,24 @@ def subprocess_peer_rows(
             "error": result.error,
             "log": str(result.log) if result.log else None,
             "wall_seconds": wall,
-            **{k: v for k, v in result.data.items() if k in ("version", "load_seconds", "dtype", "runs")},
+            **{
+                k: v
+                for k, v in result.data.items()
+                if k in ("version", "load_seconds", "dtype", "runs", "first_tokens")
+            },
         }
         print(f"{row.system} {row.dtype}: {describe(row)}", flush=True)
     return rows, info
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
+    k = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        k += 1
+    return k
 
 
 def in_process_row(system: str, dtype: str, fn: Callable[[], Row]) -> Row:

@@ -212,9 +212,11 @@ def bench_throughput(args: argparse.Namespace) -> int:
     lim = roofline.measure_limits()
     rows: list[Row] = []
     prompts_ids: list[list[int]] = []
+    reference: tuple[str, list[int]] | None = None
     cfg = None
     for dtype in _dtypes(args):
         llm = LLM(**_engine_kwargs(args, dtype))
+        dtype = str(llm.engine.dtype).removeprefix("torch.")  # "auto" resolved
         cfg = llm.engine.model_config
         prompts_ids = [
             p.token_ids for p in make_prompts(llm.get_tokenizer(), n_prompts, lo, hi, args.workload_seed)
@@ -228,6 +230,7 @@ def bench_throughput(args: argparse.Namespace) -> int:
             outs = llm.generate(prompts_ids, sp, use_tqdm=False)
             times.append(time.perf_counter() - t0)
             assert sum(len(o.outputs[0].token_ids) for o in outs) == n_prompts * out_len
+        reference = reference or (f"forkllm {dtype}", list(outs[0].outputs[0].token_ids))
         t = median(times)
         total_flops = sum(
             roofline.flops_per_token(cfg, len(p)) * len(p)
@@ -278,7 +281,7 @@ def bench_throughput(args: argparse.Namespace) -> int:
 
         rows.append(in_process_row("hf-transformers", "float32", hf))
         print(f"hf float32: {describe(rows[-1])}", flush=True)
-    peer_rows, peer_info = subprocess_peer_rows(args, "throughput", prompts_ids, out_len)
+    peer_rows, peer_info = subprocess_peer_rows(args, "throughput", prompts_ids, out_len, reference=reference)
     rows += peer_rows
     md = _header(
         f"W1 throughput: {n_prompts} prompts of {lo}-{hi} tokens, {out_len} output tokens, greedy, "
@@ -313,8 +316,10 @@ def bench_latency(args: argparse.Namespace) -> int:
     lim = roofline.measure_limits()
     rows: list[Row] = []
     prompt: list[int] = []
+    reference: tuple[str, list[int]] | None = None
     for dtype in _dtypes(args):
         llm = LLM(**_engine_kwargs(args, dtype))
+        dtype = str(llm.engine.dtype).removeprefix("torch.")  # "auto" resolved
         cfg = llm.engine.model_config
         prompt = make_prompts(llm.get_tokenizer(), 1, plen, plen, args.workload_seed)[0].token_ids
         engine = llm.engine
@@ -327,7 +332,9 @@ def bench_latency(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             engine.add_request(prompt, sp)
             while engine.has_unfinished_requests():
-                engine.step()
+                for out in engine.step():
+                    if out.finished and reference is None:
+                        reference = (f"forkllm {dtype}", list(out.outputs[0].token_ids))
                 stamps.append(time.perf_counter())
             ttfts.append(stamps[0] - t0)
             decodes.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
@@ -373,7 +380,7 @@ def bench_latency(args: argparse.Namespace) -> int:
 
         rows.append(in_process_row("hf-transformers", "float32", hf))
         print(f"hf float32: {describe(rows[-1])}", flush=True)
-    peer_rows, peer_info = subprocess_peer_rows(args, "latency", [prompt], out_len)
+    peer_rows, peer_info = subprocess_peer_rows(args, "latency", [prompt], out_len, reference=reference)
     rows += peer_rows
     md = _header(
         f"W4 single stream: {plen}-token prompt, {out_len} output tokens, greedy (median of {args.reps}; "
