@@ -359,7 +359,8 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
         "load_seconds": load,
         "runs": runs,
         "first_tokens": first,
-        "note": f"{desc}; low-level batched API, {'unified KV' if kv_unified else 'one KV stream per sequence'}, "
+        "model_desc": desc,  # llama.cpp's own size label (e.g. "256M" for SmolLM2-135M) is a bucket
+        "note": f"low-level batched API, {'unified KV' if kv_unified else 'one KV stream per sequence'}, "
         f"{threads} threads",
     }
 
