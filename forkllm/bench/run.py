@@ -22,6 +22,7 @@ from forkllm.bench.peers import (
     ratios,
     subprocess_peer_rows,
 )
+from forkllm.bench.replicas_bench import add_replicas_args
 from forkllm.bench.report import Row, machine_info, median, save, table
 from forkllm.bench.serve_bench import add_abuse_args
 from forkllm.engine.args import add_engine_args, engine_kwargs
@@ -48,6 +49,7 @@ def add_bench_parser(sub: Any) -> None:
             "tools",
             "speculative",
             "threads",
+            "replicas",
         ],
         help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream); parallel = W2 (8 prompts "
         "x n=16); prefix = W3 (64 requests sharing a 1,024-token system prompt, prefix cache on vs off); "
@@ -58,7 +60,8 @@ def add_bench_parser(sub: Any) -> None:
         "run inside the engine vs the usual client loop through the OpenAI server); speculative = W7 (16 "
         "input-grounded prompts, single stream and batched, plus W2 and W1, with and without speculation); "
         "threads = W8 (map-reduce of 8 documents x 4 chunks: in-engine threads joined by page or by "
-        "re-prefill, a client loop through the server, one sequential generation)",
+        "re-prefill, a client loop through the server, one sequential generation); replicas = forkllm serve "
+        "--replicas N with each router on one shared-prefix trace (prefix-cache hit rate, TTFT)",
     )
     b.add_argument(
         "--dtypes",
@@ -108,6 +111,7 @@ def add_bench_parser(sub: Any) -> None:
     )
     w5.add_argument("--label", default=None, help="name of the system under test in the report")
     add_abuse_args(w5)
+    add_replicas_args(b.add_argument_group("replicas (forkllm serve --replicas N, one server per router)"))
     b.add_argument(
         "--batches", default=None, help="structured: comma-separated batch sizes of the step-time rows (1,64)"
     )
@@ -138,8 +142,15 @@ def run_bench(args: argparse.Namespace) -> int:
         "tools": _w9,
         "speculative": _w7,
         "threads": _w8,
+        "replicas": _replicas,
     }
     return workloads[args.workload](args)
+
+
+def _replicas(args: argparse.Namespace) -> int:
+    from forkllm.bench.replicas_bench import bench_replicas
+
+    return bench_replicas(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
