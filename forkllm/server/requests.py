@@ -93,6 +93,29 @@ def max_tokens_for(
     return asked
 
 
+async def while_running(task: asyncio.Future[Any], queue: asyncio.Queue[T]) -> AsyncIterator[T]:
+    """The items put on `queue` while `task` runs, in order, then those left when it is done (a
+    streamed policy's events: the engine's thread puts them, the route writes them out)."""
+    while True:
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield getter.result()
+            continue
+        getter.cancel()
+        while not queue.empty():
+            yield queue.get_nowait()
+        return
+
+
+async def cancel_unfinished(task: asyncio.Future[Any]) -> None:
+    """A stream's end: a policy still running is cancelled (its client left: the tree is
+    aborted, its pages freed) and waited for."""
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def merged_outputs(
     state: ServerState,
     engine: EngineClient,

@@ -22,10 +22,12 @@ from forkllm.server.errors import APIError
 from forkllm.server.protocol import ChatCompletionRequest
 from forkllm.server.requests import (
     TREE_FIELDS,
+    cancel_unfinished,
     guard_stream,
     max_tokens_for,
     refuse_unapplied,
     unless_disconnected,
+    while_running,
 )
 from forkllm.server.responses import Envelope, chat_choice, chat_delta, finish_reason, sse
 from forkllm.server.state import ServerState
@@ -106,16 +108,9 @@ async def _stream(
     task = asyncio.ensure_future(engine.run_policy(policy, ids, question))
     try:
         yield stream.chunk([chat_delta(0, {"role": "assistant", "content": ""}, None, None)])
-        while feed is not None:
-            getter = asyncio.ensure_future(feed.queue.get())
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield feed.chunk(getter.result())
-                continue
-            getter.cancel()
-            for chunk in feed.drain():
-                yield chunk
-            break
+        if feed is not None:
+            async for tree_event in while_running(task, feed.queue):
+                yield feed.chunk(tree_event)
         try:
             result = await task
         except ValueError as e:
@@ -128,9 +123,7 @@ async def _stream(
         for event in stream.end():
             yield event
     finally:
-        if not task.done():
-            task.cancel()  # the client left: the tree is aborted, its pages freed
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_unfinished(task)
 
 
 def scaling_field(result: ScaleResult) -> dict[str, Any]:

@@ -33,10 +33,12 @@ from forkllm.server.limits import Limits
 from forkllm.server.protocol import ChatCompletionRequest
 from forkllm.server.requests import (
     TREE_FIELDS,
+    cancel_unfinished,
     guard_stream,
     max_tokens_for,
     refuse_unapplied,
     unless_disconnected,
+    while_running,
 )
 from forkllm.server.responses import Envelope, chat_choice, chat_delta, sse
 from forkllm.server.state import ServerState
@@ -167,15 +169,7 @@ async def _stream(
     task = asyncio.ensure_future(engine.run_policy(policy, ids, question))
     try:
         yield stream.chunk([chat_delta(0, {"role": "assistant", "content": ""}, None, None)])
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                if queue.empty():
-                    break
-                continue
-            ev = getter.result()
+        async for ev in while_running(task, queue):
             if isinstance(ev, TreeEvent):
                 yield feed.chunk(ev)
                 continue
@@ -195,6 +189,4 @@ async def _stream(
         for event in stream.end():
             yield event
     finally:
-        if not task.done():
-            task.cancel()  # the client left: the tree is aborted, its pages freed
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_unfinished(task)
