@@ -4,11 +4,17 @@ replica, streaming, disconnect, a killed replica's requests retried, metrics per
 
 from __future__ import annotations
 
+import ctypes
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import httpx
 import pytest
 
+from forkllm.server.replicas.cluster import call_in_lasting_thread
 from forkllm.server.replicas.router import Router
 
 
@@ -67,6 +73,31 @@ def test_the_simulator_shows_prefix_routing_keeping_each_cache_warm():
     assert split["completed"] == 400
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_spawned_off_the_main_thread_outlives_that_thread():
+    """Linux sends a child's parent-death signal when the thread that spawned it exits: Ray's
+    daemons, spawned so, died with `forkllm serve`'s loading thread. `call_in_lasting_thread`
+    spawns from a thread that lasts."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def spawn() -> subprocess.Popen:
+        return subprocess.Popen(["sleep", "60"], preexec_fn=lambda: libc.prctl(1, signal.SIGKILL, 0, 0, 0))
+
+    children: list[subprocess.Popen] = []
+    for how in (spawn, lambda: call_in_lasting_thread(spawn)):
+        t = threading.Thread(target=lambda how=how: children.append(how()))
+        t.start()
+        t.join()
+    plain, lasting = children
+    try:
+        assert plain.wait(10) == -signal.SIGKILL  # what happened to Ray's GCS and raylet
+        time.sleep(0.2)
+        assert lasting.poll() is None
+    finally:
+        lasting.kill()
+        lasting.wait()
+
+
 # ---- two replicas on a local Ray cluster ---------------------------------------------------------
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -85,7 +116,19 @@ SYSTEM = "You are a careful assistant who answers in one line. " * 8
 
 @pytest.fixture(scope="module")
 def replicas():
-    client = RayEngineClient(TINY, 2, ray_init={"object_store_memory": 80 * 1024**2}, poll_seconds=0.2)
+    # Built on a thread that ends at once, as `forkllm serve` builds it (its loading thread): the
+    # Ray daemons must outlive that thread (see test_the_ray_daemons_outlive_the_thread_that_started_them).
+    box: dict = {}
+
+    def build() -> None:
+        box["client"] = RayEngineClient(
+            TINY, 2, ray_init={"object_store_memory": 80 * 1024**2}, poll_seconds=0.2
+        )
+
+    loader = threading.Thread(target=build)
+    loader.start()
+    loader.join()
+    client = box["client"]
     srv = LiveServer(create_app(ServerConfig(served_model_name="tiny"), engine=client))
     yield client, srv
     srv.stop()
@@ -157,6 +200,16 @@ def test_metrics_and_health_per_replica(replicas):
     assert _metric(srv, 'forkllm_replica_alive{replica="1"}') == 1.0
     health = httpx.get(srv.url + "/health", timeout=10).json()
     assert [r["status"] for r in health["replicas"]] == ["ok", "ok"]
+
+
+def test_the_ray_daemons_outlive_the_thread_that_started_them(replicas):
+    """The fixture started the cluster on a thread that has ended: the GCS, raylet and helpers
+    still run (before the fix they were SIGKILLed then, and the driver died 60 s later)."""
+    node = ray._private.worker._global_node
+    kinds = {kind for kind, _ in node.live_processes()}
+    assert {"gcs_server", "raylet"} <= kinds
+    assert node.dead_processes() == []
+    assert ray.nodes()[0]["Alive"]
 
 
 def _wait_all_alive(client, seconds: float = 90) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from forkllm.engine.policy import TreePolicy
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.server.errors import APIError
 from forkllm.server.replicas.actor import EngineReplica
+from forkllm.server.replicas.cluster import init_ray
 from forkllm.server.replicas.router import Router
 from forkllm.tokenizer import Tokenizer
 
@@ -55,7 +57,9 @@ class RayEngineClient:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.router = Router(replicas, router)
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()  # then shutdown() stops (or leaves) the cluster
+        self._ray_stopped = threading.Event()
+        if self._owns_ray:
             init: dict[str, Any] = {
                 "address": ray_address,
                 "include_dashboard": False,
@@ -63,7 +67,7 @@ class RayEngineClient:
             }
             if ray_address is None:
                 init["num_cpus"] = max(int(cpus_per_replica * replicas), 1)
-            ray.init(**{**init, **(ray_init or {})})
+            init_ray({**init, **(ray_init or {})}, self._ray_stopped)  # outlives this thread
         actor: Any = ray.remote(EngineReplica).options(
             num_cpus=cpus_per_replica, num_gpus=gpus_per_replica, max_restarts=-1, max_task_retries=0
         )
@@ -251,6 +255,10 @@ class RayEngineClient:
         for a in self.actors:
             with contextlib.suppress(Exception):
                 ray.kill(a)
+        if self._owns_ray:  # a local cluster's daemons stop now, not when the process is killed
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            self._ray_stopped.set()
 
     # ---- replicas -----------------------------------------------------------------------------
     def _pick(self, ids: list[int], tried: list[int]) -> int:
