@@ -5,11 +5,13 @@ replica, streaming, disconnect, a killed replica's requests retried, metrics per
 from __future__ import annotations
 
 import ctypes
+import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -173,6 +175,37 @@ def test_streaming_through_a_replica(replicas):
     with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as resp:
         lines = [ln for ln in resp.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "data: [DONE]" and len(lines) >= 4
+
+
+def test_tree_events_stream_from_the_replica_that_ran_the_request(replicas):
+    """`tree_events` across replicas: the replica's engine watches the request and its events
+    come back between the outputs, in order, as with one engine."""
+    client, srv = replicas
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Name three birds."}],
+        "max_tokens": 4,
+        "n": 3,
+        "temperature": 1.0,
+        "seed": 1,
+        "stream": True,
+        "tree_events": True,
+    }
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200, resp.read()
+        lines = [ln[len("data: ") :] for ln in resp.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(ln) for ln in lines[:-1]]
+    events = [c["tree_event"] for c in chunks if "tree_event" in c]
+    kinds = Counter(e["kind"] for e in events)
+    assert kinds["root"] == 1 and kinds["fork"] == 2 and kinds["finish"] == 3 and kinds["done"] == 1
+    assert events[0]["kind"] == "root" and events[-1]["kind"] == "done"
+    first_fork = next(i for i, c in enumerate(chunks) if c.get("tree_event", {}).get("kind") == "fork")
+    first_text = next(
+        i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["delta"].get("content")
+    )
+    assert first_fork < first_text  # forked at the first sample, reported before its text
+    assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1, 2}
 
 
 def test_a_client_that_leaves_aborts_on_its_replica(replicas):

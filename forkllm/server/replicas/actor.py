@@ -1,16 +1,18 @@
 """One engine replica as a Ray actor: an AsyncEngine with its own model and KV cache, driven on
 the actor's event loop. Outputs stream back one RequestOutput per item of a Ray streaming
-generator (nothing is buffered whole); cancelling the generator, or `abort`, aborts the request
-in the engine."""
+generator (nothing is buffered whole), with its tree events between them when watched;
+cancelling the generator, or `abort`, aborts the request in the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 from forkllm.engine.async_engine import AsyncEngine
 from forkllm.engine.config import EngineConfig
+from forkllm.engine.events import TreeEvent
 from forkllm.engine.inputs import PromptInput
 from forkllm.engine.llm_engine import LLMEngine
 from forkllm.engine.outputs import RequestOutput
@@ -42,10 +44,28 @@ class EngineReplica:
         }
 
     async def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int
-    ) -> AsyncIterator[RequestOutput]:
-        async for out in self.engine.generate(prompt, params, request_id, priority):
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int, watch: bool = False
+    ) -> AsyncIterator[RequestOutput | list[TreeEvent]]:
+        """The request's outputs; with `watch`, its tree events too, as lists between them in
+        the order they happened (an engine step reports its events before its outputs)."""
+        if not watch:
+            async for out in self.engine.generate(prompt, params, request_id, priority):
+                yield out
+            return
+        loop = asyncio.get_running_loop()
+        events: list[TreeEvent] = []
+
+        def feed(event: TreeEvent) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(events.append, event)
+
+        async for out in self.engine.generate(prompt, params, request_id, priority, feed):
+            if events:
+                yield events[:]
+                events.clear()
             yield out
+        await asyncio.sleep(0)  # events handed over with the last output
+        if events:
+            yield events[:]
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

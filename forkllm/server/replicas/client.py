@@ -6,8 +6,9 @@ first replica) so requests are validated and routed without a model. Each reques
 that leaves aborts the request on its replica. A replica that dies (its actor or process killed)
 is marked dead; its requests that had not streamed anything yet are retried on another replica,
 the others end with a clear error; Ray restarts the actor and the replica is routed to again once
-it answers. Tree events (`tree_events`) and streamed policies do not cross replicas yet: such a
-request gets a 400.
+it answers. A watched request's tree events (`tree_events`) stream back between its outputs;
+streamed policies (scaling and thread events) do not cross replicas yet: such a request gets a
+400.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from forkllm.engine.async_engine import EngineDeadError, request_work
-from forkllm.engine.events import TreeWatcher
+from forkllm.engine.events import TreeEvent, TreeWatcher
 from forkllm.engine.inputs import InputProcessor, PromptInput
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.policy import TreePolicy
@@ -161,8 +162,6 @@ class RayEngineClient:
         import ray
         from ray.exceptions import RayTaskError
 
-        if watch is not None:
-            raise APIError(400, "tree_events are not available with --replicas yet", param="tree_events")
         self._ensure_poller()
         _, ids = self.inputs.tokenize_prompt(prompt)
         req = self.inputs.make_request(
@@ -174,17 +173,23 @@ class RayEngineClient:
             gen = (
                 self.actors[i]
                 .generate.options(num_returns="streaming")
-                .remote(prompt, params, request_id, priority)
+                .remote(prompt, params, request_id, priority, watch is not None)
             )
             self.router.started(i)
             self._work[i][request_id] = request_work(req, self._max_model_len)
             sent = done = False
             try:
                 async for ref in gen:
-                    out: RequestOutput = await ref
+                    item: RequestOutput | list[TreeEvent] = await ref
                     sent = True
-                    done = out.finished
-                    yield out
+                    if isinstance(item, list):  # tree events (only sent when watched)
+                        for event in item:
+                            if watch is not None:
+                                watch(event)
+                        await asyncio.sleep(0)  # a watcher may hand them to this loop: before the output
+                        continue
+                    done = item.finished
+                    yield item
                 done = True
                 return
             except RayTaskError as e:
