@@ -27,6 +27,7 @@ from forkllm.bench.serve_process import ServeProcess
 from forkllm.bench.workloads import shared_prefix_prompts
 
 ROUTERS = ("prefix", "round_robin")
+DEFAULT_OUTPUT_LEN = 32  # W3's (shared prefix); unset, max_tokens would run to the context's end
 
 
 def trace(tok: Any, systems: int, system_len: int, count: int, seed: int) -> list[list[int]]:
@@ -34,6 +35,27 @@ def trace(tok: Any, systems: int, system_len: int, count: int, seed: int) -> lis
     rng = random.Random(seed)
     per = [shared_prefix_prompts(tok, count, system_len, 12, seed=seed * 1000 + k) for k in range(systems)]
     return [per[rng.randrange(systems)][i].token_ids for i in range(count)]
+
+
+def ceilings(prompts: list[list[int]], replicas: int, page: int = 16) -> dict[str, float]:
+    """The prefix-cache hit rates the trace allows with caches that never evict: any router's best
+    (every shared page computed once, as on one cache) and round-robin's (each replica computes
+    every prefix it is sent once). A short trace is mostly first sightings of its system prompts:
+    then even perfect routing cannot beat round-robin by much."""
+    from forkllm.server.replicas.router import PrefixIndex
+
+    def hit_rate(assign: list[int]) -> float:
+        caches = [PrefixIndex(page, 1 << 30) for _ in range(replicas)]
+        reused = 0
+        for ids, r in zip(prompts, assign):
+            chain = caches[r].chain(ids)
+            reused += caches[r].match(chain) * page
+            caches[r].add(chain)
+        return reused / max(1, sum(len(p) for p in prompts))
+
+    best = hit_rate([0] * len(prompts))
+    rr = hit_rate([i % replicas for i in range(len(prompts))])
+    return {"best": best, "round_robin": rr, "ratio": best / rr if rr else float("inf")}
 
 
 def bench_replicas(args: argparse.Namespace) -> int:
@@ -52,16 +74,23 @@ def bench_replicas(args: argparse.Namespace) -> int:
     else:
         tok = Tokenizer.from_dir(str(model))
     rate, duration = float(args.rate), float(args.duration)
+    output_len = int(args.output_len or DEFAULT_OUTPUT_LEN)
     count = len(arrival_times(rate, duration, args.workload_seed))
     prompts = trace(tok, args.systems, args.system_len, count, args.workload_seed)
     cpus = max(1.0, float(args.cpus or 2) / args.replicas)
+    bound = ceilings(prompts, args.replicas)
+    print(
+        f"trace: {count} requests; hit-rate ceilings with caches that never evict: any router "
+        f"{bound['best']:.3f}, round-robin {bound['round_robin']:.3f} (x{bound['ratio']:.2f})",
+        flush=True,
+    )
     rows: dict[str, dict[str, Any]] = {}
     for router in args.routers.split(","):
         server = ServeProcess(
             kw, ["--replicas", str(args.replicas), "--router", router, "--cpus-per-replica", f"{cpus:g}"]
         )
         try:
-            traffic = Traffic(server.url, {}, _model(server.base), prompts, [args.output_len], True, 600.0)  # type: ignore[arg-type]
+            traffic = Traffic(server.url, {}, _model(server.base), prompts, [output_len], True, 600.0)  # type: ignore[arg-type]
             results, wall, _ = asyncio.run(run_phase(traffic, rate, duration, args.workload_seed))
             row = summarize(rate, results, wall)
             row["hit_rate"] = server.gauge("forkllm_prefix_cache_hit_rate")
@@ -98,8 +127,10 @@ def bench_replicas(args: argparse.Namespace) -> int:
         "system_len": args.system_len,
         "rate": rate,
         "duration": duration,
-        "output_len": args.output_len,
+        "output_len": output_len,
         "engine": {k: str(v) for k, v in kw.items()},
+        "requests": count,
+        "ceilings": bound,
         "rows": rows,
         "ratios": ratios,
     }
@@ -118,7 +149,10 @@ def _markdown(report: dict[str, Any]) -> str:
         f"# forkllm serve --replicas {report['replicas']}: routers on a shared-prefix trace",
         "",
         f"{report['systems']} system prompts x ~{report['system_len']} tokens, Poisson {report['rate']} req/s for "
-        f"{report['duration']} s, {report['output_len']} output tokens",
+        f"{report['duration']} s ({report['requests']} requests), {report['output_len']} output tokens",
+        "",
+        f"Hit-rate ceilings of this trace with caches that never evict: any router {report['ceilings']['best']:.3f}, "
+        f"round-robin {report['ceilings']['round_robin']:.3f} (x{report['ceilings']['ratio']:.2f})",
         "",
         "| router | hit rate | prompt tokens computed | TTFT mean s | p50 | p99 | completed | errors | lost |",
         "|---|---|---|---|---|---|---|---|---|",
