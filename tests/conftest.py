@@ -48,8 +48,9 @@ def tiny() -> LLM:
 
 @pytest.fixture(scope="session")
 def real() -> LLM:
-    """The embedded SmolLM2-135M-Instruct in float32, chunked prefill forced small."""
-    return LLM(dtype="float32", kv_cache_memory="1GiB", max_num_batched_tokens=32)
+    """The embedded SmolLM2-135M-Instruct dequantized to float32 (what HF transformers runs), chunked
+    prefill forced small."""
+    return LLM(dtype="float32", kv_cache_memory="1GiB", max_num_batched_tokens=32, quantization="none")
 
 
 @pytest.fixture(scope="session")

@@ -216,7 +216,7 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
     # 253 s unified; W1's prefill 36 s per prompt vs 43-48 s packed.
     kv_unified = bool(req.get("kv_unified", False))
     per_prompt = bool(req.get("prefill_per_prompt", True))
-    per_seq = max(len(p) for p in prompts) + out_len + 1
+    per_seq = max(len(p) for p in [*prompts, req.get("text") or []]) + out_len + 1
     cparams = lc.llama_context_default_params()
     cparams.n_seq_max = n_seqs
     cparams.n_ctx = per_seq * n_seqs
@@ -319,6 +319,7 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
 
     first: list[int] = []  # the first sequence's tokens (of the last run), for a sanity check
     runs: list[dict[str, float]] = []
+    return_extra: dict[str, Any] = {}
     if workload in ("throughput", "parallel"):
         lc.llama_memory_clear(mem, True)
         generate(prompts[: max(1, min(8, len(prompts)))], 8)  # warm-up
@@ -345,6 +346,36 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
                     "tokens": tokens,
                 }
             )
+    elif workload == "quality":
+        # Perplexity of req["text"] (one sequence; logits at every position; chunks of n_batch
+        # tokens) and each prompt's greedy tokens, prompts one at a time.
+        text: list[int] = list(req["text"])
+        lc.llama_memory_clear(mem, True)
+        nll, scored = 0.0, 0
+        for start in range(0, len(text), n_batch):
+            chunk = text[start : start + n_batch]
+            for i, tok in enumerate(chunk):
+                put(i, tok, start + i, 0, True)
+            decode(len(chunk))
+            logits = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(len(chunk), n_vocab)).astype(
+                np.float64
+            )
+            for i in range(len(chunk)):
+                j = start + i + 1
+                if j >= len(text):
+                    break
+                row = logits[i]
+                mx = row.max()
+                nll += float(np.log(np.exp(row - mx).sum()) + mx - row[text[j]])
+                scored += 1
+        greedy_tokens, tokens = [], 0
+        for p in prompts:
+            lc.llama_memory_clear(mem, True)
+            tokens += generate([p], out_len)
+            greedy_tokens.append(list(first))
+        runs.append({"nll": nll, "scored": scored, "tokens": tokens})
+        first[:] = []
+        return_extra = {"greedy": greedy_tokens}
     else:
         raise ValueError(f"unknown workload {workload!r}")
     lc.llama_batch_free(batch)
@@ -362,6 +393,7 @@ def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
         "model_desc": desc,  # llama.cpp's own size label (e.g. "256M" for SmolLM2-135M) is a bucket
         "note": f"low-level batched API, {'unified KV' if kv_unified else 'one KV stream per sequence'}, "
         f"{threads} threads",
+        **return_extra,
     }
 
 

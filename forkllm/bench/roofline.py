@@ -75,11 +75,37 @@ def weight_bytes(cfg: ModelConfig, dtype_size: int) -> int:
     return (cfg.num_params - (0 if cfg.tie_word_embeddings else emb)) * dtype_size
 
 
+def streamed_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights one decode step streams, as the model holds them (kept-quantized
+    blocks, packed or dense matrices, the logits' weight), not counting embedding lookups."""
+    from forkllm.models.quant import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.nbytes
+        elif isinstance(m, Linear):
+            w = m.packed if m.packed is not None else m.weight
+            total += w.numel() * w.element_size()
+    if getattr(model, "lm_head", None) is None and getattr(model, "quant_logits", None) is None:
+        emb = model.get_parameter("embed_tokens.weight")
+        total += emb.numel() * emb.element_size()
+    return total
+
+
 def decode_bound_seconds(
-    cfg: ModelConfig, dtype_size: int, batch: int, context: int, lim: MachineLimits
+    cfg: ModelConfig,
+    dtype_size: int,
+    batch: int,
+    context: int,
+    lim: MachineLimits,
+    weights: int | None = None,
 ) -> float:
+    """`weights`: the bytes the model streams per step (streamed_weight_bytes), else every
+    weight at dtype_size."""
     kv = batch * context * cfg.kv_bytes_per_token(dtype_size)
-    return (weight_bytes(cfg, dtype_size) + kv) / (lim.bandwidth_gbs * 1e9)
+    w = weight_bytes(cfg, dtype_size) if weights is None else weights
+    return (w + kv) / (lim.bandwidth_gbs * 1e9)
 
 
 def compute_bound_seconds(total_flops: float, dtype: torch.dtype, m: int, lim: MachineLimits) -> float:

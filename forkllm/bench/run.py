@@ -50,6 +50,7 @@ def add_bench_parser(sub: Any) -> None:
             "speculative",
             "threads",
             "replicas",
+            "quality",
         ],
         help="throughput = W1 (64 prompts x 128 tokens); latency = W4 (one stream); parallel = W2 (8 prompts "
         "x n=16); prefix = W3 (64 requests sharing a 1,024-token system prompt, prefix cache on vs off); "
@@ -61,7 +62,8 @@ def add_bench_parser(sub: Any) -> None:
         "input-grounded prompts, single stream and batched, plus W2 and W1, with and without speculation); "
         "threads = W8 (map-reduce of 8 documents x 4 chunks: in-engine threads joined by page or by "
         "re-prefill, a client loop through the server, one sequential generation); replicas = forkllm serve "
-        "--replicas N with each router on one shared-prefix trace (prefix-cache hit rate, TTFT)",
+        "--replicas N with each router on one shared-prefix trace (prefix-cache hit rate, TTFT); quality = "
+        "perplexity and greedy agreement of kept-quantized GGUF weights vs dequantized vs llama.cpp",
     )
     b.add_argument(
         "--dtypes",
@@ -76,6 +78,12 @@ def add_bench_parser(sub: Any) -> None:
         "own virtualenvs (`make peers`); a missing one is a row saying so",
     )
     add_peer_args(b)
+    b.add_argument(
+        "--quantizations",
+        default=None,
+        help="latency / quality: comma-separated --quantization values to run forkllm with (e.g. gguf,none; "
+        "default: --quantization; quality: gguf,none)",
+    )
     b.add_argument("--reps", type=int, default=3, help="timed repetitions per system (median reported)")
     b.add_argument("--num-prompts", type=int, default=None, help="prompts/requests (W1 64, W2 8, W3 64)")
     b.add_argument(
@@ -143,8 +151,15 @@ def run_bench(args: argparse.Namespace) -> int:
         "speculative": _w7,
         "threads": _w8,
         "replicas": _replicas,
+        "quality": _quality,
     }
     return workloads[args.workload](args)
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from forkllm.bench.quant_bench import bench_quality
+
+    return bench_quality(args)
 
 
 def _replicas(args: argparse.Namespace) -> int:
@@ -187,6 +202,15 @@ def _w9(args: argparse.Namespace) -> int:
     from forkllm.bench.tools_bench import bench_tools
 
     return bench_tools(args)
+
+
+def weights_label(llm: Any) -> str:
+    """The row's dtype column: the activation dtype, and the weights' block types when kept quantized."""
+    from forkllm.models.quant import weight_types
+
+    dtype = str(llm.engine.dtype).removeprefix("torch.")
+    types = weight_types(llm.engine.runner.model)
+    return f"{dtype}, {types} weights" if types else dtype
 
 
 def _dtypes(args: argparse.Namespace) -> list[str]:
@@ -328,9 +352,10 @@ def bench_latency(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     prompt: list[int] = []
     reference: tuple[str, list[int]] | None = None
-    for dtype in _dtypes(args):
-        llm = LLM(**_engine_kwargs(args, dtype))
-        dtype = str(llm.engine.dtype).removeprefix("torch.")  # "auto" resolved
+    runs = [(d, q) for d in _dtypes(args) for q in (args.quantizations or args.quantization).split(",")]
+    for dtype, quant in runs:
+        llm = LLM(**{**_engine_kwargs(args, dtype), "quantization": quant})
+        dtype = weights_label(llm)
         cfg = llm.engine.model_config
         prompt = make_prompts(llm.get_tokenizer(), 1, plen, plen, args.workload_seed)[0].token_ids
         engine = llm.engine
@@ -350,7 +375,9 @@ def bench_latency(args: argparse.Namespace) -> int:
             ttfts.append(stamps[0] - t0)
             decodes.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
         size = torch.tensor([], dtype=engine.dtype).element_size()
-        bound = roofline.decode_bound_seconds(cfg, size, 1, plen + out_len // 2, lim)
+        bound = roofline.decode_bound_seconds(
+            cfg, size, 1, plen + out_len // 2, lim, roofline.streamed_weight_bytes(engine.runner.model)
+        )
         d = median(decodes)
         rows.append(
             Row(

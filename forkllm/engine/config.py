@@ -43,6 +43,13 @@ class EngineConfig:
         "(smollm2-135m, tiny, llama-0.5b, llama-1b, llama-8b)",
         choices=["auto", "gguf", "safetensors", "dummy"],
     )
+    quantization: str = _flag(
+        "auto",
+        "weights kept quantized: 'gguf' keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks (other quantized "
+        "types become Q8_0) and multiplies on them, as llama.cpp does; 'int8' quantizes float weights to "
+        "Q8_0 blocks; 'none' dequantizes to --dtype; auto = gguf for a GGUF file on CPU, else none",
+        choices=["auto", "gguf", "int8", "none"],
+    )
     dtype: str = _flag(
         "auto",
         "float32 | bfloat16 | float16 | auto (CPU: bfloat16 when the CPU has AVX512-BF16/AMX, "
@@ -127,6 +134,8 @@ class EngineConfig:
     num_threads: int | None = _flag(None, "torch CPU threads (default: all cores)")
 
     def __post_init__(self) -> None:
+        if self.quantization not in ("auto", "gguf", "int8", "none"):
+            raise ValueError(f"quantization must be one of auto, gguf, int8, none; got {self.quantization!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -63,6 +63,7 @@ class LLMEngine:
         loaded = load_model(
             config.model,
             load_format=config.load_format,
+            quantization=config.quantization,
             dtype=self.dtype,
             device=self.device,
             tokenizer=config.tokenizer,

@@ -8,6 +8,8 @@
 - `packed_linear`: bf16 x @ w.T for any rows on weights repacked by `pack_weight` (AVX512-BF16
   CPUs without AMX, where it beats oneDNN's bf16 GEMM at every batch size measured).
 - `add_rms_norm_`, `silu_mul`, `rope_`, `kv_write_`: the decoder's elementwise ops, one pass each.
+- `quant_linear`: x @ W.T on weights kept in GGUF Q4_0 / Q4_1 / Q8_0 blocks (int8 activations per
+  32-block and VNNI dot products, as llama.cpp does; models/quant.py).
 - `apply_token_bitmask_`: a grammar's token bitmask onto the logits (structured output), in place.
 
 Everything here is optional. An engine resolves one `Kernels` object at start-up
@@ -43,6 +45,7 @@ _SOURCES = (
     "packed_gemm.cpp",
     "elementwise.cpp",
     "bitmask.cpp",
+    "quant_gemm.cpp",
 )
 ENV_SWITCH = "FORKLLM_KERNELS"  # "0" turns the kernels off whatever the config says
 _BUILD_LOCK = threading.Lock()  # two engines starting on two threads build the extension once
@@ -129,6 +132,10 @@ class KernelOps(Protocol):
     def packed_linear(
         self, x: torch.Tensor, P: torch.Tensor, N: int, bias: torch.Tensor | None, float_out: bool = False
     ) -> torch.Tensor: ...
+    def quant_linear(
+        self, x: torch.Tensor, w: torch.Tensor, qtype: int, N: int, bias: torch.Tensor | None, float_out: bool
+    ) -> torch.Tensor: ...
+    def quant_linear_vnni(self) -> bool: ...
 
 
 class HeadShape(Protocol):

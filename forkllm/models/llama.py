@@ -16,6 +16,7 @@ from torch import nn
 
 from forkllm.kernels import KernelOps, Kernels, pack_gate_up, pack_weight, unpack_gate_up, unpack_weight
 from forkllm.models.config import ModelConfig
+from forkllm.models.quant import QuantLinear
 from forkllm.models.rope import RotaryApplier, RotaryEmbedding
 
 
@@ -198,6 +199,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # tied embeddings kept quantized (models/quant.py): the logits' weight; lookups stay dense
+        self.quant_logits: QuantLinear | None = None
         self.lm_head = (
             None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
@@ -229,13 +232,16 @@ class LlamaForCausalLM(nn.Module):
         weights restored to their row-major layout). Called once, when the engine starts."""
         self.ops = kernels.ops
         self.invariant = kernels.batch_invariant
+        dtype = self.embed_tokens.weight.dtype
         for m in self.modules():
             if isinstance(m, Linear):
                 m.set_kernels(kernels)
+            elif isinstance(m, QuantLinear):
+                m.set_kernels(kernels, dtype)
             elif isinstance(m, RMSNorm):
                 m.ops = kernels.ops
         # Tied embeddings: the table stays row-major for lookups, the logits get a packed copy.
-        tied = self.lm_head is None and packs(kernels, self.embed_tokens.weight)
+        tied = self.lm_head is None and self.quant_logits is None and packs(kernels, self.embed_tokens.weight)
         self.packed_logits = pack_weight(self.embed_tokens.weight.detach()) if tied else None
 
     ops: KernelOps | None = None
@@ -245,6 +251,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits in float32 for the selected rows only."""
         head, ops = self.lm_head, self.ops
+        if isinstance(head, QuantLinear):
+            return head(hidden, float_out=True)
+        if self.quant_logits is not None:
+            return self.quant_logits(hidden, float_out=True)
         if head is not None and head.packed is not None and ops is not None:  # float32 from the accumulators
             return ops.packed_linear(hidden.contiguous(), head.packed, head.out_features, head.bias, True)
         if head is not None:

@@ -25,6 +25,7 @@ import torch
 
 from forkllm.models.config import ModelConfig, UnsupportedModelError, preset_config
 from forkllm.models.llama import LlamaForCausalLM
+from forkllm.models.quant import BLOCK, BLOCK_BYTES, QUANTIZATIONS, QuantLinear, QuantWeight, quantize_q8_0
 from forkllm.models.rope import RotaryEmbedding
 from forkllm.tokenizer import Tokenizer
 
@@ -42,6 +43,7 @@ class LoadedModel:
     source: str
     seconds: float
     cache: str  # "hit", "miss" or "none"
+    quantization: str = "none"  # what ran: "gguf", "int8" or "none"
 
 
 def cache_root() -> Path:
@@ -71,10 +73,20 @@ def load_model(
     device: str | torch.device = "cpu",
     tokenizer: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    quantization: str = "none",
 ) -> LoadedModel:
-    """Resolve `model` (None = the embedded default), load weights and tokenizer."""
+    """Resolve `model` (None = the embedded default), load weights and tokenizer, and keep the
+    linear layers quantized as `quantization` says (models/quant.py)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if quantization in ("gguf", "int8") and not on_cpu:
+        raise ValueError(
+            f"quantization={quantization!r} runs on CPU only; use quantization='none' on {device}"
+        )
+    gguf_path: Path | None = None
     t0 = time.perf_counter()
     tok: Tokenizer | None = None
     if load_format == "dummy":
@@ -96,6 +108,7 @@ def load_model(
             net_opt, cfg, tok, hit = _load_gguf_cached(path, dtype, weights=True)
             assert net_opt is not None
             net, cache = net_opt, "hit" if hit else "miss"
+            gguf_path = path
         else:
             if not path.is_dir():
                 raise ValueError(
@@ -107,9 +120,18 @@ def load_model(
         source = str(path)
     if tokenizer is not None:
         tok = Tokenizer.from_dir(tokenizer)
+    mode = quantization
+    if mode == "auto":
+        mode = "gguf" if gguf_path is not None and on_cpu else "none"
+    if mode == "gguf":
+        if gguf_path is None:
+            raise ValueError("quantization='gguf' needs a .gguf model; use 'int8' to quantize float weights")
+        _keep_gguf_blocks(net, cfg, gguf_path)
+    elif mode == "int8":
+        _quantize_int8(net, cfg)
     net = net.to(device)
     net.eval()
-    return LoadedModel(net, cfg, tok, source, time.perf_counter() - t0, cache)
+    return LoadedModel(net, cfg, tok, source, time.perf_counter() - t0, cache, mode)
 
 
 def default_tokenizer() -> Tokenizer:
@@ -353,6 +375,102 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], torch.
             arr = np.array(arr, order="C")
         hf[name] = torch.from_numpy(arr)
     return cfg, fuse_hf_weights(hf.get, cfg), freq_factors
+
+
+# ---- weights kept quantized ---------------------------------------------------------------------
+_DENSE_GGUF_TYPES = (0, 1, 30)  # F32, F16, BF16: such a tensor stays a dense weight
+
+
+def _gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, QuantWeight | None]:
+    """Each linear weight of the file by its HF name: its ggml blocks (Q4_0 / Q4_1 / Q8_0 as they
+    are; other quantized types re-quantized to Q8_0), or None to stay dense. Q/K rows are put in
+    the rotate_half order the decoder uses, as `_read_gguf` does for dense weights."""
+    from gguf.quants import dequantize
+
+    reader = _open_gguf(path)
+    _, arch = _gguf_config(reader)
+    out: dict[str, QuantWeight | None] = {}
+    for t in reader.tensors:
+        name = _gguf_hf_name(t.name)
+        if name is None or not name.endswith(".weight") or len(t.shape) != 2 or "norm" in name:
+            continue
+        qtype, k = int(t.tensor_type), int(t.shape[0])
+        qw: QuantWeight | None
+        if qtype in BLOCK_BYTES:
+            qw = QuantWeight(qtype, torch.from_numpy(np.array(t.data, dtype=np.uint8, order="C")), k)
+        elif qtype in _DENSE_GGUF_TYPES or k % BLOCK:
+            qw = None
+        else:
+            qw = quantize_q8_0(
+                torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
+            )
+        if qw is not None and arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
+            heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
+            qw = qw.rows(torch.from_numpy(_unpermute_rope(np.arange(qw.n).reshape(-1, 1), heads).ravel()))
+        out[name] = qw
+    return out
+
+
+def _merge_parts(parts: list[QuantWeight]) -> list[QuantWeight]:
+    """Adjacent row groups of one type become one (one kernel call for a fused q/k/v)."""
+    merged = [parts[0]]
+    for p in parts[1:]:
+        last = merged[-1]
+        if p.qtype == last.qtype:
+            merged[-1] = QuantWeight(p.qtype, torch.cat([last.data, p.data]), p.k)
+        else:
+            merged.append(p)
+    return merged
+
+
+def _replace(net: LlamaForCausalLM, name: str, parts: list[QuantWeight | None]) -> bool:
+    """Swap the dense Linear `name` for a QuantLinear over `parts` (all must be quantized)."""
+    if any(p is None for p in parts):
+        return False
+    old = net.get_submodule(name)
+    owner, attr = name.rsplit(".", 1) if "." in name else ("", name)
+    bias = getattr(old, "bias", None)
+    layer = QuantLinear(
+        _merge_parts([p for p in parts if p is not None]), None if bias is None else bias.detach()
+    )
+    setattr(net.get_submodule(owner) if owner else net, attr, layer)
+    return True
+
+
+def _fused_names(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Decoder linear layer -> the HF weights it fuses, in row order."""
+    out: dict[str, list[str]] = {}
+    for i in range(cfg.num_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        out[f"layers.{i}.qkv_proj"] = [a + f"{x}_proj.weight" for x in "qkv"]
+        out[f"layers.{i}.o_proj"] = [a + "o_proj.weight"]
+        out[f"layers.{i}.gate_up_proj"] = [m + "gate_proj.weight", m + "up_proj.weight"]
+        out[f"layers.{i}.down_proj"] = [m + "down_proj.weight"]
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = ["lm_head.weight"]
+    return out
+
+
+def _keep_gguf_blocks(net: LlamaForCausalLM, cfg: ModelConfig, path: Path) -> None:
+    blocks = _gguf_blocks(path, cfg)
+    for layer, names in _fused_names(cfg).items():
+        _replace(net, layer, [blocks.get(n) for n in names])
+    embed = blocks.get("model.embed_tokens.weight")
+    if cfg.tie_word_embeddings and embed is not None:  # lookups stay dense, the logits use the blocks
+        net.quant_logits = QuantLinear([embed])
+
+
+def _quantize_int8(net: LlamaForCausalLM, cfg: ModelConfig) -> None:
+    """Every linear weight (and a tied embedding's logits) as Q8_0 blocks."""
+    for layer in _fused_names(cfg):
+        w = net.get_parameter(layer + ".weight")
+        if w.shape[1] % BLOCK:
+            raise ValueError(
+                f"quantization='int8' needs input sizes divisible by {BLOCK}; {layer} has {w.shape[1]}"
+            )
+        _replace(net, layer, [quantize_q8_0(w)])
+    if cfg.tie_word_embeddings and net.embed_tokens.weight.shape[1] % BLOCK == 0:
+        net.quant_logits = QuantLinear([quantize_q8_0(net.embed_tokens.weight)])
 
 
 def _file_sha256(path: Path) -> str:

@@ -24,6 +24,9 @@ void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::T
 void kv_write_(torch::Tensor cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v);
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool packed_linear_supported();
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t N,
+                           c10::optional<torch::Tensor> bias, bool float_out);
+bool quant_linear_vnni();
 torch::Tensor packed_silu_linear(torch::Tensor x, torch::Tensor P, int64_t I);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias,
                             bool float_out);
@@ -51,4 +54,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-inf where a grammar's token bitmask row disallows, in place (rows: logits row of each mask row)",
         py::arg("logits"), py::arg("bitmask"), py::arg("rows") = py::none());
   m.def("packed_linear_supported", &packed_linear_supported, "whether packed_linear is compiled in (AVX512-BF16, no AMX)");
+  m.def("quant_linear", &quant_linear, "x @ W.T on GGUF Q4_0 / Q4_1 / Q8_0 weight blocks (int8 activations)");
+  m.def("quant_linear_vnni", &quant_linear_vnni, "whether quant_linear runs the AVX512-VNNI kernel (else scalar C++)");
 }
