@@ -47,7 +47,7 @@ class EngineConfig:
         "auto",
         "weights kept quantized: 'gguf' keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks (other quantized "
         "types become Q8_0) and multiplies on them, as llama.cpp does; 'int8' quantizes float weights to "
-        "Q8_0 blocks; 'none' dequantizes to --dtype; auto = gguf for a GGUF file on CPU, else none",
+        "Q8_0 blocks; 'none' dequantizes to --dtype; auto = none for now (the block kernel does not yet beat bf16 decode)",
         choices=["auto", "gguf", "int8", "none"],
     )
     dtype: str = _flag(
