@@ -15,7 +15,7 @@ import math
 import time
 from typing import Any
 
-from forkllm.bench.peers import model_for, peer_python, run_peer
+from forkllm.bench.peers import agreement, model_for, peer_python, run_peer
 from forkllm.bench.report import save
 from forkllm.bench.workloads import make_prompts
 
@@ -28,16 +28,6 @@ def fixed_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[t] for t in TOPICS if t in topics)
-
-
-def agreement(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two greedy continuations share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def forkllm_quality(
