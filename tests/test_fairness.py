@@ -26,7 +26,7 @@ from conftest import tiny_llm
 from forkllm import SamplingParams
 from forkllm.engine.async_engine import AsyncEngine
 from forkllm.engine.llm_engine import LLMEngine
-from forkllm.engine.scheduler import SchedulerOutput
+from forkllm.engine.scheduler import LONG_RUNNING_SHARE, LONG_RUNNING_STEPS, SchedulerOutput
 from forkllm.engine.sequence import Request
 from forkllm.scaling import BestOfN, ParticleFilter, SelfConsistency, scorers
 
@@ -79,16 +79,18 @@ def test_a_short_prompt_gets_its_first_token_while_a_long_one_prefills(threshold
     plans = record_batches(engine)
     engine.add_request(long_prompt, greedy, request_id="long")
     engine.step()
-    assert per_request(plans[-1]) == {"long": 1} and plans[-1].num_batched_tokens == 64
+    # alone it is still held to the step's work cap (16 tokens' work), not the whole budget
+    first = 16 if threshold and fair is None else 64
+    assert per_request(plans[-1]) == {"long": 1} and plans[-1].num_batched_tokens == first
     engine.add_request(short_prompt, greedy, request_id="short")
     engine.step()
     long_req, short_req = engine.requests["long"], engine.requests["short"]
     sched = engine.scheduler
     if threshold and fair is None:
         # contended: the step holds 16 tokens' work (the threshold); the short prompt wants 5,
-        # the long one gets the rest, weighed by its context (64 tokens in), and is not extended
-        long_n = sched.tokens_within(64, sched.fair_step_cost - sched.cost_at(0, 5))
-        assert 0 < long_n < 11
+        # the long one gets the rest, weighed by its context (16 tokens in), and is not extended
+        long_n = sched.tokens_within(16, sched.fair_step_cost - sched.cost_at(0, 5))
+        assert 0 < long_n < 12
         assert [(s.seq.seq_id, s.num_new_tokens) for s in plans[-1].scheduled] == [
             ("long", long_n),
             ("short", 5),
@@ -112,6 +114,37 @@ def test_a_short_prompt_gets_its_first_token_while_a_long_one_prefills(threshold
     alone = tiny_llm().generate([long_prompt, short_prompt], greedy, use_tqdm=False)
     assert outputs_by_index(outs["long"]) == outputs_by_index(alone[0])  # exact-token parity
     assert outputs_by_index(outs["short"]) == outputs_by_index(alone[1])
+    assert_pages_free(engine)
+
+
+def test_a_long_running_request_gets_a_quarter_of_the_step_while_a_newcomer_has_work():
+    """After LONG_RUNNING_STEPS capped steps alone, a long prompt is demoted: beside a newcomer's
+    prompt it gets at most LONG_RUNNING_SHARE of the step, however much the newcomer leaves."""
+    long_prompt = [100 + (i * 37) % 30000 for i in range(600)]
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm = tiny_llm(max_num_batched_tokens=64, long_prefill_token_threshold=32)
+    engine, sched = llm.engine, llm.engine.scheduler
+    plans = record_batches(engine)
+    engine.add_request(long_prompt, greedy, request_id="long")
+    long_req = engine.requests["long"]
+    long_seq = long_req.seqs[0]
+    steps = 0
+    while long_req.service < LONG_RUNNING_STEPS * sched.fair_step_cost:
+        start = long_seq.num_computed_tokens
+        engine.step()
+        steps += 1
+        # alone, each step holds the cap's work (32 fresh tokens' worth), not the 64-token budget
+        assert plans[-1].num_batched_tokens == sched.tokens_within(start, sched.fair_step_cost) <= 32
+    assert steps == LONG_RUNNING_STEPS + 1  # each step falls short of the cap by a fraction
+    engine.add_request([7, 8, 9], greedy, request_id="new")
+    start = long_seq.num_computed_tokens
+    engine.step()
+    plan = {s.seq.seq_id: s.num_new_tokens for s in plans[-1].scheduled}
+    assert plan["new"] == 3
+    assert plan["long"] == sched.tokens_within(start, LONG_RUNNING_SHARE * sched.fair_step_cost)
+    assert plan["long"] < sched.tokens_within(start, sched.fair_step_cost - sched.cost_at(0, 3))
+    while engine.has_unfinished_requests():
+        engine.step()
     assert_pages_free(engine)
 
 

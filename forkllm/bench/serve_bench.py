@@ -224,6 +224,7 @@ def summarize(rate: float, results: list[RequestResult], wall: float) -> dict[st
         "itl_p99": _pct(itls, 0.99),
         "output_tok_s": sum(r.tokens for r in ok) / wall if wall > 0 else 0.0,
         "ttft_mean": statistics.mean(ttfts) if ttfts else float("nan"),
+        "ttfts": [r.ttft for r in results],  # per request in arrival order (None: not answered)
     }
 
 

@@ -87,13 +87,13 @@ class EngineConfig:
     )
     # A step's time grows with its work, and every request in it waits for the whole step: one
     # request's 128 decode rows or a chunk deep in a near-context prompt would slow everyone's
-    # tokens several-fold. While requests compete, each gets a max-min fair share of this much work.
+    # tokens several-fold. Each request gets a max-min fair share of this much work per step.
     fair_step_tokens: int | None = _flag(
         None,
-        "while more than one request has work, a step holds at most this much work (tokens, a chunk "
-        "deep in a long context weighted by its attention cost), split max-min fairly between "
-        "requests; a request alone gets the whole --max-num-batched-tokens "
-        "(default: the long-prefill threshold; 0: off)",
+        "a step holds at most this much work (tokens, a chunk deep in a long context weighted by "
+        "its attention cost; a request alone too, since a step cannot be interrupted), split "
+        "max-min fairly between requests; a long-running request gets at most a quarter of it "
+        "while newer ones have work (default: the long-prefill threshold; 0: off)",
     )
     enable_prefix_caching: bool = _flag(True, "reuse the KV pages of prompt prefixes seen before")
     enable_shared_prefix_attention: bool = _flag(

@@ -20,12 +20,16 @@ Fairness, so that no request holds the engine hostage:
   and waiting ones plus samples not forked yet), never more than `max_seq_share` of
   `max_num_seqs`. Sequences over their request's share keep their pages and wait their turn; the
   engine forks n > 1 samples only into free share (`room`).
-- A step's time grows with its work and every sequence in it waits for the whole step, so while
-  more than one request has work a step holds at most `fair_step_tokens` of work, split max-min
-  fairly between requests by what each wants (`fair_split`); a request's cut chunks are not
-  extended past its share. Work is counted in tokens weighted by their attention context
-  (`cost`): a chunk deep in a near-context prompt costs several times a fresh one. A request
-  alone gets the whole budget.
+- A step's time grows with its work and every sequence in it waits for the whole step, so a step
+  holds at most `fair_step_tokens` of work, split max-min fairly between requests by what each
+  wants (`fair_split`); a request's cut chunks are not extended past its share. Work is counted
+  in tokens weighted by their attention context (`cost`): a chunk deep in a near-context prompt
+  costs several times a fresh one. A request alone is held to the cap too: a step cannot be
+  interrupted, and on a CPU a 2,048-token chunk deep in a long prompt takes seconds that the next
+  newcomer would wait (smaller chunks cost no throughput there: measured 11.7 vs 12.5 s for a lone
+  4,000-token prompt). A request that has had `LONG_RUNNING_STEPS` capped steps' work
+  is demoted: while short requests have work, the long-running ones share at most
+  `LONG_RUNNING_SHARE` of a contended step (a two-level feedback queue).
 - When the KV pool cannot hold a running sequence's next tokens, a sequence is preempted: of the
   lowest priority, from the request running the most sequences, the newest. When it cannot hold
   a waiting sequence's chunk, a sequence left idle over its request's share is preempted for it.
@@ -53,6 +57,13 @@ from forkllm.kv.manager import KVCacheManager, PageCopy
 # A waiting prompt waits for a prompt in the batch to compute a shared prefix (and then reuses it)
 # when they share at least this many uncached pages, and at least a quarter of its uncached ones.
 SHARE_MIN_PAGES = 4
+
+# Multi-level feedback (as FastServe's skip-join MLFQ): a request that has had this many contended
+# steps' worth of work is long-running; while a short request has work, the long-running ones
+# share at most this fraction of a contended step, so a near-context prefill or 128 decode rows
+# add little to the steps that newcomers' prompts and other users' decodes wait on.
+LONG_RUNNING_STEPS = 4
+LONG_RUNNING_SHARE = 0.25
 
 
 @dataclass
@@ -260,17 +271,24 @@ class Scheduler:
         return int(k * (math.sqrt(b * b + 2 * cost / k) - b) + 1e-9)
 
     def _step_caps(self) -> dict[Request, float] | None:
-        """Each request's most work in this step, or None when at most one request has work (or
-        the cap is off)."""
+        """Each request's most work in this step, or None when the cap is off. A request alone is
+        held to the cap as well: a step cannot be interrupted, so a 2,048-token chunk deep in a long
+        prompt (seconds on a CPU) would be what the next newcomer waits for."""
         if not self.fair_step_cost:
             return None
         demand: dict[Request, float] = {}
         for s in itertools.chain(self.running, self.waiting):
             due = self.cost_at(s.num_computed_tokens, s.num_tokens - s.num_computed_tokens)
             demand[s.request] = demand.get(s.request, 0.0) + due
-        if len(demand) < 2:
-            return None
-        return fair_split(demand, self.fair_step_cost)
+        total = self.fair_step_cost
+        long_at = LONG_RUNNING_STEPS * total
+        short = {r: d for r, d in demand.items() if r.service < long_at}
+        if not short or len(short) == len(demand):
+            return fair_split(demand, total)
+        caps = fair_split(short, total)
+        left = min(total - sum(caps.values()), total * LONG_RUNNING_SHARE)
+        caps.update(fair_split({r: d for r, d in demand.items() if r not in short}, left))
+        return caps
 
     # ---- the step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -488,6 +506,8 @@ class Scheduler:
                 seq.first_write,
                 out.copies,
             ):
+                start = seq.num_computed_tokens + item.num_new_tokens
+                seq.request.service += self.cost_at(start, extra)
                 item.num_new_tokens += extra
                 budget -= extra
         return budget
