@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import math
 import os
 import signal
 import socket
@@ -367,6 +368,51 @@ def test_overloaded_server_answers_503_with_retry_after():
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "overloaded"
     finally:
+        srv.stop()
+
+
+def test_a_request_expected_to_wait_past_max_expected_ttft_gets_503_with_retry_after():
+    """--max-expected-ttft: behind a 200-token prompt still to compute (at a step speed fixed
+    here: 10 ms a step + 10 ms a unit), a new request's first token is expected ~2 s out: 503 +
+    Retry-After naming the flag; once nothing is ahead, the same request is admitted."""
+    from forkllm.engine.step_cost import LinearFit
+
+    llm = tiny_llm(max_num_batched_tokens=64)
+    fit = LinearFit()
+    for units in range(1, 40):
+        fit.record(float(units), 0.01 + 0.01 * units)
+    llm.engine.step_seconds = fit
+    gate = threading.Event()
+    llm.engine.add_step_hook(lambda e: gate.wait(30))  # the engine holds after its first step
+    engine = AsyncEngine(llm.engine)
+    srv = LiveServer(create_app(ServerConfig(served_model_name=MODEL, max_expected_ttft=0.5), engine=engine))
+    long_body = {"prompt": list(range(5, 205)), "max_tokens": 2, "ignore_eos": True}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.post, srv.url + "/v1/completions", json=long_body, timeout=60)
+            deadline = time.time() + 30
+            while engine.metrics_snapshot["first_token_ahead_units"] == 0:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            expected = engine.expected_ttft(3)
+            assert expected is not None and expected > 1.5
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 1})
+            assert r.status_code == 503
+            assert int(r.headers["retry-after"]) == max(1, math.ceil(expected - 0.5))
+            err = r.json()["error"]
+            assert err["code"] == "overloaded" and "--max-expected-ttft" in err["message"]
+            r = httpx.post(
+                srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+            )
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+            llm.engine.remove_step_hook(llm.engine.step_hooks[0])
+            gate.set()
+            assert held.result().status_code == 200
+        assert engine.expected_ttft(3) is None  # nothing ahead
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 1})
+        assert r.status_code == 200
+    finally:
+        gate.set()
         srv.stop()
 
 

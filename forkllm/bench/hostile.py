@@ -1,6 +1,7 @@
 """W5-hostile (shared/BENCHMARKS.md): W5 traffic at a fixed rate, first alone (the clean phase),
-then again with the same arrivals and prompts while one abusive client sends, in turn and round
-after round until the arrivals end:
+then again with the same arrivals and prompts (each phase's prompts behind its own tag, so the
+second computes them afresh instead of hitting the first's prefix cache) while one abusive client
+sends, in turn and round after round until the arrivals end:
 
   (a) a near-context prompt: max_model_len minus --near-context-margin tokens, then that many
       generated (the token ids come from the server's /tokenize, else the default tokenizer);
@@ -318,7 +319,7 @@ def run_hostile(args: argparse.Namespace, setup: Setup) -> tuple[dict[str, Any],
         )
         side = hostile_client(plan) if name == "hostile" else None
         results, wall, side_result = asyncio.run(
-            run_phase(setup.traffic, rate, args.duration, args.workload_seed, side)
+            run_phase(setup.traffic, rate, args.duration, args.workload_seed, side, tag=f"[{name}] ")
         )
         phases[name] = summarize(rate, results, wall)
         print("  " + row_line(phases[name]), flush=True)
@@ -352,7 +353,7 @@ def _markdown(args: argparse.Namespace, setup: Setup, rep: dict[str, Any]) -> st
     hc = rep["hostile_client"]
     md = (
         f"## W5-hostile: {args.label or setup.model} at {setup.base}\n\nW5 traffic at {rep['rate']:g} req/s "
-        f"(Poisson, {args.duration:g} s per phase, the same arrivals and prompts in both; prompts "
+        f"(Poisson, {args.duration:g} s per phase, the same arrivals and prompts in both, each phase's behind its own tag (no cache hits across phases); prompts "
         f"{setup.lo}-{setup.hi} tokens, outputs {setup.olo}-{setup.ohi}), first alone, then beside one hostile "
         f"client; client on the same machine ({m['nproc']} cores, {m['cpu']}).\n\n"
         "| phase | sent | completed | 503 | errors | lost | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |\n"

@@ -157,10 +157,12 @@ class Traffic:
     ignore_eos: bool
     timeout: float
 
-    def body(self, i: int) -> dict[str, Any]:
+    def body(self, i: int, tag: str = "") -> dict[str, Any]:
+        """Request i; `tag` goes before the prompt so that runs sending the same prompts do not hit
+        each other's prefix cache (each phase and rate gets its own)."""
         body: dict[str, Any] = {
             "model": self.model,
-            "prompt": self.prompts[i % len(self.prompts)],
+            "prompt": tag + self.prompts[i % len(self.prompts)],
             "max_tokens": self.outs[i % len(self.outs)],
             "temperature": 0.0,
             "stream": True,
@@ -175,10 +177,11 @@ SideTask = Callable[[Any, float, float], Coroutine[Any, Any, Any]]
 
 
 async def run_phase(
-    traffic: Traffic, rate: float, duration: float, seed: int, side: SideTask | None = None
+    traffic: Traffic, rate: float, duration: float, seed: int, side: SideTask | None = None, tag: str = ""
 ) -> tuple[list[RequestResult], float, Any]:
     """Send the Poisson arrivals of one phase, wait for every answer, and return the results, the
-    wall time, and the side task's result (run concurrently, on its own connections)."""
+    wall time, and the side task's result (run concurrently, on its own connections). `tag`
+    prefixes every prompt: phases with different tags share no cached prefix."""
     tasks: list[asyncio.Task[RequestResult]] = []
     side_result = None
     async with http_client() as client, http_client() as side_client:
@@ -190,7 +193,7 @@ async def run_phase(
                 await asyncio.sleep(delay)
             tasks.append(
                 asyncio.create_task(
-                    _one(client, traffic.url, traffic.headers, traffic.body(i), traffic.timeout)
+                    _one(client, traffic.url, traffic.headers, traffic.body(i, tag), traffic.timeout)
                 )
             )
         results = list(await asyncio.gather(*tasks))
@@ -354,7 +357,10 @@ def _sweep(
         print(
             f"W5: {rate:g} req/s for {args.duration:g}s against {setup.base} ({setup.model}) ...", flush=True
         )
-        results, wall, _ = asyncio.run(run_phase(setup.traffic, rate, args.duration, args.workload_seed))
+        tag = f"[run {len(rows) + 1}] "  # every rate computes its prompts afresh (no cache hits)
+        results, wall, _ = asyncio.run(
+            run_phase(setup.traffic, rate, args.duration, args.workload_seed, tag=tag)
+        )
         rows.append(summarize(rate, results, wall))
         print("  " + row_line(rows[-1]), flush=True)
 

@@ -41,6 +41,7 @@ from forkllm.engine.policy import (
 )
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Request
+from forkllm.engine.step_cost import FirstTokenLoad
 
 R = TypeVar("R")
 
@@ -89,6 +90,8 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._pending_work: dict[str, int] = {}  # request id -> request_work, until it ends
+        # request id -> prompt tokens, from hand-over until the engine thread takes it in
+        self._queued_prompts: dict[str, int] = {}
         self._streams_lock = threading.Lock()
         self._ids = itertools.count()
         self._stop = False
@@ -147,6 +150,7 @@ class AsyncEngine:
                 raise ValueError(f"request_id {rid!r} is already in use")
             self._streams[rid] = stream
             self._pending_work[rid] = request_work(req, self.engine.max_model_len)
+            self._queued_prompts[rid] = len(req.prompt_token_ids)
         if watch is not None:
             self._commands.put(CallOnEngine(lambda engine: engine.watch(rid, watch)))
         self._commands.put(AddRequest(req))
@@ -166,6 +170,7 @@ class AsyncEngine:
             with self._streams_lock:
                 self._streams.pop(rid, None)
                 self._pending_work.pop(rid, None)
+                self._queued_prompts.pop(rid, None)
             if not finished:
                 self.abort(rid)
 
@@ -180,6 +185,24 @@ class AsyncEngine:
         its max_tokens (the server's --max-pending-tokens admission reads it)."""
         with self._streams_lock:
             return sum(self._pending_work.values())
+
+    def expected_ttft(self, prompt_tokens: int) -> float | None:
+        """Seconds until a new prompt of this many tokens would get its first token, at this
+        machine's measured step speed; None while nothing is ahead of it (it starts at once) or
+        before the engine has timed enough steps (the server's --max-expected-ttft reads it)."""
+        m = self.metrics_snapshot
+        with self._streams_lock:
+            queued = float(sum(self._queued_prompts.values()))
+        load = FirstTokenLoad(
+            m["first_token_ahead_units"],
+            m["first_token_step_units"],
+            m["step_cap_units"],
+            m["step_base_seconds"],
+            m["step_unit_seconds"],
+        )
+        if load.ahead + queued <= 0:
+            return None
+        return load.expected_ttft(float(prompt_tokens), queued)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(AbortRequest(request_id))
@@ -237,6 +260,8 @@ class AsyncEngine:
             try:
                 if isinstance(cmd, AddRequest):
                     self._taken_in += 1
+                    with self._streams_lock:
+                        self._queued_prompts.pop(cmd.request.request_id, None)
                     self.engine.add_prepared(cmd.request)
                 elif isinstance(cmd, AbortRequest):
                     self.engine.abort_request(cmd.request_id)

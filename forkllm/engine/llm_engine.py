@@ -32,6 +32,7 @@ from forkllm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutp
 from forkllm.engine.sequence import DeferredSamples, Request, Sequence
 from forkllm.engine.spec import SpeculativeDecoder, make_proposer
 from forkllm.engine.startup import resolve_max_model_len, resolve_placement, size_kv_cache
+from forkllm.engine.step_cost import FirstTokenLoad, LinearFit
 from forkllm.engine.tree import StepHook, TreeOps
 from forkllm.kernels import Kernels
 from forkllm.kv.manager import KVCacheManager
@@ -139,6 +140,8 @@ class LLMEngine:
         self.on_batch_scheduled: Callable[[LLMEngine], None] | None = None
         self._seed_rng = random.Random(config.seed)
         self.stats = EngineStats()
+        # Seconds per step as base + slope x work units, from the steps run (first_token_load).
+        self.step_seconds = LinearFit()
         self.startup_seconds = time.perf_counter() - t0
         logger.info("%s", self.describe())
 
@@ -283,9 +286,17 @@ class LLMEngine:
     def step_hooks(self) -> tuple[StepHook, ...]:
         return tuple(self._step_hooks)
 
+    def first_token_load(self) -> FirstTokenLoad:
+        """What a new request's first token waits for now, with this machine's step speed."""
+        sched = self.scheduler
+        ahead, per_step = sched.first_token_work()
+        base, slope = self.step_seconds.fit() or (0.0, 0.0)
+        return FirstTokenLoad(ahead, per_step, sched.fair_step_cost, base, slope)
+
     def metrics(self) -> dict[str, float]:
         """Gauges and counters for monitoring (the server exports them)."""
         pool, sched = self.kv.pool, self.scheduler
+        load = self.first_token_load()
         return {
             "prefix_cache_hit_rate": sched.prefix_stats.hit_rate,
             "prefix_cache_reused_tokens": sched.prefix_stats.reused_tokens,
@@ -304,6 +315,11 @@ class LLMEngine:
             "deferred_samples": sum(r.pending_samples for r in sched.deferred.values()),
             "generation_tokens": self.stats.generation_tokens,
             "prompt_tokens_computed": self.stats.prompt_tokens_computed,
+            "first_token_ahead_units": load.ahead,
+            "first_token_step_units": load.per_step,
+            "step_cap_units": load.cap,
+            "step_base_seconds": load.base,
+            "step_unit_seconds": load.slope,
             **(self.spec.metrics() if self.spec is not None else {}),
         }
 
@@ -343,6 +359,8 @@ class LLMEngine:
     def _run_batch(self, sched: SchedulerOutput, touched: dict[str, Request]) -> float:
         """Run the model on a scheduled batch, sample and append; returns the step's time."""
         self.runner.zero_blocks(self.kv.pool.take_pending_zero())
+        cost = self.scheduler.cost_at
+        work = sum(cost(s.seq.num_computed_tokens, s.num_new_tokens) for s in sched.scheduled)
         t0 = time.perf_counter()
         out = self.runner.execute(sched)
         now = time.time()
@@ -375,6 +393,7 @@ class LLMEngine:
             sampled = self.sampler(logits, sample_seqs)
             tokens, lps = sampled.token_ids, sampled.logprobs
         seconds = time.perf_counter() - t0
+        self.step_seconds.record(work, seconds)
         self.stats.model_seconds += seconds
         self.stats.steps += 1
         self._record_prompt_logprobs(out)

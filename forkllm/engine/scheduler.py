@@ -290,6 +290,24 @@ class Scheduler:
         caps.update(fair_split({r: d for r, d in demand.items() if r not in short}, left))
         return caps
 
+    def first_token_work(self) -> tuple[float, float]:
+        """(ahead, per_step): the prompt work (units) a new request would wait behind before its
+        first token, and the work every step carries besides: a unit per decode row plus the
+        long-running requests' share, which newcomers overtake (step_cost.FirstTokenLoad)."""
+        cap = self.fair_step_cost
+        long_at = LONG_RUNNING_STEPS * cap if cap else math.inf
+        ahead = long_due = 0.0
+        rows = 0
+        for s in itertools.chain(self.running, self.waiting):
+            due = s.num_tokens - s.num_computed_tokens
+            if due <= 1:
+                rows += due
+            elif s.request.service >= long_at:
+                long_due += self.cost_at(s.num_computed_tokens, due)
+            else:
+                ahead += self.cost_at(s.num_computed_tokens, due)
+        return ahead, rows + min(long_due, LONG_RUNNING_SHARE * cap)
+
     # ---- the step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

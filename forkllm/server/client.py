@@ -47,6 +47,10 @@ class EngineClient(Protocol):
     def pending_tokens(self) -> int:
         """Admitted, unfinished work in tokens (prompt + n x max_tokens per request)."""
 
+    def expected_ttft(self, prompt_tokens: int) -> float | None:
+        """Seconds until a new prompt of this many tokens would get its first token; None when
+        nothing is ahead of it or there is no estimate (the --max-expected-ttft check reads it)."""
+
     def generate(
         self,
         prompt: PromptInput,
@@ -107,6 +111,9 @@ class LocalEngineClient:
     @property
     def pending_tokens(self) -> int:
         return self._async.pending_tokens
+
+    def expected_ttft(self, prompt_tokens: int) -> float | None:
+        return self._async.expected_ttft(prompt_tokens)
 
     def generate(
         self,

@@ -91,6 +91,15 @@ def add_serve_parser(sub: Any) -> None:
         help="reject new requests with 503 + Retry-After when this many are waiting to be scheduled",
     )
     s.add_argument(
+        "--max-expected-ttft",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="reject a new request with 503 + Retry-After when its first token is expected later "
+        "than this, behind the prompt work already admitted, at the engine's measured step speed "
+        "(a request with nothing ahead of it is always admitted)",
+    )
+    s.add_argument(
         "--max-pending-tokens",
         type=int,
         default=None,
@@ -207,12 +216,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("FORKLLM_API_KEY") or None,
         max_num_waiting=args.max_num_waiting,
         max_pending_tokens=args.max_pending_tokens,
+        max_expected_ttft=args.max_expected_ttft,
         limits=limits_from_args(args),
         tool_call_parser=args.tool_call_parser,
     )
 
     if args.replicas < 1:
         raise SystemExit(f"forkllm serve: --replicas must be >= 1, got {args.replicas}")
+    if args.max_expected_ttft is not None:
+        if not args.max_expected_ttft > 0:
+            raise SystemExit(f"forkllm serve: --max-expected-ttft must be > 0, got {args.max_expected_ttft}")
+        if args.replicas > 1 or args.ray_address is not None:
+            raise SystemExit("forkllm serve: --max-expected-ttft is not supported with --replicas yet")
 
     def factory() -> EngineClient:
         client: EngineClient

@@ -5,6 +5,7 @@ passes (ready, capacity, model name)."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ class ServerConfig:
     max_num_waiting: int | None = None  # beyond this many unadmitted requests: 503 + Retry-After
     # beyond this much admitted, unfinished work (prompt + n x max_tokens, in tokens): 503 + Retry-After
     max_pending_tokens: int | None = None
+    # 503 + Retry-After when a new request's first token is expected later than this (seconds)
+    max_expected_ttft: float | None = None
     retry_after_seconds: int = 1
     limits: Limits = field(default_factory=Limits)
     offload_threads: int = 2  # threads tokenizing / rendering / detokenizing off the event loop
@@ -102,6 +105,24 @@ class ServerState:
                 f"server overloaded: {engine.num_waiting} requests are waiting (limit {limit}); retry later",
                 code="overloaded",
                 headers={"Retry-After": str(self.config.retry_after_seconds)},
+            )
+
+    def check_expected_ttft(self, engine: EngineClient, prompt_tokens: int) -> None:
+        """Load shedding by time: refuse a request whose first token, behind the prompt work
+        already admitted, is expected later than --max-expected-ttft (at the engine's measured
+        step speed). A request with nothing ahead of it is always admitted."""
+        limit = self.config.max_expected_ttft
+        if limit is None:
+            return
+        expected = engine.expected_ttft(prompt_tokens)
+        if expected is not None and expected > limit:
+            retry = max(self.config.retry_after_seconds, math.ceil(expected - limit))
+            raise APIError(
+                503,
+                f"server overloaded: this request's first token is expected in {expected:.1f} s "
+                f"(limit {limit:g} s, --max-expected-ttft); retry later",
+                code="overloaded",
+                headers={"Retry-After": str(retry)},
             )
 
     def close(self) -> None:

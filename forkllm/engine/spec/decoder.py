@@ -21,6 +21,7 @@ from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from forkllm.engine.sequence import Request, Sequence
 from forkllm.engine.spec.proposers import Proposer
+from forkllm.engine.step_cost import LinearFit
 from forkllm.kv.manager import KVCacheManager
 from forkllm.structured.state import GrammarState
 
@@ -76,33 +77,18 @@ class DraftRow:
         return self.seq.output_token_ids + self.extra
 
 
-class StepCost:
-    """The cost of one more query row as a fraction of a step's fixed cost, fitted online by
-    least squares (with decay) over steps made of decode rows only: step seconds = base + row x
-    rows. Until the rows vary enough to fit, `prior`."""
+class StepCost(LinearFit):
+    """The cost of one more query row as a fraction of a step's fixed cost, fitted over steps made
+    of decode rows only: step seconds = base + row x rows. Until the rows vary enough to fit, `prior`."""
 
     def __init__(self, prior: float = 0.02, decay: float = 0.98) -> None:
-        self.prior, self.decay = prior, decay
-        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
-
-    def record(self, rows: int, seconds: float) -> None:
-        d = self.decay
-        self.n = self.n * d + 1
-        self.sx = self.sx * d + rows
-        self.sy = self.sy * d + seconds
-        self.sxx = self.sxx * d + rows * rows
-        self.sxy = self.sxy * d + rows * seconds
+        super().__init__(decay)
+        self.prior = prior
 
     def ratio(self) -> float:
         """Seconds per row / seconds of an empty step."""
-        var = self.n * self.sxx - self.sx * self.sx
-        if self.n < 8 or var < 4.0 * self.n * self.n:
-            return self.prior  # rows have not varied by ~2 across the window: no fit yet
-        slope = (self.n * self.sxy - self.sx * self.sy) / var
-        base = (self.sy - slope * self.sx) / self.n
-        if slope <= 0 or base <= 0:
-            return self.prior
-        return max(slope / base, 1e-4)
+        fit = self.fit()
+        return self.prior if fit is None else max(fit[1] / fit[0], 1e-4)
 
 
 @dataclass

@@ -119,6 +119,10 @@ class RayEngineClient:
         live = [sum(w.values()) for w, load in zip(self._work, self.router.loads) if load.alive]
         return min(live) if live else 0
 
+    def expected_ttft(self, prompt_tokens: int) -> float | None:
+        """Not estimated across replicas (serve refuses --max-expected-ttft with --replicas)."""
+        return None
+
     def describe(self) -> str:
         return self._describe
 

@@ -71,6 +71,7 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: AppS
     if req.threads is not None:
         parse_threads(req, limits)  # a bad spec is a 400 before any rendering
     text, ids = await state.offload.run(_render, engine, req, plan, tool_format)
+    state.check_expected_ttft(engine, len(ids))
     if req.scaling is not None:
         return await scaled_chat(state, engine, req, text, ids, raw)
     if req.threads is not None:

@@ -64,6 +64,7 @@ async def completions(req: CompletionRequest, raw: Request, state: AppState) -> 
     num_prompts = 1 if isinstance(req.prompt, str) or _token_ids(req.prompt) else len(req.prompt)
     check_request_sequences(num_prompts, best_of, limits)
     prompts = await state.offload.run(completion_prompts, engine, req.prompt)
+    state.check_expected_ttft(engine, sum(len(ids) for _, ids in prompts))
     structured = asked.params if asked is not None else None
     params = [_sampling_params(engine, req, len(ids), best_of, structured) for _, ids in prompts]
     state.metrics.prompt_tokens.inc(sum(len(ids) for _, ids in prompts))
