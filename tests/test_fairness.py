@@ -26,7 +26,12 @@ from conftest import tiny_llm
 from forkllm import SamplingParams
 from forkllm.engine.async_engine import AsyncEngine
 from forkllm.engine.llm_engine import LLMEngine
-from forkllm.engine.scheduler import LONG_RUNNING_SHARE, LONG_RUNNING_STEPS, SchedulerOutput
+from forkllm.engine.scheduler import (
+    LONG_RUNNING_SHARE,
+    LONG_RUNNING_SHARE_BESIDE_PROMPTS,
+    LONG_RUNNING_STEPS,
+    SchedulerOutput,
+)
 from forkllm.engine.sequence import Request
 from forkllm.scaling import BestOfN, ParticleFilter, SelfConsistency, scorers
 
@@ -87,10 +92,12 @@ def test_a_short_prompt_gets_its_first_token_while_a_long_one_prefills(threshold
     long_req, short_req = engine.requests["long"], engine.requests["short"]
     sched = engine.scheduler
     if threshold and fair is None:
-        # contended: the step holds 16 tokens' work (the threshold); the short prompt wants 5,
-        # the long one gets the rest, weighed by its context (16 tokens in), and is not extended
-        long_n = sched.tokens_within(16, sched.fair_step_cost - sched.cost_at(0, 5))
-        assert 0 < long_n < 12
+        # contended: the step holds 16 tokens' work (the threshold); the short prompt wants 5.
+        # The long one (600 tokens: long-running from the start, skip-join) keeps a sixteenth of
+        # the step beside a newcomer's prompt, weighed by its context (16 tokens in): one token.
+        beside = LONG_RUNNING_SHARE_BESIDE_PROMPTS * sched.fair_step_cost
+        long_n = max(1, sched.tokens_within(16, beside))
+        assert long_n == 1
         assert [(s.seq.seq_id, s.num_new_tokens) for s in plans[-1].scheduled] == [
             ("long", long_n),
             ("short", 5),
@@ -117,9 +124,10 @@ def test_a_short_prompt_gets_its_first_token_while_a_long_one_prefills(threshold
     assert_pages_free(engine)
 
 
-def test_a_long_running_request_gets_a_quarter_of_the_step_while_a_newcomer_has_work():
-    """After LONG_RUNNING_STEPS capped steps alone, a long prompt is demoted: beside a newcomer's
-    prompt it gets at most LONG_RUNNING_SHARE of the step, however much the newcomer leaves."""
+def test_a_long_running_request_gets_a_small_share_of_the_step_while_a_newcomer_has_work():
+    """After LONG_RUNNING_STEPS capped steps alone, a long prompt is demoted: in the step of a
+    newcomer's prompt it gets a sixteenth of the step's work, beside its decodes a quarter,
+    however much the newcomer leaves."""
     long_prompt = [100 + (i * 37) % 30000 for i in range(600)]
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     llm = tiny_llm(max_num_batched_tokens=64, long_prefill_token_threshold=32)
@@ -138,11 +146,17 @@ def test_a_long_running_request_gets_a_quarter_of_the_step_while_a_newcomer_has_
     assert steps == LONG_RUNNING_STEPS + 1  # each step falls short of the cap by a fraction
     engine.add_request([7, 8, 9], greedy, request_id="new")
     start = long_seq.num_computed_tokens
-    engine.step()
+    engine.step()  # the newcomer's prompt: the long one keeps a sixteenth (at least a token)
     plan = {s.seq.seq_id: s.num_new_tokens for s in plans[-1].scheduled}
     assert plan["new"] == 3
+    beside = sched.tokens_within(start, LONG_RUNNING_SHARE_BESIDE_PROMPTS * sched.fair_step_cost)
+    assert plan["long"] == max(1, beside)
+    start = long_seq.num_computed_tokens
+    engine.step()  # the newcomer decodes: the long one gets a quarter
+    plan = {s.seq.seq_id: s.num_new_tokens for s in plans[-1].scheduled}
+    assert plan["new"] == 1
     assert plan["long"] == sched.tokens_within(start, LONG_RUNNING_SHARE * sched.fair_step_cost)
-    assert plan["long"] < sched.tokens_within(start, sched.fair_step_cost - sched.cost_at(0, 3))
+    assert plan["long"] < sched.tokens_within(start, sched.fair_step_cost - sched.cost_at(3, 1))
     while engine.has_unfinished_requests():
         engine.step()
     assert_pages_free(engine)

@@ -52,8 +52,20 @@ def engine():
 @pytest.fixture(scope="module")
 def http(engine):
     """The app in-process, with an API key and small body / prompt limits."""
-    app = create_app(ServerConfig(served_model_name=MODEL, api_key=KEY, limits=LIMITS), engine=engine)
-    return TestClient(app, headers=AUTH)
+    config = ServerConfig(
+        served_model_name=MODEL, api_key=KEY, limits=LIMITS, trust_request_chat_template=True
+    )
+    return TestClient(create_app(config, engine=engine), headers=AUTH)
+
+
+def test_a_requests_chat_template_is_refused_unless_the_server_trusts_it(engine):
+    """It is template code run on the server (e.g. a loop building a 10 GB string): a 400 naming
+    chat_template by default, as vLLM's --trust-request-chat-template does."""
+    plain = TestClient(create_app(ServerConfig(served_model_name=MODEL), engine=engine))
+    body = {**CHAT, "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}
+    err = _error(plain.post("/v1/chat/completions", json=body), 400, "chat_template")
+    assert "--trust-request-chat-template" in err["message"]
+    assert plain.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
 @pytest.fixture(scope="module")

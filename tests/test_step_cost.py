@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_llm
 
 from forkllm import SamplingParams
-from forkllm.engine.scheduler import LONG_RUNNING_SHARE, LONG_RUNNING_STEPS
+from forkllm.engine.scheduler import LONG_RUNNING_SHARE_BESIDE_PROMPTS, LONG_RUNNING_STEPS
 from forkllm.engine.spec.decoder import StepCost
 from forkllm.engine.step_cost import FirstTokenLoad, LinearFit
 
@@ -46,25 +46,28 @@ def test_expected_ttft_by_hand():
 
 
 def test_work_ahead_skips_long_running_prompts_but_counts_their_share_of_a_step():
-    """A newcomer overtakes a long-running prompt (least attained service first), so its backlog
-    is not ahead; only the quarter of every step it keeps, and one unit per decode row."""
+    """A newcomer overtakes a long prompt (long-running, here from the start: skip-join), so its backlog
+    is not ahead; only the sixteenth of a step it keeps beside a prompt, and a unit per decode row."""
     llm = tiny_llm(max_num_batched_tokens=64, long_prefill_token_threshold=32)
     engine, sched = llm.engine, llm.engine.scheduler
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     engine.add_request([100 + i for i in range(600)], greedy, request_id="long")
-    engine.add_request([7, 8, 9], greedy, request_id="short")
-    engine.step()  # short's prompt done (now a decode row); long got the rest of the step
+    engine.add_request(
+        [7, 8, 9], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), request_id="short"
+    )
     long_req = engine.requests["long"]
-    while long_req.service < LONG_RUNNING_STEPS * sched.fair_step_cost:
-        engine.step()
-    assert engine.requests["short"].seqs[0].num_output_tokens >= 1
+    for _ in range(3):
+        engine.step()  # short's prompt done (now a decode row); long took its small share
+    assert engine.requests["short"].seqs[0].num_output_tokens == 3
     engine.add_request([20 + i for i in range(40)], greedy, request_id="fresh")
     ahead, per_step = sched.first_token_work()
     long_seq = long_req.seqs[0]
     long_due = sched.cost_at(long_seq.num_computed_tokens, 600 - long_seq.num_computed_tokens)
     assert ahead == pytest.approx(sched.cost_at(0, 40))
-    rows = 0 if engine.requests["short"].finished else 1
-    assert per_step == pytest.approx(rows + min(long_due, LONG_RUNNING_SHARE * sched.fair_step_cost))
+    rows = 1  # short's decode row
+    assert per_step == pytest.approx(
+        rows + min(long_due, LONG_RUNNING_SHARE_BESIDE_PROMPTS * sched.fair_step_cost)
+    )
     load = engine.first_token_load()
     assert (load.ahead, load.per_step, load.cap) == (ahead, per_step, sched.fair_step_cost)
     while engine.has_unfinished_requests():

@@ -28,8 +28,11 @@ Fairness, so that no request holds the engine hostage:
   interrupted, and on a CPU a 2,048-token chunk deep in a long prompt takes seconds that the next
   newcomer would wait (smaller chunks cost no throughput there: measured 11.7 vs 12.5 s for a lone
   4,000-token prompt). A request that has had `LONG_RUNNING_STEPS` capped steps' work
-  is demoted: while short requests have work, the long-running ones share at most
-  `LONG_RUNNING_SHARE` of a contended step (a two-level feedback queue).
+  is demoted, and so is one whose prompt is that much work from the start (skip-join, as
+  FastServe's queue for long first iterations): while short requests have work, these share at most
+  `LONG_RUNNING_SHARE` of a contended step, and `LONG_RUNNING_SHARE_BESIDE_PROMPTS` of a step
+  in which a short request's prompt is computed (a two-level feedback queue: a newcomer's first
+  token waits on as little of the long-running work as the one-token floor allows).
 - When the KV pool cannot hold a running sequence's next tokens, a sequence is preempted: of the
   lowest priority, from the request running the most sequences, the newest. When it cannot hold
   a waiting sequence's chunk, a sequence left idle over its request's share is preempted for it.
@@ -64,6 +67,8 @@ SHARE_MIN_PAGES = 4
 # add little to the steps that newcomers' prompts and other users' decodes wait on.
 LONG_RUNNING_STEPS = 4
 LONG_RUNNING_SHARE = 0.25
+# ... and while a short request has a prompt to compute (its first token waits on the step), this.
+LONG_RUNNING_SHARE_BESIDE_PROMPTS = 1 / 16
 
 
 @dataclass
@@ -277,16 +282,21 @@ class Scheduler:
         if not self.fair_step_cost:
             return None
         demand: dict[Request, float] = {}
+        prompts: set[Request] = set()  # requests with a prompt chunk to compute
         for s in itertools.chain(self.running, self.waiting):
-            due = self.cost_at(s.num_computed_tokens, s.num_tokens - s.num_computed_tokens)
-            demand[s.request] = demand.get(s.request, 0.0) + due
+            due = s.num_tokens - s.num_computed_tokens
+            demand[s.request] = demand.get(s.request, 0.0) + self.cost_at(s.num_computed_tokens, due)
+            if due > 1:
+                prompts.add(s.request)
         total = self.fair_step_cost
         long_at = LONG_RUNNING_STEPS * total
-        short = {r: d for r, d in demand.items() if r.service < long_at}
+        # long-running by the work it has had, or, for a prompt that long (skip-join), from the start
+        short = {r: d for r, d in demand.items() if r.service < long_at and d < long_at}
         if not short or len(short) == len(demand):
             return fair_split(demand, total)
         caps = fair_split(short, total)
-        left = min(total - sum(caps.values()), total * LONG_RUNNING_SHARE)
+        share = LONG_RUNNING_SHARE_BESIDE_PROMPTS if prompts.intersection(short) else LONG_RUNNING_SHARE
+        left = min(total - sum(caps.values()), total * share)
         caps.update(fair_split({r: d for r, d in demand.items() if r not in short}, left))
         return caps
 
@@ -296,17 +306,22 @@ class Scheduler:
         long-running requests' share, which newcomers overtake (step_cost.FirstTokenLoad)."""
         cap = self.fair_step_cost
         long_at = LONG_RUNNING_STEPS * cap if cap else math.inf
-        ahead = long_due = 0.0
         rows = 0
+        prompt_due: dict[Request, float] = {}
         for s in itertools.chain(self.running, self.waiting):
             due = s.num_tokens - s.num_computed_tokens
             if due <= 1:
                 rows += due
-            elif s.request.service >= long_at:
-                long_due += self.cost_at(s.num_computed_tokens, due)
             else:
-                ahead += self.cost_at(s.num_computed_tokens, due)
-        return ahead, rows + min(long_due, LONG_RUNNING_SHARE * cap)
+                work = self.cost_at(s.num_computed_tokens, due)
+                prompt_due[s.request] = prompt_due.get(s.request, 0.0) + work
+        ahead = long_due = 0.0
+        for req, work in prompt_due.items():
+            if req.service >= long_at or work >= long_at:
+                long_due += work
+            else:
+                ahead += work
+        return ahead, rows + min(long_due, LONG_RUNNING_SHARE_BESIDE_PROMPTS * cap)
 
     # ---- the step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

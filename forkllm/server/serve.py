@@ -100,6 +100,12 @@ def add_serve_parser(sub: Any) -> None:
         "(a request with nothing ahead of it is always admitted)",
     )
     s.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="accept a chat_template in requests (it is template code run on this server; "
+        "refused with a 400 by default, as vLLM does)",
+    )
+    s.add_argument(
         "--max-pending-tokens",
         type=int,
         default=None,
@@ -217,6 +223,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_waiting=args.max_num_waiting,
         max_pending_tokens=args.max_pending_tokens,
         max_expected_ttft=args.max_expected_ttft,
+        trust_request_chat_template=args.trust_request_chat_template,
         limits=limits_from_args(args),
         tool_call_parser=args.tool_call_parser,
     )

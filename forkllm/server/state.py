@@ -33,6 +33,8 @@ class ServerConfig:
     max_pending_tokens: int | None = None
     # 503 + Retry-After when a new request's first token is expected later than this (seconds)
     max_expected_ttft: float | None = None
+    # a request's own chat_template is template code run on this server: refused unless trusted
+    trust_request_chat_template: bool = False
     retry_after_seconds: int = 1
     limits: Limits = field(default_factory=Limits)
     offload_threads: int = 2  # threads tokenizing / rendering / detokenizing off the event loop
@@ -132,6 +134,15 @@ class ServerState:
         self.offload.shutdown()
         if self.engine is not None:
             self.engine.shutdown()
+
+    def check_chat_template(self, template: str | None) -> None:
+        if template is not None and not self.config.trust_request_chat_template:
+            raise APIError(
+                400,
+                "a request's chat_template runs template code on the server and is refused here; "
+                "start the server with --trust-request-chat-template to allow it",
+                param="chat_template",
+            )
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.served_model_name:

@@ -103,6 +103,7 @@ async def tools_chat(req: ToolsChatRequest, raw: Request, state: AppState) -> Re
     engine = state.ready()
     state.check_model(req.model)
     state.check_capacity(engine)
+    state.check_chat_template(req.chat_template)
     if req.stream:
         raise APIError(400, "stream=true is not supported with in-engine tools", param="stream")
     check_count(req.n, state.config.limits.max_n, "n", "--max-n")

@@ -55,6 +55,7 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: AppS
     state.check_model(req.model)
     state.check_capacity(engine)
     check_stream_options(req)
+    state.check_chat_template(req.chat_template)
     limits = state.config.limits
     _check_fields(req, limits)
     tool_format = state.config.tool_call_parser
