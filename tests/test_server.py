@@ -377,7 +377,7 @@ def test_a_request_expected_to_wait_past_max_expected_ttft_gets_503_with_retry_a
     Retry-After naming the flag; once nothing is ahead, the same request is admitted."""
     from forkllm.engine.step_cost import LinearFit
 
-    llm = tiny_llm(max_num_batched_tokens=64)
+    llm = tiny_llm(max_num_batched_tokens=512)  # a 128-unit cap: 200 tokens is not a long prompt
     fit = LinearFit()
     for units in range(1, 40):
         fit.record(float(units), 0.01 + 0.01 * units)
