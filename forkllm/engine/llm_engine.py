@@ -51,6 +51,7 @@ def attention_cost_tokens(flop_parity: int, device: torch.device) -> int:
     """The context length at which a token's attention costs as much time as its matmuls."""
     return max(1, flop_parity // CPU_ATTENTION_SLOWDOWN) if device.type == "cpu" else flop_parity
 
+
 __all__ = ["EngineStats", "LLMEngine", "PromptInput"]
 
 
