@@ -391,7 +391,7 @@ def test_a_request_expected_to_wait_past_max_expected_ttft_gets_503_with_retry_a
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             held = pool.submit(httpx.post, srv.url + "/v1/completions", json=long_body, timeout=60)
             deadline = time.time() + 30
-            while engine.metrics_snapshot["first_token_ahead_units"] == 0:
+            while engine.first_token_load.ahead == 0:
                 assert time.time() < deadline
                 time.sleep(0.02)
             expected = engine.expected_ttft(3)

@@ -100,6 +100,8 @@ class AsyncEngine:
         # engine.metrics() as of the last step, published by the engine thread (readers never
         # touch engine state from another thread).
         self.metrics_snapshot: dict[str, float] = engine.metrics()
+        # engine.first_token_load() as of the last step, published with the metrics (expected_ttft)
+        self.first_token_load: FirstTokenLoad = engine.first_token_load()
         engine.on_batch_scheduled = self._publish_metrics
         self.num_idle_waits = 0  # times the loop slept with nothing to do (tests count them)
         # Requests handed over / taken in by the engine thread: each counter has one writer.
@@ -190,16 +192,9 @@ class AsyncEngine:
         """Seconds until a new prompt of this many tokens would get its first token, at this
         machine's measured step speed; None while nothing is ahead of it (it starts at once) or
         before the engine has timed enough steps (the server's --max-expected-ttft reads it)."""
-        m = self.metrics_snapshot
+        load = self.first_token_load
         with self._streams_lock:
             queued = float(sum(self._queued_prompts.values()))
-        load = FirstTokenLoad(
-            m["first_token_ahead_units"],
-            m["first_token_step_units"],
-            m["step_cap_units"],
-            m["step_base_seconds"],
-            m["step_unit_seconds"],
-        )
         if load.ahead + queued <= 0:
             return None
         return load.expected_ttft(float(prompt_tokens), queued)
@@ -308,6 +303,7 @@ class AsyncEngine:
     def _publish_metrics(self, engine: LLMEngine) -> None:
         """Engine thread only: readers take the snapshot, never the engine's state."""
         self.metrics_snapshot = engine.metrics()
+        self.first_token_load = engine.first_token_load()
 
     def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
         with self._streams_lock:

@@ -307,7 +307,6 @@ class LLMEngine:
     def metrics(self) -> dict[str, float]:
         """Gauges and counters for monitoring (the server exports them)."""
         pool, sched = self.kv.pool, self.scheduler
-        load = self.first_token_load()
         return {
             "prefix_cache_hit_rate": sched.prefix_stats.hit_rate,
             "prefix_cache_reused_tokens": sched.prefix_stats.reused_tokens,
@@ -326,11 +325,6 @@ class LLMEngine:
             "deferred_samples": sum(r.pending_samples for r in sched.deferred.values()),
             "generation_tokens": self.stats.generation_tokens,
             "prompt_tokens_computed": self.stats.prompt_tokens_computed,
-            "first_token_ahead_units": load.ahead,
-            "first_token_step_units": load.per_step,
-            "step_cap_units": load.cap,
-            "step_base_seconds": load.base,
-            "step_unit_seconds": load.slope,
             **(self.spec.metrics() if self.spec is not None else {}),
         }
 

@@ -275,6 +275,12 @@ class Scheduler:
         b = 1.0 + start / k  # cost_at(start, n) = b n + n^2 / 2k
         return int(k * (math.sqrt(b * b + 2 * cost / k) - b) + 1e-9)
 
+    def _long_running(self, req: Request, due: float) -> bool:
+        """Demoted: it has had LONG_RUNNING_STEPS capped steps of work, or what it still wants is
+        that much from the start (skip-join). Never without a work cap."""
+        long_at = LONG_RUNNING_STEPS * self.fair_step_cost
+        return bool(long_at) and (req.service >= long_at or due >= long_at)
+
     def _step_caps(self) -> dict[Request, float] | None:
         """Each request's most work in this step, or None when the cap is off. A request alone is
         held to the cap as well: a step cannot be interrupted, so a 2,048-token chunk deep in a long
@@ -289,9 +295,7 @@ class Scheduler:
             if due > 1:
                 prompts.add(s.request)
         total = self.fair_step_cost
-        long_at = LONG_RUNNING_STEPS * total
-        # long-running by the work it has had, or, for a prompt that long (skip-join), from the start
-        short = {r: d for r, d in demand.items() if r.service < long_at and d < long_at}
+        short = {r: d for r, d in demand.items() if not self._long_running(r, d)}
         if not short or len(short) == len(demand):
             return fair_split(demand, total)
         caps = fair_split(short, total)
@@ -305,7 +309,6 @@ class Scheduler:
         first token, and the work every step carries besides: a unit per decode row plus the
         long-running requests' share, which newcomers overtake (step_cost.FirstTokenLoad)."""
         cap = self.fair_step_cost
-        long_at = LONG_RUNNING_STEPS * cap if cap else math.inf
         rows = 0
         prompt_due: dict[Request, float] = {}
         for s in itertools.chain(self.running, self.waiting):
@@ -317,7 +320,7 @@ class Scheduler:
                 prompt_due[s.request] = prompt_due.get(s.request, 0.0) + work
         ahead = long_due = 0.0
         for req, work in prompt_due.items():
-            if req.service >= long_at or work >= long_at:
+            if self._long_running(req, work):
                 long_due += work
             else:
                 ahead += work
