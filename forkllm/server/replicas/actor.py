@@ -58,14 +58,19 @@ class EngineReplica:
         def feed(event: TreeEvent) -> None:  # on the engine's thread
             loop.call_soon_threadsafe(events.append, event)
 
+        def take() -> list[TreeEvent]:
+            # taken before the yield: events appended while the consumer holds it are kept
+            batch = events[:]
+            events.clear()
+            return batch
+
         async for out in self.engine.generate(prompt, params, request_id, priority, feed):
             if events:
-                yield events[:]
-                events.clear()
+                yield take()
             yield out
         await asyncio.sleep(0)  # events handed over with the last output
         if events:
-            yield events[:]
+            yield take()
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
