@@ -9,11 +9,13 @@ policy, is the real thing)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import pytest
@@ -38,9 +40,17 @@ class Scripted:
     """Stands in for the sampler: sample i of the policy's request (of every request when policy is
     None) emits its scripted tokens in order, then EOS; other sequences sample for real."""
 
-    def __init__(self, real: Any, policy: ToolPolicy | None, scripts: dict[int, list[int]], eos: int) -> None:
+    def __init__(
+        self,
+        real: Any,
+        policy: ToolPolicy | None,
+        scripts: dict[int, list[int]],
+        eos: int,
+        per_request: bool = False,
+    ) -> None:
         self.real, self.policy, self.eos = real, policy, eos
-        self.queues = {k: deque(v) for k, v in scripts.items()}
+        self.scripts, self.per_request = scripts, per_request  # per_request: each request afresh
+        self.queues: dict[Any, deque[int]] = {k: deque(v) for k, v in scripts.items()}
 
     def __call__(self, logits: Any, seqs: list[Any]) -> SamplerOutput:
         real = self.real(logits, seqs)
@@ -49,6 +59,8 @@ class Scripted:
         for i, s in enumerate(seqs):
             mine = self.policy is None or (tree is not None and s.request is tree.request)
             q = self.queues.get(s.index) if mine else None
+            if self.per_request and s.index in self.scripts:
+                q = self.queues.setdefault((s.request.request_id, s.index), deque(self.scripts[s.index]))
             if q is not None:
                 tokens[i] = q.popleft() if q else self.eos
         return SamplerOutput(tokens, [None] * len(seqs))
@@ -497,7 +509,10 @@ def test_real_model_uses_a_tool_result(real):
 
 
 # ---- the opt-in server mode ----------------------------------------------------------------------
-def test_server_tools_mode_runs_registered_tools():
+@contextlib.contextmanager
+def tools_server(*messages: str, n_scripts: int = 1) -> Iterator[tuple[Any, Any]]:
+    """A live server in tools mode (tools_for_tests:TOOLS) whose samples write `messages`; yields
+    (openai client at /v1/tools, the engine)."""
     import socket
 
     openai = pytest.importorskip("openai")
@@ -509,9 +524,13 @@ def test_server_tools_mode_runs_registered_tools():
     from forkllm.server.tools_mode import enable_tools_mode, load_tools
 
     llm = tiny_llm(kv_cache_memory="32MiB")
-    msg = call_text("double", x=4) + "\n" + call_text("double", x=5)
+    ids = script(llm, *messages)
     llm.engine.sampler = Scripted(
-        llm.engine.sampler, None, {0: script(llm, msg, "eighteen")}, llm.engine.eos_token_ids[0]
+        llm.engine.sampler,
+        None,
+        {i: ids for i in range(n_scripts)},
+        llm.engine.eos_token_ids[0],
+        per_request=True,
     )
     app: FastAPI = create_app(ServerConfig(served_model_name="tiny"), engine=AsyncEngine(llm.engine))
     enable_tools_mode(app, load_tools(["tools_for_tests:TOOLS"]))
@@ -524,7 +543,21 @@ def test_server_tools_mode_runs_registered_tools():
     while not server.started:
         time.sleep(0.05)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1/tools", api_key="x", max_retries=0)
+        yield (
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1/tools", api_key="x", max_retries=0),
+            llm.engine,
+        )
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+DOUBLE_TWICE = ("Both.\n" + call_text("double", x=4) + "\n" + call_text("double", x=5), "eighteen")
+
+
+def test_server_tools_mode_runs_registered_tools():
+    openai = pytest.importorskip("openai")
+    with tools_server(*DOUBLE_TWICE) as (client, _):
         r = client.chat.completions.create(
             model="tiny",
             messages=[{"role": "user", "content": "double 4 and 5"}],
@@ -536,6 +569,7 @@ def test_server_tools_mode_runs_registered_tools():
         history = choice.model_extra["tool_history"]
         assert [c["result"] for c in history["calls"]] == ["8", "10"]
         assert [m["role"] for m in history["messages"]] == ["assistant", "tool", "tool", "assistant"]
+        assert history["messages"][0]["content"] == "Both."  # the parser trims around calls
         assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
         with pytest.raises(openai.BadRequestError, match="tools"):
             client.chat.completions.create(
@@ -543,6 +577,101 @@ def test_server_tools_mode_runs_registered_tools():
                 messages=[{"role": "user", "content": "x"}],
                 tools=[{"type": "function", "function": {"name": "f"}}],
             )
-    finally:
-        server.should_exit = True
-        thread.join(15)
+        with pytest.raises(openai.BadRequestError, match="stream_options"):
+            client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "x"}],
+                stream_options={"include_usage": True},
+            )
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_server_tools_mode_streams_content_calls_and_results(n):
+    with tools_server(*DOUBLE_TWICE, n_scripts=n) as (client, engine):
+        whole = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "double 4 and 5"}],
+            temperature=0,
+            max_tokens=64,
+            n=n,
+        )
+        stream = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "double 4 and 5"}],
+            temperature=0,
+            max_tokens=64,
+            n=n,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        content: dict[int, str] = {i: "" for i in range(n)}
+        events: list[dict[str, Any]] = []
+        finish: dict[int, Any] = {}
+        usage = None
+        for chunk in stream:  # the SDK's own types parse every chunk
+            if chunk.usage is not None:
+                usage = chunk.usage
+            extra = chunk.model_extra or {}
+            if "tool_event" in extra:
+                assert chunk.choices == []
+                events.append(extra["tool_event"])
+            for c in chunk.choices:
+                content[c.index] += c.delta.content or ""
+                if c.finish_reason is not None:
+                    finish[c.index] = (c.finish_reason, c.model_extra["tool_history"])
+        for i in range(n):
+            mine = [e for e in events if e["index"] == i]
+            kinds = [e["type"] for e in mine]
+            # Each call is reported when dispatched, its result when settled, then one resume.
+            assert sorted(kinds) == ["call", "call", "result", "result", "resume"] and kinds[-1] == "resume"
+            calls = [e["call"] for e in mine if e["type"] == "call"]
+            assert [c["function"]["name"] for c in calls] == ["double", "double"]
+            assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"x": 4}, {"x": 5}]
+            order = [(e["type"], e["call"]["id"]) for e in mine if e["type"] != "resume"]
+            for c, result in zip(calls, ["8", "10"], strict=True):
+                assert order.index(("call", c["id"])) < order.index(("result", c["id"]))
+                assert (
+                    next(
+                        e["call"]["result"]
+                        for e in mine
+                        if e["type"] == "result" and e["call"]["id"] == c["id"]
+                    )
+                    == result
+                )
+            resume = mine[kinds.index("resume")]
+            assert resume["round"] == 1 and resume["prefill_tokens"] > 0
+            reason, history = finish[i]
+            assert reason == "stop"
+            # The streamed content is every message's content; the last equals the whole response's.
+            said = [m["content"] or "" for m in history["messages"] if m["role"] == "assistant"]
+            assert said == ["Both.", "eighteen"] and content[i] == "".join(said)
+            # The same exchange as the whole response's (call ids and timings differ run to run).
+            assert [m["role"] for m in history["messages"]] == ["assistant", "tool", "tool", "assistant"]
+            assert whole.choices[i].model_extra["tool_history"]["messages"][-1] == history["messages"][-1]
+            assert [c["result"] for c in history["calls"]] == ["8", "10"]
+            assert whole.choices[i].message.content == "eighteen"
+        assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+        assert not engine.has_unfinished_requests()
+
+
+def test_server_tools_mode_stream_left_midway_aborts_the_run():
+    import httpx
+
+    with tools_server(call_text("double", x=4), "x" * 400) as (client, engine):
+        used0 = engine.kv.pool.num_used
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "double 4"}],
+            "temperature": 0,
+            "max_tokens": 500,
+            "stream": True,
+        }
+        with httpx.stream("POST", f"{client.base_url}chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if '"resume"' in line:
+                    break  # the client leaves while the second message decodes
+        for _ in range(200):
+            if not engine.has_unfinished_requests():
+                break
+            time.sleep(0.05)
+        assert not engine.has_unfinished_requests() and engine.kv.pool.num_used == used0

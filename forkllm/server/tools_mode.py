@@ -10,26 +10,44 @@ results) and answers with the last assistant message. Each choice also carries `
 the exchange OpenAI-shaped (`messages`) and the calls with their results and timings (`calls`).
 
 The body is the chat-completions body without `tools` / `tool_choice` (the server's tools are the
-tools) or streaming, plus `max_tool_rounds` and `tool_timeout`. A field it does not honour is a
-400 naming it. The client going away aborts the whole run (its tools' results are dropped).
+tools), plus `max_tool_rounds` and `tool_timeout`. A field it does not honour is a 400 naming it.
+The client going away aborts the whole run (its tools' results are dropped).
+
+With `stream: true` the run streams as it goes (forkllm/tools/events.py): the content of every
+assistant message arrives as ordinary content deltas of its choice, in order (the text a chat
+shows while the run goes on; a message's call markup never does); each call as it is dispatched,
+each result as it settles and each resume come as chunks with empty `choices` and a `tool_event`
+object; each choice's finish chunk carries its `tool_history`, as the whole response does. The
+non-streamed `message.content` is the last assistant message only: the streamed content equals
+it when the earlier messages held nothing but calls (how tool calls are usually written).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, cast
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.server.errors import APIError, from_value_error
 from forkllm.server.limits import check_count
-from forkllm.server.requests import max_tokens_for, unless_disconnected
-from forkllm.server.responses import Envelope
+from forkllm.server.protocol import StreamOptions
+from forkllm.server.requests import (
+    cancel_unfinished,
+    guard_stream,
+    max_tokens_for,
+    unless_disconnected,
+    while_running,
+)
+from forkllm.server.responses import Envelope, chat_delta, finish_reason, sse
 from forkllm.server.state import AppState
+from forkllm.tools.events import ToolEvent
 from forkllm.tools.executor import ToolExecutor
 from forkllm.tools.formats import get_format
 from forkllm.tools.prompt import render_chat
@@ -92,6 +110,7 @@ class ToolsChatRequest(BaseModel):
     max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     chat_template: str | None = None
     max_tool_rounds: int = 8
     tool_timeout: float | None = 60.0
@@ -104,8 +123,8 @@ async def tools_chat(req: ToolsChatRequest, raw: Request, state: AppState) -> Re
     state.check_model(req.model)
     state.check_capacity(engine)
     state.check_chat_template(req.chat_template)
-    if req.stream:
-        raise APIError(400, "stream=true is not supported with in-engine tools", param="stream")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream=true", param="stream_options")
     check_count(req.n, state.config.limits.max_n, "n", "--max-n")
     tok = engine.tokenizer
     if tok is None:
@@ -142,10 +161,16 @@ async def tools_chat(req: ToolsChatRequest, raw: Request, state: AppState) -> Re
         )
     except ValueError as e:
         raise from_value_error(e) from e
+    env = Envelope.chat(state.config.served_model_name)
+    state.metrics.prompt_tokens.inc(len(ids))
+    if req.stream:
+        events = _stream(engine, env, policy, ids, req)
+        return StreamingResponse(
+            guard_stream(events), media_type="text/event-stream", headers={"x-request-id": env.id}
+        )
     # EngineClient.run_policy drives any tree policy (it is typed for the scaling ones).
     run = cast(Callable[..., Any], engine.run_policy)(policy, ids, "")
     out = await unless_disconnected(raw, run)
-    env = Envelope.chat(state.config.served_model_name)
     choices = []
     completion_tokens = 0
     for o in out.outputs:
@@ -156,8 +181,51 @@ async def tools_chat(req: ToolsChatRequest, raw: Request, state: AppState) -> Re
                 "index": o.index,
                 "message": {"role": "assistant", "content": o.text},
                 "finish_reason": o.finish_reason,
-                "tool_history": {"messages": o.messages, "calls": [c.as_dict() for c in o.tool_calls]},
+                "tool_history": _history(o),
             }
         )
-    state.metrics.prompt_tokens.inc(len(ids))
-    return JSONResponse(env.body(choices, len(ids), completion_tokens))
+    return JSONResponse(env.body(choices, len(ids), completion_tokens), headers={"x-request-id": env.id})
+
+
+def _history(o: ToolCompletionOutput) -> dict[str, Any]:
+    return {"messages": o.messages, "calls": [c.as_dict() for c in o.tool_calls]}
+
+
+async def _stream(
+    engine: Any, env: Envelope, policy: ToolPolicy, ids: list[int], req: ToolsChatRequest
+) -> AsyncIterator[str]:
+    """The run's SSE events (see the module docstring); leaving mid-stream aborts the run."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[ToolEvent] = asyncio.Queue()
+
+    def on_event(ev: ToolEvent) -> None:  # on the engine's thread
+        with contextlib.suppress(RuntimeError):  # the stream's loop is gone
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+    policy.on_event = on_event
+    stream = env.stream(len(ids), req.stream_options)
+    task = asyncio.ensure_future(cast(Callable[..., Any], engine.run_policy)(policy, ids, ""))
+    try:
+        yield stream.chunk(
+            [chat_delta(i, {"role": "assistant", "content": ""}, None, None) for i in range(req.n)]
+        )
+        async for ev in while_running(task, queue):
+            if ev.event == "content":
+                yield stream.chunk([chat_delta(ev.index, {"content": ev.text}, None, None)])
+            else:
+                yield sse({**env.head(env.chunk_object), "choices": [], "tool_event": ev.as_dict()})
+        out = task.result()
+        for o in out.outputs:
+            assert isinstance(o, ToolCompletionOutput)
+            stream.count(o.generated_tokens)
+            choice = {
+                "index": o.index,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": finish_reason(o.finish_reason),
+            }
+            yield stream.chunk([{**choice, "tool_history": _history(o)}])
+        for event in stream.end():
+            yield event
+    finally:
+        await cancel_unfinished(task)

@@ -12,7 +12,9 @@ For every sequence of its request (n samples: each runs its own tools) `ToolPoli
    the model reads), appends the tool turn (`<|im_end|>\\n<|im_start|>tool\\n<tool_response>...`
    up to the next `<|im_start|>assistant\\n`, as the chat template renders it) with
    `TreeRun.extend` and resumes: only those tokens are computed, nothing before them;
-4. ends after the first message without calls, at `max_rounds` messages with calls, at a stop
+4. reports, when asked (`on_event`, tools/events.py), each message's content, each call as it is
+   dispatched, each result as it settles and each resume: what a streamed run sends;
+5. ends after the first message without calls, at `max_rounds` messages with calls, at a stop
    string or stop token of the caller's, or when a message reaches max_tokens ("length").
 
 `max_tokens` bounds each assistant message, as it bounds each request of a client loop
@@ -34,13 +36,11 @@ from forkllm.engine.policy import TreeRun, driven_policies
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.sequence import Sequence, SequenceStatus
 from forkllm.structured.params import StructuredOutputsParams
-from forkllm.tokenizer import Tokenizer
+from forkllm.tools.events import OnToolEvent, ToolEvent
 from forkllm.tools.executor import ToolCallRecord, ToolExecutor
-from forkllm.tools.formats import ToolFormat
 from forkllm.tools.parser import ToolCall, ToolCallParser
-from forkllm.tools.prompt import render_chat
 from forkllm.tools.runtime_schema import Tool
-from forkllm.tools.spec import ToolSpec
+from forkllm.tools.turns import ToolTurnRenderer
 
 if TYPE_CHECKING:
     from forkllm.engine.llm_engine import LLMEngine
@@ -66,52 +66,6 @@ class ToolCompletionOutput(CompletionOutput):
     generated_tokens: int = 0  # tokens sampled over every assistant message
 
 
-def tool_specs_of(tools: dict[str, Tool]) -> list[ToolSpec]:
-    return [ToolSpec(t.name, t.parameters, t.description or None) for t in tools.values()]
-
-
-class ToolTurnRenderer:
-    """The tokens that follow an assistant message with tool calls: its end, one tool message per
-    call with the call's result, and the header of the next assistant message, exactly as the
-    chat template renders them for a client that sends the history back (with the tool format's
-    wrapping, `<tool_response>` for Hermes, where the template knows no tools): the difference
-    between a probe conversation with and without the tool messages."""
-
-    def __init__(self, tokenizer: Tokenizer, fmt: ToolFormat, chat_template: str | None = None) -> None:
-        self.tokenizer, self.format, self.chat_template = tokenizer, fmt, chat_template
-        probe = "\x00probe\x00"
-        base: list[dict[str, Any]] = [
-            {"role": "user", "content": "u"},
-            {"role": "assistant", "content": probe},
-        ]
-        text = render_chat(tokenizer, base, add_generation_prompt=False, chat_template=chat_template)
-        at = text.rfind(probe)
-        if at < 0:
-            raise ValueError(
-                "the chat template does not render assistant messages; tools cannot run in-engine"
-            )
-        self._base_len = len(text)
-        self._base = base
-        self.message_end = text[at + len(probe) :]  # e.g. "<|im_end|>\n"
-
-    def suffix(self, results: list[str], ended_by_eos_text: str | None) -> str:
-        """Text after the message's last sampled token. `ended_by_eos_text`: the text of the EOS
-        token that ended it (the template's end marker then starts with it), None when the message
-        ended without one (its grammar completed)."""
-        msgs = self._base + [{"role": "tool", "content": r} for r in results]
-        full = render_chat(
-            self.tokenizer, msgs, tool_format=self.format.name, chat_template=self.chat_template
-        )
-        turn = full[self._base_len :]
-        end = self.message_end
-        if ended_by_eos_text and end.startswith(ended_by_eos_text):
-            end = end[len(ended_by_eos_text) :]
-        return end + turn
-
-    def tokens(self, results: list[str], ended_by_eos_text: str | None) -> list[int]:
-        return self.tokenizer.encode(self.suffix(results, ended_by_eos_text), add_special_tokens=False)
-
-
 @dataclass
 class _Message:
     """One assistant message of one sequence, as generated so far."""
@@ -134,6 +88,7 @@ class _SeqState:
     messages: list[dict[str, Any]] = field(default_factory=list)
     prefill_tokens: int = 0
     output: ToolCompletionOutput | None = None
+    reported: set[str] = field(default_factory=set)  # call ids whose results were reported
 
 
 class ToolPolicy:
@@ -150,6 +105,7 @@ class ToolPolicy:
         timeout: float | None = 60.0,
         round_grammar: RoundGrammar | None = None,
         prompt: str | None = None,
+        on_event: OnToolEvent | None = None,
     ) -> None:
         if params.ignore_eos:
             raise ValueError(
@@ -171,6 +127,7 @@ class ToolPolicy:
         self._seen_completions = 0
         self._call_ids = 0
         self.watch: TreeWatcher | None = None  # reports the tree's operations (engine/events.py)
+        self.on_event = on_event  # reports content, calls, results and resumes (tools/events.py)
 
     # ---- TreePolicy ----------------------------------------------------------------------------
     def start(self, engine: LLMEngine, prompt_ids: list[int], question: str = "") -> None:
@@ -197,6 +154,8 @@ class ToolPolicy:
             if seq.status is SequenceStatus.PAUSED:  # parked at the end of a message with calls
                 for r in st.message.records:
                     self.executor.expire(r, now)
+            self._report_results(seq, st)
+            if seq.status is SequenceStatus.PAUSED:
                 if all(r.done for r in st.message.records):
                     self._resume(seq, st)
                 else:
@@ -270,7 +229,7 @@ class ToolPolicy:
             return
         msg.scanned += len(new)
         delta = msg.parser.feed(new)
-        msg.content += delta.content
+        self._add_content(seq, st, delta.content)
         for call in delta.calls:
             self._dispatch(seq, st, call)
 
@@ -286,6 +245,24 @@ class ToolPolicy:
         self.executor.submit(tool.fn if tool else None, record, self.timeout, unknown)
         msg.records.append(record)
         st.records.append(record)
+        if self.on_event is not None:
+            self.on_event(ToolEvent("call", seq.index, msg.round, call=call.as_openai()))
+
+    def _add_content(self, seq: Sequence, st: _SeqState, text: str) -> None:
+        if not text:
+            return
+        st.message.content += text
+        if self.on_event is not None:
+            self.on_event(ToolEvent("content", seq.index, st.message.round, text=text))
+
+    def _report_results(self, seq: Sequence, st: _SeqState) -> None:
+        """Report the calls that settled since the last step (streaming only)."""
+        if self.on_event is None:
+            return
+        for r in st.message.records:
+            if r.done and r.call_id not in st.reported:
+                st.reported.add(r.call_id)
+                self.on_event(ToolEvent("result", seq.index, r.round, call=r.as_dict()))
 
     def _park(self, seq: Sequence) -> bool:
         """The engine asks, as the sequence stops by itself: park it for its calls' results?"""
@@ -294,7 +271,7 @@ class ToolPolicy:
         st = self._state(seq)
         self._scan(seq, st)
         delta = st.message.parser.finish()  # the message is over: a call cut short still counts
-        st.message.content += delta.content
+        self._add_content(seq, st, delta.content)
         for call in delta.calls:
             self._dispatch(seq, st, call)
         return bool(st.message.records)
@@ -322,6 +299,8 @@ class ToolPolicy:
         st.prefill_tokens += len(ids)
         st.message = self._new_message(seq, msg.round + 1)
         tree.resume(seq)
+        if self.on_event is not None:
+            self.on_event(ToolEvent("resume", seq.index, msg.round + 1, prefill_tokens=len(ids)))
 
     def _grammar(self, engine: LLMEngine, round: int) -> Any:
         """The grammar state of message `round` (the request's own grammar afresh, unless
@@ -347,7 +326,7 @@ class ToolPolicy:
         if not recorded:
             if seq.finish_reason != "abort":
                 delta = msg.parser.finish()
-                msg.content += delta.content
+                self._add_content(seq, st, delta.content)
                 msg.calls += delta.calls
             self._record_message(seq, st, with_results=False)
         text = seq.detok.text[msg.text_start :]
