@@ -157,6 +157,19 @@ class Task:
         return lambda r: StructuredOutputsParams(grammar=self.grammar(r))
 
 
+def tool_wait_bound(tasks: list[Task]) -> str:
+    """What the tools alone allow: each driver's wall time if the model took no time (tasks run
+    at once, so the longest task's tool waits). A sequential client waits for every call; a
+    parallel client and the engine wait once for the two weather calls, then once per call."""
+    seq = max(t.num_calls for t in tasks) * TOOL_SECONDS
+    par = max(t.num_calls - 1 for t in tasks) * TOOL_SECONDS
+    return (
+        f"\nBound from the tools alone (zero model time): client loop {seq:.1f} s, client loop with "
+        f"parallel tools {par:.1f} s, in-engine {par:.1f} s: in-engine can be at most {seq / par:.2f}x "
+        "faster than the client loop, plus whatever the loop's round trips cost.\n"
+    )
+
+
 def make_tasks(n: int) -> list[Task]:
     return [Task(CITIES[i % len(CITIES)], CITIES[(i + 7) % len(CITIES)], i % 2 == 0) for i in range(n)]
 
@@ -422,6 +435,7 @@ def bench_tools(args: argparse.Namespace) -> int:
             f"{r['tool_seconds']:.1f} | {r['tool_seconds_overlapped']:.1f} | {r['prompt_tokens_sent']} | "
             f"{r['prefill_tokens']} |\n"
         )
+    md += tool_wait_bound(tasks)
     md += "\nruns: " + "; ".join(f"{r['driver']} {[round(x, 2) for x in r['runs']]}" for r in rows) + "\n"
     md += f"\nexample answers: in-engine {rows[0]['answer_example']!r}; client loop {rows[1]['answer_example']!r}\n"
     print("\n" + md)
