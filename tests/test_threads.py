@@ -410,8 +410,8 @@ def test_multiverse_joined_context_holds_every_tag():
 def test_unknown_protocol_is_refused():
     from forkllm.threads import Protocol
 
-    with pytest.raises(ValueError, match="unknown protocol 'apr'"):
-        Protocol("apr")
+    with pytest.raises(ValueError, match="unknown protocol 'nope'"):
+        Protocol("nope")
     with pytest.raises(ValueError, match="3 paths exceed max_paths"):
         Protocol("multiverse", outline=["a", "b", "c"], max_paths=2)
 

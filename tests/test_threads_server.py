@@ -117,7 +117,11 @@ def test_threads_stream_events_then_answer(live, client):
         ({"fanout": ["a"] * 65}, "threads", "65 threads at once"),
         ({"fanout": ["a"], "max_tokens": 100000}, "threads.max_tokens", "over this server's limit"),
         ("fanout", "threads", ""),
-        ({"protocol": "apr"}, "threads.protocol", "unknown protocol 'apr'"),
+        ({"protocol": "nope"}, "threads.protocol", "unknown protocol 'nope'"),
+        ({"protocol": "apr", "join": "kv_concat"}, "threads.join", "apr joins by computing"),
+        ({"protocol": "apr", "outline": ["a\nb"]}, "threads.outline", "item 0 is not one non-empty line"),
+        ({"protocol": "apr", "returns": "all"}, "threads.returns", "'all' is not one of goal, text"),
+        ({"protocol": "apr", "returns": 3}, "threads.returns", "must be a string"),
         ({"protocol": "multiverse", "outline": "a"}, "threads.outline", "list of non-empty strings"),
     ],
 )
@@ -186,3 +190,17 @@ def test_protocol_over_http(client):
     tree = r.model_extra["threads"]
     assert [t["prompt"] for t in tree["threads"]] == ["Why is the sky blue?", "1: x", "2: y"]
     assert [e["event"] for e in tree["events"]].count("join") == 1
+
+
+def test_apr_protocol_over_http(client):
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=MSGS,
+        temperature=0,
+        max_tokens=4,
+        extra_body={"threads": {"protocol": "apr", "outline": ["Moving to Node #1,0", "x"], "max_tokens": 3}},
+    )
+    tree = r.model_extra["threads"]
+    assert [t["prompt"] for t in tree["threads"]] == ["Why is the sky blue?", "Moving to Node #1,0", "x"]
+    assert [e["event"] for e in tree["events"]] == ["spawn", "end", "end", "join", "end"]
+    assert tree["join"] == "reprefill"

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from forkllm.engine.events import TreeWatcher
 from forkllm.engine.policy import TreePolicy
 from forkllm.engine.sampling_params import SamplingParams
+from forkllm.threads.apr import AprPolicy
 from forkllm.threads.base import ThreadTreePolicy
 from forkllm.threads.policy import DEFAULT_MAX_DEPTH, ThreadPolicy
 from forkllm.threads.protocols import Protocol, ProtocolPolicy
@@ -31,7 +32,7 @@ def make_policy(
     if isinstance(spec, Subtasks):
         policy = SubtaskPolicy(spec, params, on_event)
     elif isinstance(spec, Protocol):
-        policy = ProtocolPolicy(spec, params, on_event)
+        policy = (AprPolicy if spec.name == "apr" else ProtocolPolicy)(spec, params, on_event)
     else:
         fan = spec.fanout(list(chunks)) if isinstance(spec, MapReduce) else spec
         policy = ThreadPolicy(fan, params, max_depth, on_event)

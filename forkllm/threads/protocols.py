@@ -25,6 +25,11 @@ then is dropped), so every tag is in the joined context.
 
 The 135M default model does not write such blocks by itself: `outline` forces the first one (a
 regex on the context's output: the model writes it token by token, and the same detection runs).
+
+`Protocol("apr")` is APR's spawn/join calls, a different machine (threads/apr.py, AprPolicy) over
+the same spec: `outline` forces its first call, `max_paths` / `max_blocks` bound children and
+calls, it joins by reprefill of the children's returned messages (`returns` says how a message is
+taken from a child's output).
 """
 
 from __future__ import annotations
@@ -66,23 +71,41 @@ PROTOCOL_TAGS = {
         "<Parallel>", "<Outlines>", "</Outlines>", "<Thread>", "</Thread>", "\n</Parallel>\n"
     ),
 }
-PROTOCOLS = tuple(PROTOCOL_TAGS)
+# "apr": APR's spawn/join calls (threads/apr.py), a different machine over the same spec
+PROTOCOLS = (*PROTOCOL_TAGS, "apr")
+RETURNS = ("goal", "text")  # apr: how a child's returned message is taken from its output
 _OUTLINE = re.compile(r"<Outline>\s*(?:(\d+)\s*:)?\s*(.*?)\s*</Outline>", re.S)
 
 
 @dataclass(frozen=True)
 class Protocol:
     name: str
-    join: str = "kv_concat"
+    join: str = ""  # "" is the protocol's own: kv_concat (Multiverse's), reprefill (APR's)
     max_tokens: int = 128  # each path's own tokens
     final_max_tokens: int = 256  # the context's tokens after each join (and before the first block)
     outline: Sequence[str] = ()  # forces the first block with these outlines
     max_paths: int = 8  # outlines of one block beyond this are not spawned (an error)
     max_blocks: int = 4  # <Parallel> blocks of one answer; opening one more ends it ("stop")
+    returns: str = "goal"  # apr: a child's message: "goal" (APR's Countdown rule) or "text" (all of it)
 
     def __post_init__(self) -> None:
         if self.name not in PROTOCOLS:
             raise ValueError(f"Protocol: unknown protocol {self.name!r}; known: {', '.join(PROTOCOLS)}")
+        if not self.join:
+            object.__setattr__(self, "join", "reprefill" if self.name == "apr" else "kv_concat")
+        if self.returns not in RETURNS:
+            raise ValueError(f"Protocol.returns: {self.returns!r} is not one of {', '.join(RETURNS)}")
+        if self.name == "apr":
+            if self.join != "reprefill":
+                raise ValueError(
+                    "Protocol.join: apr joins by computing the children's returned messages "
+                    f"(reprefill); {self.join!r} does not apply"
+                )
+            for i, o in enumerate(self.outline):
+                if not o.strip() or "\n" in o:
+                    raise ValueError(
+                        f"Protocol.outline: item {i} is not one non-empty line (an apr child's input)"
+                    )
         if self.join not in JOINS:
             raise ValueError(f"Protocol.join: {self.join!r} is not one of {', '.join(JOINS)}")
         for name in ("max_tokens", "final_max_tokens", "max_paths", "max_blocks"):
@@ -131,6 +154,8 @@ class ProtocolPolicy(ThreadTreePolicy):
         params: SamplingParams | None = None,
         on_event: Callable[[ThreadEvent], None] | None = None,
     ) -> None:
+        if spec.name not in PROTOCOL_TAGS:
+            raise ValueError(f"ProtocolPolicy runs tagged blocks; {spec.name!r} has its own policy")
         super().__init__(params, on_event)
         self.spec = spec
         self.ctx: _Context | None = None

@@ -121,7 +121,10 @@ _KINDS = {
     "fanout": (Fanout, {"join", "then", "max_tokens", "final_max_tokens", "shared_cache"}),
     "map_reduce": (MapReduce, {"map", "reduce", "join", "max_tokens", "final_max_tokens"}),
     "subtasks": (Subtasks, {"prune", "max_tokens", "conclusion_tokens", "then", "final_max_tokens"}),
-    "protocol": (None, {"join", "max_tokens", "final_max_tokens", "outline", "max_paths", "max_blocks"}),
+    "protocol": (
+        None,
+        {"join", "max_tokens", "final_max_tokens", "outline", "max_paths", "max_blocks", "returns"},
+    ),
 }
 
 
@@ -155,7 +158,7 @@ def spec_from_dict(d: object) -> tuple[Any, list[str]]:
     for key in ("max_tokens", "final_max_tokens", "conclusion_tokens", "max_paths", "max_blocks"):
         if key in d and (isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 1):
             raise ValueError(f"threads.{key}: must be a positive integer, got {d[key]!r}")
-    for key in ("join", "then", "map", "reduce"):
+    for key in ("join", "then", "map", "reduce", "returns"):
         if key in d and not isinstance(d[key], str):
             raise ValueError(f"threads.{key}: must be a string, got {d[key]!r}")
     for key in ("prune", "shared_cache"):

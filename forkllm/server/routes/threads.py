@@ -4,7 +4,8 @@ extra `threads` field.
 
 `"threads": {"fanout": ["List the facts.", "List the unknowns."], "join": "kv_concat"}`, or
 `{"map_reduce": [chunks...], "map": "...", "reduce": "..."}`, `{"subtasks": [...], "prune": true}`,
-or `{"protocol": "multiverse", "outline": [...]}` (the model's own <Parallel> blocks)
+or `{"protocol": "multiverse", "outline": [...]}` (the model's own <Parallel> blocks; "apr": its
+spawn/join calls)
 (threads/spec.py: `spec_from_dict`). The request's max_tokens bounds the final answer (the
 spec's `final_max_tokens`); temperature, top_p and seed apply to every thread.
 
