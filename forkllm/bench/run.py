@@ -124,7 +124,11 @@ def add_bench_parser(sub: Any) -> None:
         "--batches", default=None, help="structured: comma-separated batch sizes of the step-time rows (1,64)"
     )
     spec = b.add_argument_group("speculative (W7)")
-    spec.add_argument("--proposers", default=None, help="comma-separated proposers to compare (ngram,suffix)")
+    spec.add_argument(
+        "--proposers",
+        default=None,
+        help="comma-separated proposers to compare (ngram, suffix, self, or a draft model: a path or a dummy preset)",
+    )
     spec.add_argument("--limit", type=int, default=None, help="W7: only the first N of the 16 prompts")
     spec.add_argument("--skip-throughput", action="store_true", help="W7 rows only (no W2 / W1 rows)")
     b.add_argument("--out-dir", default="bench_results", help="where the markdown/JSON reports go")

@@ -16,7 +16,7 @@ from typing import Any
 
 from forkllm.engine.config import EngineConfig
 
-_SIZE_FIELDS = {"kv_cache_memory"}  # "4GiB" strings, parsed by EngineConfig
+_SIZE_FIELDS = {"kv_cache_memory", "speculative_draft_kv_memory"}  # "4GiB" strings, parsed by EngineConfig
 
 
 def _scalar_type(annotation: Any) -> type | None:

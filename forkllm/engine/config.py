@@ -118,9 +118,12 @@ class EngineConfig:
         None,
         "speculative decoding: 'ngram' (prompt lookup over each sequence's own text), 'suffix' "
         "(one n-gram table per request over its prompt and all its samples' outputs) or 'self' (the "
-        "model's first layers + LM head draft); lossless, and a draft is made only when the step's "
-        "measured cost says it pays",
-        choices=["ngram", "suffix", "self"],
+        "model's first layers + LM head draft), or a draft model with the same tokenizer (a .gguf "
+        "file, an HF folder, or a preset with --load-format dummy); lossless, and a draft is made only "
+        "when the step's measured cost says it pays",
+    )
+    speculative_draft_kv_memory: int | float | str | None = _flag(
+        None, "--speculative with a draft model: its KV cache size (default: a quarter of the model's)"
     )
     speculative_draft_layers: int | None = _flag(
         None, "--speculative self: layers of the early exit that drafts (default: a quarter of the model's)"
@@ -158,8 +161,15 @@ class EngineConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
-        if self.speculative is not None and self.speculative not in ("ngram", "suffix", "self"):
-            raise ValueError(f"speculative must be 'ngram', 'suffix' or 'self', got {self.speculative!r}")
+        if self.speculative is not None and not str(self.speculative).strip():
+            raise ValueError("speculative must be 'ngram', 'suffix', 'self' or a draft model, got ''")
+        if self.speculative_draft_kv_memory is not None:
+            try:
+                parse_bytes(self.speculative_draft_kv_memory)
+            except ValueError as e:
+                raise ValueError(
+                    str(e).replace("kv_cache_memory", "speculative_draft_kv_memory", 1)
+                ) from None
         if self.speculative_draft_layers is not None and self.speculative_draft_layers < 1:
             raise ValueError(f"speculative_draft_layers must be >= 1, got {self.speculative_draft_layers}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

@@ -31,6 +31,8 @@ from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from forkllm.engine.sequence import DeferredSamples, Request, Sequence
 from forkllm.engine.spec import SpeculativeDecoder, make_proposer
+from forkllm.engine.spec.draft_model import DraftModelProposer, check_same_vocabulary
+from forkllm.engine.spec.proposers import PROPOSERS
 from forkllm.engine.startup import resolve_max_model_len, resolve_placement, size_kv_cache
 from forkllm.engine.step_cost import FirstTokenLoad, LinearFit
 from forkllm.engine.tree import StepHook, TreeOps
@@ -128,7 +130,15 @@ class LLMEngine:
         )
         # Speculative decoding (engine/spec): drafts verified in the batch's forward.
         self.spec: SpeculativeDecoder | None = None
-        if config.speculative:
+        self.draft_engine: LLMEngine | None = None  # a draft model's own engine (spec/draft_model.py)
+        if config.speculative and config.speculative not in PROPOSERS:
+            self.draft_engine = self._draft_engine(config.speculative)
+            draft_params = self.draft_engine.model_config.num_params
+            cost = draft_params / max(1, mcfg.num_params)
+            self.spec = SpeculativeDecoder(
+                DraftModelProposer(self.draft_engine, cost), config.num_speculative_tokens, self.max_model_len
+            )
+        elif config.speculative:
             exit_layer = min(mcfg.num_layers, config.speculative_draft_layers or max(1, mcfg.num_layers // 4))
             runner = self.runner
             proposer = make_proposer(
@@ -155,6 +165,38 @@ class LLMEngine:
         self.step_seconds = LinearFit()
         self.startup_seconds = time.perf_counter() - t0
         logger.info("%s", self.describe())
+
+    def _draft_engine(self, model: str) -> LLMEngine:
+        """The draft model's engine: the model's placement, dtype, load format and limits, a KV
+        cache of --speculative-draft-kv-memory (default a quarter of the model's), no speculation
+        of its own. Its vocabulary must be the model's."""
+        c = self.config
+        kv = c.speculative_draft_kv_memory
+        if kv is None:
+            kv = max(self.kv_spec.total_bytes // 4, 64 << 20)
+        draft_config = dataclasses.replace(
+            c,
+            model=model,
+            tokenizer=None,
+            speculative=None,
+            speculative_draft_kv_memory=None,
+            kv_cache_memory=kv,
+            num_kv_blocks=None,
+            gpu_memory_utilization=c.gpu_memory_utilization,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            max_model_len=None,
+        )
+        try:
+            draft = LLMEngine(draft_config)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"speculative: the draft model {model!r} could not be loaded: {e}") from e
+        check_same_vocabulary(
+            (self.model_config.vocab_size, self.tokenizer),
+            (draft.model_config.vocab_size, draft.tokenizer),
+            model,
+        )
+        return draft
 
     def describe(self) -> str:
         s, m = self.kv_spec, self.model_config
