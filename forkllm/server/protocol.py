@@ -54,9 +54,13 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    """OpenAI's response_format, plus vLLM's `structural_tag` type (`structures`, `triggers`)."""
+
     model_config = ConfigDict(extra="forbid")
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    structures: list[Any] | None = None
+    triggers: list[Any] | None = None
 
 
 class StructuredOutputsField(BaseModel):
@@ -68,6 +72,7 @@ class StructuredOutputsField(BaseModel):
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
     disable_any_whitespace: bool = False
 
 

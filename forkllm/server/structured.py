@@ -1,11 +1,11 @@
 """A request's structured-output fields -> SamplingParams.structured, checked before any work.
 
-Four spellings ask for the same thing: OpenAI's `response_format` (`json_object`, `json_schema`),
-vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`, and vLLM's newer
-`structured_outputs` object. A request may use one; two are a 400 naming the second. A schema or
-grammar the grammar library cannot compile is a 400 naming the field as the request spelled it,
-found here rather than when the engine admits the request (a stream would already have answered
-200 by then)."""
+Four spellings ask for the same thing: OpenAI's `response_format` (`json_object`, `json_schema`;
+vLLM adds `structural_tag`), vLLM's `guided_json` / `guided_regex` / `guided_choice` /
+`guided_grammar`, and vLLM's newer `structured_outputs` object. A request may use one; two are a
+400 naming the second. A schema or grammar the grammar library cannot compile is a 400 naming the
+field as the request spelled it, found here rather than when the engine admits the request (a
+stream would already have answered 200 by then)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from forkllm.server.errors import APIError
-from forkllm.server.protocol import SamplingRequest
+from forkllm.server.protocol import ResponseFormat, SamplingRequest
 from forkllm.structured.params import StructuredOutputsParams
+from forkllm.structured.structural_tag import schema_error, to_lark
 
 
 @dataclass(frozen=True)
@@ -32,19 +33,7 @@ def structured_request(req: SamplingRequest) -> StructuredRequest | None:
     asked: list[StructuredRequest] = []
     fmt = req.response_format
     if fmt is not None and fmt.type != "text":
-        if fmt.type == "json_object" and fmt.json_schema is not None:
-            raise APIError(
-                400, "response_format.json_schema is only for type 'json_schema'", param="response_format"
-            )
-        if fmt.type == "json_schema" and fmt.json_schema is None:
-            raise APIError(
-                400,
-                "response_format of type 'json_schema' needs a json_schema object {name, schema, strict}",
-                param="response_format.json_schema",
-            )
-        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
-        field = "response_format.json_schema.schema" if schema is not None else "response_format"
-        asked.append(_make(field, json=schema) if schema is not None else _make(field, json_object=True))
+        asked.append(_response_format(fmt))
     guided = {
         "guided_json": ("json", req.guided_json),
         "guided_regex": ("regex", req.guided_regex),
@@ -62,6 +51,7 @@ def structured_request(req: SamplingRequest) -> StructuredRequest | None:
             "choice": so.choice,
             "grammar": so.grammar,
             "json_object": bool(so.json_object),
+            "structural_tag": so.structural_tag,
         }
         given = [k for k, v in values.items() if v not in (None, False)]
         field = f"structured_outputs.{given[0]}" if len(given) == 1 else "structured_outputs"
@@ -74,6 +64,31 @@ def structured_request(req: SamplingRequest) -> StructuredRequest | None:
             param=second,
         )
     return asked[0] if asked else None
+
+
+def _response_format(fmt: ResponseFormat) -> StructuredRequest:
+    if fmt.type != "json_schema" and fmt.json_schema is not None:
+        raise APIError(
+            400, "response_format.json_schema is only for type 'json_schema'", param="response_format"
+        )
+    if fmt.type != "structural_tag" and (fmt.structures is not None or fmt.triggers is not None):
+        raise APIError(
+            400,
+            "response_format.structures and .triggers are only for type 'structural_tag'",
+            param="response_format",
+        )
+    if fmt.type == "structural_tag":  # vLLM's OpenAI-server form of structured_outputs.structural_tag
+        tag = {"type": "structural_tag", "structures": fmt.structures, "triggers": fmt.triggers}
+        return _make("response_format", structural_tag=tag)
+    if fmt.type == "json_schema" and fmt.json_schema is None:
+        raise APIError(
+            400,
+            "response_format of type 'json_schema' needs a json_schema object {name, schema, strict}",
+            param="response_format.json_schema",
+        )
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+    field = "response_format.json_schema.schema" if schema is not None else "response_format"
+    return _make(field, json=schema) if schema is not None else _make(field, json_object=True)
 
 
 def _make(field: str, **kw: Any) -> StructuredRequest:
@@ -94,18 +109,24 @@ def check_compiles(asked: StructuredRequest) -> None:
     params = asked.params
     schema = params.schema()
     if isinstance(schema, dict):
-        import jsonschema
-
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as e:
-            path = "".join(f".{p}" for p in e.path)
-            raise APIError(
-                400, f"{asked.field}{path}: not a valid JSON schema: {e.message}", param=asked.field
-            ) from None
+        _check_schema(asked, schema, "")
+    for i, s in enumerate(params.structures()):
+        _check_schema(asked, s.schema, f": structures[{i}].schema")
     error = grammar_error(params)
     if error:
         raise APIError(400, f"{asked.field}: the grammar library cannot use this: {error}", param=asked.field)
+
+
+def _check_schema(asked: StructuredRequest, schema: dict[str, Any], where: str) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        path = "".join(f".{p}" for p in e.path)
+        raise APIError(
+            400, f"{asked.field}{where}{path}: not a valid JSON schema: {e.message}", param=asked.field
+        ) from None
 
 
 def grammar_error(params: StructuredOutputsParams) -> str:
@@ -125,6 +146,9 @@ def grammar_error(params: StructuredOutputsParams) -> str:
             text = matcher.grammar_from_regex(params.regex)
         elif params.grammar is not None:
             text = matcher.grammar_from_lark(any_to_lark(params.grammar))  # GBNF is converted
+        elif params.structural_tag is not None:
+            structures = params.structures()  # triggers as text: no tokenizer here
+            return _one_line(schema_error(structures)) or _validate(to_lark(structures))
         else:
             return ""
     except Exception as e:  # the GBNF converter raises its own error types

@@ -1,6 +1,8 @@
-"""Structured output: grammars (JSON schema, regex, choice, Lark) that constrain sampling.
+"""Structured output: grammars (JSON schema, regex, choice, Lark, structural tags) that constrain
+sampling.
 
 - `params.py`: what a request asks for (`StructuredOutputsParams`, vLLM's field names).
+- `structural_tag.py`: vLLM's structural tags (free text, JSON after each trigger) as Lark.
 - `backend.py`: `GrammarCompiler`, one per engine: llguidance grammars from specs, validated at
   request creation (ValueError naming the field), cached.
 - `state.py`: `GrammarState`, one per sequence: forks with it, advances by its tokens.

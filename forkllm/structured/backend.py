@@ -19,12 +19,13 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import llguidance
 
+from forkllm.structured import structural_tag
 from forkllm.structured.params import StructuredOutputsParams
 from forkllm.structured.state import GrammarState
 
@@ -62,13 +63,16 @@ def _spec_key(spec: StructuredOutputsParams) -> tuple[str, str, bool]:
         text = json.dumps(spec.choice, ensure_ascii=False)
     elif kind == "json_object":
         text = ""
+    elif kind == "structural_tag":
+        text = structural_tag.key(spec.structures())
     else:
         text = str(getattr(spec, kind))
     return kind, text, spec.disable_any_whitespace
 
 
-def grammar_text(spec: StructuredOutputsParams) -> str:
-    """llguidance's grammar for a spec (not validated yet). Raises ValueError naming the field."""
+def grammar_text(spec: StructuredOutputsParams, special_tokens: Mapping[str, int] | None = None) -> str:
+    """llguidance's grammar for a spec (not validated yet). Raises ValueError naming the field.
+    `special_tokens` (name -> id): a structural tag's triggers among them match as the token."""
     kind = spec.kind
     field = f"structured_outputs.{kind}"
     defaults: dict[str, Any] = {"whitespace_pattern": JSON_WHITESPACE}
@@ -83,6 +87,8 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
                 defaults=defaults,  # type: ignore[arg-type]
                 overrides=overrides,  # type: ignore[arg-type]
             )
+        if kind == "structural_tag":
+            return structural_tag.to_lark(spec.structures(), special_tokens, defaults, overrides)
         if kind == "regex":
             assert spec.regex is not None
             return llguidance.LLMatcher.grammar_from_regex(spec.regex)
@@ -127,6 +133,7 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self._lock = threading.Lock()
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._special_tokens: dict[str, int] | None = None
         self._cache: OrderedDict[tuple[str, str, bool], CompiledGrammar] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -148,6 +155,14 @@ class GrammarCompiler:
                 )
             return self._ll_tokenizer
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The tokenizer's special tokens, name -> id (a structural tag's trigger may be one)."""
+        if self._special_tokens is None:
+            added_tokens = getattr(self._tokenizer.backend, "get_added_tokens_decoder", dict)
+            self._special_tokens = {t.content: i for i, t in added_tokens().items() if t.special}
+        return self._special_tokens
+
     def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         """The spec's grammar, validated against the vocabulary (cached). Raises ValueError
         naming the field (`structured_outputs.json: ...`) when llguidance cannot use it."""
@@ -158,12 +173,16 @@ class GrammarCompiler:
                 self._cache.move_to_end(key)
                 self.hits += 1
                 return hit
-        grammar = grammar_text(spec)
+        grammar = grammar_text(spec, self.special_tokens if spec.kind == "structural_tag" else None)
         # Grammar construction releases the GIL; concurrent first requests for one spec may both
         # build it (the result is the same), which beats holding the lock across a compile.
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise ValueError(f"structured_outputs.{spec.kind}: {_clean(matcher.get_error(), spec.kind)}")
+            # A structural tag's error points into the generated grammar: name the schema instead.
+            error = spec.kind == "structural_tag" and structural_tag.schema_error(spec.structures())
+            raise ValueError(
+                f"structured_outputs.{spec.kind}: {error or _clean(matcher.get_error(), spec.kind)}"
+            )
         compiled = CompiledGrammar(spec.kind, grammar, matcher)
         with self._lock:
             self.misses += 1

@@ -1,9 +1,11 @@
 """StructuredOutputsParams: which grammar a request's output must follow (vLLM's field names).
 
-Exactly one of `json`, `regex`, `choice`, `grammar`, `json_object` is set. `json` is a JSON
-schema (a dict or its JSON text); `grammar` is a Lark grammar as llguidance reads it (it may embed
-JSON schemas with `%json {...}`, which is how tool calls are forced); `json_object` asks for any
-JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
+Exactly one of `json`, `regex`, `choice`, `grammar`, `json_object`, `structural_tag` is set.
+`json` is a JSON schema (a dict or its JSON text); `grammar` is a Lark grammar as llguidance reads
+it (it may embed JSON schemas with `%json {...}`, which is how tool calls are forced);
+`json_object` asks for any JSON object (OpenAI's `response_format: {"type": "json_object"}`);
+`structural_tag` is free text in which each trigger starts a JSON-constrained structure
+(structural_tag.py; a dict or its JSON text)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import json as _json
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("json", "regex", "choice", "grammar", "json_object")
+from forkllm.structured import structural_tag
+from forkllm.structured.structural_tag import Structure
+
+KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass(frozen=True)
@@ -21,7 +26,9 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
-    # JSON only: no whitespace between tokens outside strings (fewer tokens, as vLLM's flag).
+    structural_tag: dict[str, Any] | str | None = None
+    # JSON (and a structural tag's JSON): no whitespace between tokens outside strings (fewer
+    # tokens, as vLLM's flag).
     disable_any_whitespace: bool = False
 
     def __post_init__(self) -> None:
@@ -50,6 +57,8 @@ class StructuredOutputsParams:
             raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
             raise ValueError("structured_outputs.grammar must be a non-empty string")
+        if self.structural_tag is not None:
+            self.structures()  # raises ValueError naming the field
 
     @property
     def kind(self) -> str:
@@ -60,3 +69,7 @@ class StructuredOutputsParams:
         if self.json is None:
             return None
         return _json.loads(self.json) if isinstance(self.json, str) else self.json
+
+    def structures(self) -> tuple[Structure, ...]:
+        """The structural tag's structures, checked (empty unless kind is structural_tag)."""
+        return () if self.structural_tag is None else structural_tag.parse(self.structural_tag)
