@@ -30,9 +30,10 @@ def plain():
     return tiny_llm()
 
 
-@pytest.fixture(scope="module", params=["ngram", "suffix"])
+@pytest.fixture(scope="module", params=["ngram", "suffix", "ngram-tree3", "suffix-tree3"])
 def spec(request):
-    return tiny_llm(speculative=request.param, num_speculative_tokens=6)
+    name, _, width = request.param.partition("-tree")  # -treeW: draft trees of W guesses
+    return tiny_llm(speculative=name, num_speculative_tokens=6, speculative_tree_width=int(width or 1))
 
 
 def _ids(outs):
@@ -246,7 +247,7 @@ def test_verification_samples_the_target_distribution():
             item = ScheduledSequence(seq, 2, [draft_token])  # type: ignore[arg-type]
             rows = dec.rows(item)
             out = sampler(torch.cat([logits, logits]), rows).token_ids
-            a = dec.accept(item, out)
+            a = len(dec.accept(item, out))
             accepted += a
             hist[out[0] if a == 0 else draft_token] += 1
         n = 4000

@@ -125,6 +125,12 @@ class EngineConfig:
     speculative_draft_kv_memory: int | float | str | None = _flag(
         None, "--speculative with a draft model: its KV cache size (default: a quarter of the model's)"
     )
+    speculative_tree_width: int = _flag(
+        1,
+        "--speculative ngram|suffix: guesses a draft may hold (> 1: a draft tree, every branch verified "
+        "in the same forward with a tree mask; 1: one chain, the better choice on CPUs, where each "
+        "extra row costs; see README)",
+    )
     speculative_draft_layers: int | None = _flag(
         None, "--speculative self: layers of the early exit that drafts (default: a quarter of the model's)"
     )
@@ -170,6 +176,8 @@ class EngineConfig:
                 raise ValueError(
                     str(e).replace("kv_cache_memory", "speculative_draft_kv_memory", 1)
                 ) from None
+        if self.speculative_tree_width < 1:
+            raise ValueError(f"speculative_tree_width must be >= 1, got {self.speculative_tree_width}")
         if self.speculative_draft_layers is not None and self.speculative_draft_layers < 1:
             raise ValueError(f"speculative_draft_layers must be >= 1, got {self.speculative_draft_layers}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

@@ -148,7 +148,9 @@ class LLMEngine:
                 total_layers=mcfg.num_layers,
                 head_share=mcfg.vocab_size * mcfg.hidden_size / max(1, mcfg.num_params),
             )
-            self.spec = SpeculativeDecoder(proposer, config.num_speculative_tokens, self.max_model_len)
+            self.spec = SpeculativeDecoder(
+                proposer, config.num_speculative_tokens, self.max_model_len, config.speculative_tree_width
+            )
         self.requests: dict[str, Request] = {}
         self.seqs: dict[str, Sequence] = {}  # live sequences by id (fork / prune address them)
         self.tree = TreeOps(self.kv, self.scheduler, self.seqs)
@@ -462,20 +464,29 @@ class LLMEngine:
         now: float,
         touched: dict[str, Request],
     ) -> None:
-        """Keep each drafted sequence's sampled tokens up to the first that differs from its draft
-        (inclusive): their KV is in place; the rejected positions' pages beyond the kept tokens
-        go back to the pool (a later fork must not share a page holding a rejected draft's KV)."""
+        """Keep each drafted sequence's sampled tokens along the draft's path that passed, and the
+        one drawn after it. A chain's kept KV is in place; a tree's kept nodes move to the slots
+        a chain would have used (same positions). The rejected positions' pages beyond the kept
+        tokens go back to the pool (a later fork must not share a page holding a rejected
+        draft's KV)."""
         assert self.spec is not None
+        bs = self.kv.block_size
         row = 0
         for item in drafted:
             seq = item.seq
             n = 1 + len(item.draft)
             sampled = tokens[row : row + n]
-            a = self.spec.accept(item, sampled)
-            kept = sampled[: a + 1]
-            keep_lp = lps[row : row + a + 1]
+            nodes = self.spec.accept(item, sampled)
+            rows = [0, *(i + 1 for i in nodes)]  # the rows whose draws are kept
+            kept = [sampled[r] for r in rows]
+            keep_lp = [lps[row + r] for r in rows]
             row += n
-            seq.num_computed_tokens += 1 + a
+            c, table = seq.num_computed_tokens, seq.block_table
+            moved = [(c + 1 + i, c + 1 + j) for j, i in enumerate(nodes) if i != j]
+            if moved:
+                slot = [table[x // bs] * bs + x % bs for pair in moved for x in pair]
+                self.runner.move_slots(slot[0::2], slot[1::2], [0] * len(moved))
+            seq.num_computed_tokens += len(rows)
             self.kv.trim(seq.block_table, seq.num_tokens + len(kept))
             self.kv.register_full_pages(
                 seq.token_ids + kept, seq.block_table, seq.cache_nodes, seq.num_computed_tokens

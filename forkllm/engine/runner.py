@@ -16,6 +16,7 @@ from forkllm.attention.backend import AttentionBackend, select_backend
 from forkllm.attention.metadata import AttentionBatch, KeySegment, PrefillChunk
 from forkllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from forkllm.engine.sequence import Sequence, SharedView
+from forkllm.engine.spec import tree as draft_tree
 from forkllm.kernels import Kernels
 from forkllm.kv.block_pool import NULL_BLOCK
 from forkllm.kv.manager import PageCopy
@@ -173,7 +174,8 @@ class ModelRunner:
         tables: list[list[int]] = []
         # A page-joined thread attends the segments around the holes in its pages, a shared-cache
         # worker its view's segments (neither is ever drafted): one attention row per segment.
-        holey = any(s.seq.kv_holes or s.seq.view is not None for s in decodes)
+        # A draft tree's rows attend their own ancestors only (engine/spec/tree.py): segments too.
+        holey = any(s.seq.kv_holes or s.seq.view is not None or s.draft_parents for s in decodes)
         segments: list[list[KeySegment] | None] = []
         for s in decodes:
             seq = s.seq
@@ -182,19 +184,24 @@ class ModelRunner:
             tokens = (
                 (seq.token_ids[pos], *s.draft) if s.draft else seq.token_ids[pos : pos + s.num_new_tokens]
             )
+            parents = s.draft_parents
+            depth = [0, *draft_tree.depths(parents)] if parents else None
             for j, token in enumerate(tokens):
-                p = pos + j
+                p = pos + j  # the row's slot; its position is its depth in a tree
                 input_ids.append(token)
-                positions.append(p - seq.position_shift)
+                positions.append((p if depth is None else pos + depth[j]) - seq.position_shift)
                 # A fully cached prompt recomputes its last token for the logits only: that KV exists.
                 slots.append(NULL_SLOT if p < seq.num_reused_tokens else table[p // bs] * bs + p % bs)
                 ctx_lens.append(p + 1)
                 tables.append(table)
                 if holey:
                     view = seq.view
-                    segments.append(
-                        key_segments(seq.kv_holes, p + 1) if view is None else worker_segments(seq, view, p)
-                    )
+                    if parents:
+                        segments.append(draft_tree.segments(parents, pos, j - 1))
+                    elif view is None:
+                        segments.append(key_segments(seq.kv_holes, p + 1))
+                    else:
+                        segments.append(worker_segments(seq, view, p))
         # Prompt chunks: many tokens, attending to their cached prefix and causally to themselves.
         prefill_chunks: list[PrefillChunk] = []
         for s in chunks:

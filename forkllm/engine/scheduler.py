@@ -77,6 +77,8 @@ class ScheduledSequence:
     num_new_tokens: int  # includes the draft tokens
     # Speculative decoding (engine/spec): tokens to verify after the sequence's last token.
     draft: list[int] = field(default_factory=list)
+    # A draft tree: each draft token's parent (-1: the last token); None: a chain (engine/spec/tree.py).
+    draft_parents: list[int] | None = None
 
     @property
     def samples(self) -> bool:

@@ -85,6 +85,8 @@ class ServerMetrics:
                 ("spec_accepted_tokens", "draft tokens accepted so far"),
                 ("spec_acceptance_rate", "accepted / drafted tokens"),
                 ("spec_mean_accepted_length", "tokens a drafted sequence gains per step (accepted + 1)"),
+                ("spec_tree_drafts", "drafts with more than one branch (--speculative-tree-width)"),
+                ("spec_branch_wins", "tree drafts whose kept path was not the first guess"),
             )
         }
 

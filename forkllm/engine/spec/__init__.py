@@ -9,6 +9,7 @@ without speculation (same processing, same per-(seed, step) uniform number) and 
 token only when the draw equals it: the output is token-for-token what it would have been, at any
 temperature. For a deterministic draft this is rejection sampling (accept d with probability
 p(d), else draw from p without d), so the acceptance rate is the best one possible for it.
+A draft may also be a tree of several guesses (tree.py), each node attending its own ancestors.
 """
 
 from forkllm.engine.spec.decoder import SpecStats, SpeculativeDecoder

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from forkllm.engine.sequence import Request, Sequence
+from forkllm.engine.spec import tree as draft_tree
 from forkllm.engine.spec.proposers import Proposer
 from forkllm.engine.step_cost import LinearFit
 from forkllm.kv.manager import KVCacheManager
@@ -31,6 +32,8 @@ class SpecStats:
     draft_tokens: int = 0  # draft tokens verified
     accepted_tokens: int = 0  # of those, accepted
     drafts: int = 0  # sequence-steps that carried a draft
+    tree_drafts: int = 0  # of those, drafts with more than one branch
+    branch_wins: int = 0  # tree drafts whose kept path was not the first (best) guess
 
     @property
     def acceptance_rate(self) -> float:
@@ -114,6 +117,9 @@ class SpeculativeDecoder:
     proposer: Proposer
     num_speculative_tokens: int
     max_model_len: int
+    # Branches a draft may hold (1: chains). A tree proposer guesses several continuations; all
+    # are verified in the same forward (engine/spec/tree.py), the longest that passes is kept.
+    tree_width: int = 1
     stats: SpecStats = field(default_factory=SpecStats)
     cost: StepCost = field(default_factory=StepCost)
     _acceptance: dict[str, _Acceptance] = field(default_factory=dict)
@@ -152,6 +158,7 @@ class SpeculativeDecoder:
         planned = 0
         chosen: list[ScheduledSequence] = []
         ks: list[int] = []
+        caps: list[int] = []  # draft tokens each may hold (a tree's nodes; a chain's k)
         for item in sorted(items, key=lambda s: -rates[id(s)]):
             seq = item.seq
             rate = rates[id(item)]
@@ -167,20 +174,23 @@ class SpeculativeDecoder:
                     acc.update(0, False, decay=0.98)  # drift back towards the prior: tried again later
                 continue
             c = seq.num_computed_tokens
-            if not kv.allocate(seq.block_table, c + 1 + k, seq.first_write, sched.copies):
-                k = min(k, len(seq.block_table) * bs - c - 1)  # what the pages held already fit
+            nodes = min(self._nodes(k), budget - planned)
+            if not kv.allocate(seq.block_table, c + 1 + nodes, seq.first_write, sched.copies):
+                nodes = min(nodes, len(seq.block_table) * bs - c - 1)  # what the pages held already fit
+                k = min(k, nodes)
                 if k <= 0:
                     continue
             chosen.append(item)
             ks.append(k)
-            planned += k
+            caps.append(nodes)
+            planned += nodes
         if not chosen:
             return 0
         planned = 0
-        for item, draft in zip(chosen, self.proposer.propose_batch([s.seq for s in chosen], ks)):
+        for item, (draft, parents) in zip(chosen, self._propose([s.seq for s in chosen], ks, caps)):
             seq = item.seq
             if draft and seq.grammar is not None:
-                draft = draft[: seq.grammar.matcher.validate_tokens(draft)]
+                draft, parents = _in_grammar(seq.grammar, draft, parents)
             # pages past the draft go back now (a sequence without a draft skips verification)
             kv.trim(seq.block_table, seq.num_computed_tokens + 1 + len(draft))
             acc = self._acceptance.get(seq.request.request_id)
@@ -189,9 +199,25 @@ class SpeculativeDecoder:
                     acc.update(0, False)  # decay towards the prior: drafting is tried again
                 continue
             item.draft = draft
+            item.draft_parents = None if draft_tree.is_chain(parents) else parents
             item.num_new_tokens = 1 + len(draft)
             planned += len(draft)
         return planned
+
+    def _nodes(self, k: int) -> int:
+        """Draft tokens (tree nodes) for a draft `k` deep: each extra branch up to half as deep."""
+        return k + (self.tree_width - 1) * max(1, k // 2) if self.tree_width > 1 else k
+
+    def _propose(
+        self, seqs: list[Sequence], ks: list[int], caps: list[int]
+    ) -> list[tuple[list[int], list[int]]]:
+        """(draft tokens, parents) per sequence: trees (at most caps[i] nodes) where the proposer
+        makes them, else chains."""
+        trees = getattr(self.proposer, "propose_trees", None)
+        if self.tree_width > 1 and trees is not None:
+            out: list[tuple[list[int], list[int]]] = trees(seqs, ks, self.tree_width, caps)
+            return out
+        return [(d, draft_tree.chain_parents(len(d))) for d in self.proposer.propose_batch(seqs, ks)]
 
     def _rate(self, req: Request) -> float:
         acc = self._acceptance.get(req.request_id)
@@ -209,8 +235,22 @@ class SpeculativeDecoder:
     # ---- verification -------------------------------------------------------------------------
     @staticmethod
     def rows(item: ScheduledSequence) -> list[DraftRow]:
-        """The sampler's rows for a drafted sequence: one per position, from its last token."""
+        """The sampler's rows for a drafted sequence: one per position, from its last token (a
+        tree: the root, then each node as if its path were appended)."""
         seq, draft = item.seq, item.draft
+        parents = item.draft_parents
+        if parents is not None:
+            states: list[GrammarState | None] = []
+            for i, p in enumerate(parents):
+                g = seq.grammar if p == draft_tree.ROOT else states[p]
+                if g is not None:
+                    g = g.fork()
+                    g.advance((draft[i],))
+                states.append(g)
+            return [DraftRow(seq, [], seq.grammar)] + [
+                DraftRow(seq, [draft[n] for n in draft_tree.path_to(parents, i)], states[i])
+                for i in range(len(draft))
+            ]
         grammars: list[GrammarState | None] = [seq.grammar]
         if seq.grammar is not None:
             for token in draft:
@@ -223,20 +263,30 @@ class SpeculativeDecoder:
             grammars *= len(draft) + 1
         return [DraftRow(seq, draft[:j], grammars[j]) for j in range(len(draft) + 1)]
 
-    def accept(self, item: ScheduledSequence, sampled: list[int]) -> int:
-        """How many draft tokens passed: the sampled tokens agree with the draft up to there, and
-        sampled[accepted] is the token drawn after them."""
-        draft = item.draft
-        a = 0
-        while a < len(draft) and sampled[a] == draft[a]:
-            a += 1
+    def accept(self, item: ScheduledSequence, sampled: list[int]) -> list[int]:
+        """The draft nodes that passed, in order: each one's token is the one drawn at its
+        parent's row (row 0: the last token; row i + 1: node i). The token drawn at the last kept
+        row follows them. For a chain: nodes 0 .. a - 1."""
+        draft, parents = item.draft, item.draft_parents
+        if parents is None:
+            a = 0
+            while a < len(draft) and sampled[a] == draft[a]:
+                a += 1
+            kept = list(range(a))
+            rejected = a < len(draft)
+        else:
+            kept = draft_tree.walk(draft, parents, sampled)
+            last = kept[-1] if kept else draft_tree.ROOT
+            rejected = last in parents  # the walk stopped where a guess went on
+            self.stats.tree_drafts += 1
+            self.stats.branch_wins += kept != list(range(len(kept)))
         st = self.stats
         st.draft_tokens += len(draft)
-        st.accepted_tokens += a
+        st.accepted_tokens += len(kept)
         st.drafts += 1
         acc = self._acceptance.setdefault(item.seq.request.request_id, _Acceptance())
-        acc.update(a, a < len(draft))
-        return a
+        acc.update(len(kept), rejected)
+        return kept
 
     def drop(self, req: Request) -> None:
         self._acceptance.pop(req.request_id, None)
@@ -250,5 +300,26 @@ class SpeculativeDecoder:
             "spec_drafts": st.drafts,
             "spec_acceptance_rate": st.acceptance_rate,
             "spec_mean_accepted_length": st.mean_accepted_length,
+            "spec_tree_drafts": st.tree_drafts,
+            "spec_branch_wins": st.branch_wins,
             "spec_row_cost_ratio": self.cost.ratio(),
         }
+
+
+def _in_grammar(grammar: GrammarState, draft: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
+    """The draft's nodes whose paths the grammar allows (a node cut drops its subtree)."""
+    if draft_tree.is_chain(parents):
+        n = grammar.matcher.validate_tokens(draft)
+        return draft[:n], parents[:n]
+    keep: dict[int, int] = {}  # old node -> new node
+    tokens: list[int] = []
+    new_parents: list[int] = []
+    for i, p in enumerate(parents):
+        if p != draft_tree.ROOT and p not in keep:
+            continue
+        path = [draft[n] for n in draft_tree.path_to(parents, i)]
+        if grammar.matcher.validate_tokens(path) == len(path):
+            keep[i] = len(tokens)
+            tokens.append(draft[i])
+            new_parents.append(draft_tree.ROOT if p == draft_tree.ROOT else keep[p])
+    return tokens, new_parents

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from forkllm.engine.sequence import Request, Sequence
+from forkllm.engine.spec import tree as draft_tree
 
 
 class Proposer(Protocol):
@@ -59,6 +60,16 @@ class _LookupProposer:
     def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         return [self.propose(s, k) for s, k in zip(seqs, ks)]
 
+    def candidates(self, seq: Sequence, k: int, width: int) -> list[list[int]]:
+        """Up to `width` guesses of up to k tokens each, best first (the first is `propose`'s)."""
+        raise NotImplementedError
+
+    def propose_trees(
+        self, seqs: list[Sequence], ks: list[int], width: int, caps: list[int]
+    ) -> list[tuple[list[int], list[int]]]:
+        """Draft trees (tokens, parents): each sequence's guesses merged, at most caps[i] nodes."""
+        return [draft_tree.merge(self.candidates(s, k, width), cap) for s, k, cap in zip(seqs, ks, caps)]
+
 
 class NgramProposer(_LookupProposer):
     """Prompt lookup over the sequence's own tokens."""
@@ -82,6 +93,25 @@ class NgramProposer(_LookupProposer):
         index.upto = max(index.upto, end)
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
+        tokens, ats = self._lookup(seq)
+        return tokens[ats[0] : ats[0] + k] if ats else []
+
+    def candidates(self, seq: Sequence, k: int, width: int) -> list[list[int]]:
+        """The continuations of the latest occurrences of the last 4..1 tokens, in the output and
+        in the prompt: longest context first."""
+        tokens, ats = self._lookup(seq)
+        out: list[list[int]] = []
+        for at in ats:
+            chain = tokens[at : at + k]
+            if chain and chain not in out:
+                out.append(chain)
+                if len(out) == width:
+                    break
+        return out
+
+    def _lookup(self, seq: Sequence) -> tuple[list[int], list[int]]:
+        """The sequence's tokens and where its last n tokens occurred before (the position after
+        each occurrence), longest n first, the output's occurrence before the prompt's."""
         tokens, p = seq.token_ids, seq.num_prompt_tokens
         rid = seq.request.request_id
         prompt = self._prompts.get(rid)
@@ -94,16 +124,16 @@ class NgramProposer(_LookupProposer):
             self._seq_ids.setdefault(rid, []).append(seq.seq_id)
         # n-grams ending before the last token (their continuation is known)
         self._index(out, tokens, p - 1, len(tokens) - 1)
+        ats: list[int] = []
         for n in self.orders:
             if n > len(tokens):
                 continue
             key = tuple(tokens[-n:])
-            at = out.table.get(key)
-            if at is None:
-                at = prompt.table.get(key)
-            if at is not None:
-                return tokens[at : at + k]
-        return []
+            for table in (out.table, prompt.table):
+                at = table.get(key)
+                if at is not None and at not in ats:
+                    ats.append(at)
+        return tokens, ats
 
     def drop(self, request: Request) -> None:
         self._prompts.pop(request.request_id, None)
@@ -158,20 +188,36 @@ class SuffixProposer(_LookupProposer):
         return counts
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
+        return self._greedy(self._feed(seq).table, seq.token_ids[-max(self.orders) :], k)
+
+    def candidates(self, seq: Sequence, k: int, width: int) -> list[list[int]]:
+        """The `width` most frequent next tokens after the longest known context, each followed
+        by its most frequent continuation."""
         table = self._feed(seq).table
         ctx = seq.token_ids[-max(self.orders) :]
-        draft: list[int] = []
-        while len(draft) < k:
-            nxt = None
-            for n in self.orders:
-                if n > len(ctx):
-                    continue
+        after = self._after(table, ctx)
+        if not after or k <= 0:
+            return []
+        firsts = sorted(after, key=after.__getitem__, reverse=True)[:width]
+        return [[t, *self._greedy(table, [*ctx, t], k - 1)] for t in firsts]
+
+    def _after(self, table: dict[tuple[int, ...], dict[int, int]], ctx: list[int]) -> dict[int, int] | None:
+        """Counts of what followed the longest context of `ctx` seen."""
+        for n in self.orders:
+            if n <= len(ctx):
                 after = table.get(tuple(ctx[-n:]))
                 if after:
-                    nxt = max(after, key=after.__getitem__)
-                    break
-            if nxt is None:
+                    return after
+        return None
+
+    def _greedy(self, table: dict[tuple[int, ...], dict[int, int]], ctx: list[int], k: int) -> list[int]:
+        ctx = list(ctx)
+        draft: list[int] = []
+        while len(draft) < k:
+            after = self._after(table, ctx)
+            if not after:
                 break
+            nxt = max(after, key=after.__getitem__)
             draft.append(nxt)
             ctx.append(nxt)
         return draft
