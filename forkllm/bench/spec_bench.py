@@ -126,6 +126,14 @@ def _batch(llm: Any, prompts: list[Any], sp: Any) -> tuple[float, list[list[list
     return sum(len(o) for r in outs for o in r) / dt, outs
 
 
+def _spec_engine(kw: dict[str, Any], variant: str) -> Any:
+    """`suffix`, or `suffix-tree3`: draft trees of 3 guesses."""
+    from forkllm import LLM
+
+    name, _, width = variant.partition("-tree")
+    return LLM(**{**kw, "speculative": name, "speculative_tree_width": int(width or 1)})
+
+
 def bench_speculative(args: argparse.Namespace) -> int:
     from forkllm import LLM, SamplingParams
     from forkllm.bench.workloads import make_prompts
@@ -140,7 +148,7 @@ def bench_speculative(args: argparse.Namespace) -> int:
     w7 = [tok.encode(tok.apply_chat_template(m), add_special_tokens=False) for m in w7_messages()]
     if args.limit:
         w7 = w7[: args.limit]
-    engines = {"off": base} | {p: LLM(**kw, speculative=p) for p in proposers}
+    engines = {"off": base} | {p: _spec_engine(kw, p) for p in proposers}
     rows: list[Row] = []
     results: dict[str, Any] = {}
     greedy = SamplingParams(temperature=0, max_tokens=256)
