@@ -22,6 +22,8 @@ from forkllm.models.quant import (
     dequantize,
     quantize_activations,
     quantize_q8_0,
+    repack,
+    unrepack,
     weight_types,
 )
 
@@ -58,10 +60,10 @@ def test_kernel_equals_dequantized_product(qtype: int, dtype: torch.dtype, rows:
     bias = torch.randn(67).to(dtype)
     ref = quantize_activations(x.float()) @ dequantize(w).double().T + bias.double()
     scale = ref.abs().max().item()
-    y32 = ops.quant_linear(x, w.data, qtype, w.n, bias, True)
+    y32 = ops.quant_linear(x, repack(w), qtype, w.n, bias, True)
     assert y32.dtype == torch.float32 and y32.shape == (rows, 67)
     assert (y32.double() - ref).abs().max().item() < 1e-6 * scale
-    y = ops.quant_linear(x, w.data, qtype, w.n, bias, False)
+    y = ops.quant_linear(x, repack(w), qtype, w.n, bias, False)
     assert y.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 2**-8
     assert (y.double() - ref).abs().max().item() <= tol * scale
@@ -74,9 +76,17 @@ def test_kernel_rows_do_not_depend_on_the_batch(qtype: int) -> None:
     assert ops is not None
     w = random_blocks(qtype, 40, 256, seed=3)
     x = torch.randn(11, 256).to(torch.bfloat16)
-    batch = ops.quant_linear(x, w.data, qtype, w.n, None, True)
+    batch = ops.quant_linear(x, repack(w), qtype, w.n, None, True)
     for i in range(11):
-        assert torch.equal(ops.quant_linear(x[i : i + 1], w.data, qtype, w.n, None, True)[0], batch[i])
+        assert torch.equal(ops.quant_linear(x[i : i + 1], repack(w), qtype, w.n, None, True)[0], batch[i])
+
+
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0])
+def test_repack_keeps_the_bytes_and_unpacks_to_the_blocks(qtype: int) -> None:
+    w = random_blocks(qtype, 5, 96, seed=4)
+    packed = repack(w)
+    assert packed.shape == w.data.shape and packed.dtype == torch.uint8
+    assert torch.equal(unrepack(qtype, packed, w.k), w.data)
 
 
 @needs_kernels
@@ -84,11 +94,11 @@ def test_kernel_refuses_bad_shapes() -> None:
     assert ops is not None
     w = random_blocks(Q4_1, 8, 64)
     with pytest.raises(RuntimeError, match="K % 32"):
-        ops.quant_linear(torch.randn(2, 48), w.data, Q4_1, 8, None, False)
+        ops.quant_linear(torch.randn(2, 48), repack(w), Q4_1, 8, None, False)
     with pytest.raises(RuntimeError, match="block bytes"):
-        ops.quant_linear(torch.randn(2, 64), w.data, Q8_0, 8, None, False)
+        ops.quant_linear(torch.randn(2, 64), repack(w), Q8_0, 8, None, False)
     with pytest.raises(RuntimeError, match="qtype"):
-        ops.quant_linear(torch.randn(2, 64), w.data, 12, 8, None, False)
+        ops.quant_linear(torch.randn(2, 64), repack(w), 12, 8, None, False)
 
 
 def test_block_formats_match_ggml() -> None:
@@ -133,7 +143,7 @@ def test_loader_keeps_the_files_blocks(gguf_pair: tuple[LLM, LLM]) -> None:
             ref = dense.get_submodule(f"layers.{i}.{name}")
             ref_w = ref.weight if ref.packed is None else None
             if ref_w is not None:
-                assert torch.equal(dequantize(layer.parts[0]), ref_w), (i, name)
+                assert torch.equal(dequantize(layer.blocks()[0]), ref_w), (i, name)
     assert q.quant_logits is not None and q.quant_logits.types == ["Q8_0"]
     # what one decode step streams: 5 bits per weight and 8.5 for the logits, vs 32 dense
     assert streamed_weight_bytes(q) < 0.2 * streamed_weight_bytes(dense)
@@ -191,7 +201,7 @@ def test_int8_quantizes_float_weights() -> None:
     assert isinstance(layer, QuantLinear)
     w = dense.engine.runner.model.get_parameter("layers.1.gate_up_proj.weight").float()
     step = w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127
-    err = (dequantize(layer.parts[0]) - w).reshape(step.shape[0], -1, 32).abs()
+    err = (dequantize(layer.blocks()[0]) - w).reshape(step.shape[0], -1, 32).abs()
     assert bool((err <= step * (0.5 + 127 * 2**-11) + 1e-8).all())
     out = q.generate(
         [[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False

@@ -98,6 +98,38 @@ def quantize_q8_0(w: torch.Tensor) -> QuantWeight:
     return QuantWeight(Q8_0, data, k)
 
 
+def _quant_bytes(qtype: int) -> int:
+    return 32 if qtype == Q8_0 else 16
+
+
+def repack(w: QuantWeight) -> torch.Tensor:
+    """The kernel's layout of w's blocks, same bytes per row: every block's quants (Q8_0's as
+    unsigned, q + 128), then the blocks' fp16 scales, then Q4_1's fp16 mins. Two blocks' quants
+    are then one 64-byte load and 16 scales one conversion (kernels/csrc/quant_gemm.cpp)."""
+    n, nb, qb = w.n, w.k // BLOCK, _quant_bytes(w.qtype)
+    blocks = w.data.view(n, nb, BLOCK_BYTES[w.qtype])
+    head = 4 if w.qtype == Q4_1 else 2
+    qs = blocks[..., head:]
+    if w.qtype == Q8_0:
+        qs = qs ^ 0x80
+    parts = [qs.reshape(n, nb * qb), blocks[..., 0:2].reshape(n, nb * 2)]
+    if w.qtype == Q4_1:
+        parts.append(blocks[..., 2:4].reshape(n, nb * 2))
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def unrepack(qtype: int, data: torch.Tensor, k: int) -> torch.Tensor:
+    """repack's inverse: the ggml blocks back."""
+    n, nb, qb = data.shape[0], k // BLOCK, _quant_bytes(qtype)
+    qs = data[:, : nb * qb].reshape(n, nb, qb)
+    if qtype == Q8_0:
+        qs = qs ^ 0x80
+    parts = [data[:, nb * qb : nb * qb + nb * 2].reshape(n, nb, 2)]
+    if qtype == Q4_1:
+        parts.append(data[:, nb * qb + nb * 2 :].reshape(n, nb, 2))
+    return torch.cat([*parts, qs], dim=2).reshape(n, -1).contiguous()
+
+
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """What the kernel multiplies for input rows x: each 32-block scaled by 127 / amax in float32,
     rounded half to even, times amax / 127 again (float64; the tests' reference)."""
@@ -130,9 +162,12 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.ops: KernelOps | None = None
         self.dense: torch.Tensor | None = None  # the PyTorch fallback's dequantized weight
+        self.packed: list[torch.Tensor] | None = None  # each part repacked for the kernel
 
     @property
     def nbytes(self) -> int:
+        if self.packed is not None:
+            return sum(int(w.numel()) for w in self.packed)
         return sum(p.nbytes for p in self.parts)
 
     @property
@@ -140,12 +175,32 @@ class QuantLinear(nn.Module):
         return [TYPE_NAMES[p.qtype] for p in self.parts]
 
     def set_kernels(self, kernels: Kernels, dtype: torch.dtype) -> None:
-        """With the C++ kernels, run on the blocks; without, dequantize once to `dtype`."""
+        """With the C++ kernels, run on the blocks (repacked; the ggml rows are dropped);
+        without, dequantize once to `dtype`."""
         self.ops = kernels.ops
-        if kernels.ops is None and self.dense is None:
-            self.dense = torch.cat([dequantize(p) for p in self.parts]).to(dtype)
-        elif kernels.ops is not None:
+        if kernels.ops is None:
+            self._unpack()
+            if self.dense is None:
+                self.dense = torch.cat([dequantize(p) for p in self.parts]).to(dtype)
+        else:
             self.dense = None
+            if self.packed is None:
+                self.packed = [repack(p) for p in self.parts]
+                # one copy in memory: the parts keep their shape, their bytes live in `packed`
+                self.parts = [
+                    QuantWeight(p.qtype, torch.empty((p.n, 0), dtype=torch.uint8), p.k) for p in self.parts
+                ]
+
+    def blocks(self) -> list[QuantWeight]:
+        """The parts in the ggml layout (unpacked from the kernel's if need be)."""
+        if self.packed is None:
+            return list(self.parts)
+        return [QuantWeight(p.qtype, unrepack(p.qtype, w, p.k), p.k) for p, w in zip(self.parts, self.packed)]
+
+    def _unpack(self) -> None:
+        if self.packed is not None:
+            self.parts = self.blocks()
+            self.packed = None
 
     def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
         ops = self.ops
@@ -158,10 +213,14 @@ class QuantLinear(nn.Module):
             y = F.linear(x, w, self.bias)
             return y.float() if float_out else y
         x = x.contiguous()
+        packed = self.packed
+        assert packed is not None
         if len(self.parts) == 1:
             p = self.parts[0]
-            return ops.quant_linear(x, p.data, p.qtype, p.n, self.bias, float_out)
-        y = torch.cat([ops.quant_linear(x, p.data, p.qtype, p.n, None, float_out) for p in self.parts], dim=1)
+            return ops.quant_linear(x, packed[0], p.qtype, p.n, self.bias, float_out)
+        y = torch.cat(
+            [ops.quant_linear(x, w, p.qtype, p.n, None, float_out) for p, w in zip(self.parts, packed)], dim=1
+        )
         return y if self.bias is None else y + self.bias
 
     def silu_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-inf where a grammar's token bitmask row disallows, in place (rows: logits row of each mask row)",
         py::arg("logits"), py::arg("bitmask"), py::arg("rows") = py::none());
   m.def("packed_linear_supported", &packed_linear_supported, "whether packed_linear is compiled in (AVX512-BF16, no AMX)");
-  m.def("quant_linear", &quant_linear, "x @ W.T on GGUF Q4_0 / Q4_1 / Q8_0 weight blocks (int8 activations)");
+  m.def("quant_linear", &quant_linear, "x @ W.T on GGUF Q4_0 / Q4_1 / Q8_0 weight blocks, repacked (int8 activations)");
   m.def("quant_linear_vnni", &quant_linear_vnni, "whether quant_linear runs the AVX512-VNNI kernel (else scalar C++)");
 }

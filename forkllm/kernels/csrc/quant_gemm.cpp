@@ -8,9 +8,9 @@
 // (w = d (q - 8)), a per-block correction a_w * d_x * sum(q_x). The result is exactly
 // dequant(x_q) @ dequant(W)^T up to float32 rounding (tests compare against that in float64).
 //
-// Tiles of R weight rows x up to 4 input rows: a weight block is expanded once per tile and used
-// for every input row; each output's blocks are summed in one fixed order whatever M is, so a
-// row's result does not depend on the batch (deterministic mode needs that).
+// Tiles of 4 weight rows x up to 2 input rows: two weight blocks are expanded once per tile and
+// used for every input row; each output's blocks are summed in one fixed order whatever M is, so
+// a row's result does not depend on the batch (deterministic mode needs that).
 #include "common.h"
 #include <algorithm>
 #include <cstring>
@@ -63,86 +63,129 @@ void quantize_row(const T* __restrict x, int64_t K, int8_t* __restrict q, float*
 
 // Weight block layouts (ggml): Q4_0 {half d; u8 qs[16]}, Q4_1 {half d; half m; u8 qs[16]},
 // Q8_0 {half d; i8 qs[32]}. A Q4 byte j holds weight j (low nibble) and weight j + 16 (high).
+//
+// At load the blocks are repacked (models/quant.py: repack), same bytes per row: every block's quants first
+// (Q8_0's as unsigned: q + 128), then the blocks' scales d (fp16), then Q4_1's mins m (fp16).
+// One row then reads as two pairs of streams, which 512-bit code wants: 64 quants of two blocks
+// per dot product (one vpdpbusd for two blocks), and 16 scales converted by one vcvtph2ps. Every
+// type becomes w = d * u + a with u unsigned (a = m for Q4_1, -8 d for Q4_0, -128 d for Q8_0),
+// so y = sum_b d_b dx_b dot(u_b, x_b) + sum_b a_b (dx_b sum(x_b)).
+template <int TT> constexpr int quant_bytes() { return TT == Q8_0 ? 32 : 16; }
+
 template <int TT>
-inline float block_offset(const uint8_t* blk, float dw) {  // a_w: the per-block additive term's weight
-  if constexpr (TT == Q4_1) return h2f(blk + 2);
-  else if constexpr (TT == Q4_0) return -8.f * dw;
-  else return 0.f;
+inline float offset_weight(const uint8_t* row, int64_t nb, int64_t b) {  // a_b
+  constexpr int QB = quant_bytes<TT>();
+  const float d = h2f(row + nb * QB + b * 2);
+  if constexpr (TT == Q4_1) return h2f(row + nb * QB + nb * 2 + b * 2);
+  else if constexpr (TT == Q4_0) return -8.f * d;
+  else return -128.f * d;
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+// x row quantized (q, per-block scale xd, xs = xd * sum q), laid out for the type's pair dots:
+// pair p holds blocks 2p and 2p + 1 in 64 bytes (Q4: the low halves of both blocks, then the
+// high halves, matching the nibble order; Q8: the two blocks in order); zero past the last block.
 template <int TT>
-inline __m256i load_weights(const uint8_t* blk) {
-  if constexpr (TT == Q8_0) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-  } else {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (TT == Q4_1 ? 4 : 2)));
-    const __m128i m = _mm_set1_epi8(0x0f);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+void arrange_x(const int8_t* q, int64_t nb, int8_t* out) {
+  const int64_t np = (nb + 1) / 2;
+  std::memset(out, 0, np * 64);
+  for (int64_t b = 0; b < nb; ++b) {
+    int8_t* o = out + (b / 2) * 64;
+    const int h = static_cast<int>(b % 2);
+    if constexpr (TT == Q8_0) {
+      std::memcpy(o + h * 32, q + b * QK, 32);
+    } else {
+      std::memcpy(o + h * 16, q + b * QK, 16);
+      std::memcpy(o + 32 + h * 16, q + b * QK + 16, 16);
+    }
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+template <int TT>
+inline __m512i load_pair(const uint8_t* qs, bool both) {
+  if constexpr (TT == Q8_0) {
+    return _mm512_maskz_loadu_epi8(both ? ~0ULL : 0xffffffffULL, qs);
+  } else {
+    const __m256i v = _mm256_maskz_loadu_epi8(both ? 0xffffffffu : 0xffffu, qs);
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+}
+
+// Which block of a 16-block group each int32 lane of pair pp's dot belongs to.
+template <int TT>
+inline __m512i lane_blocks(int pp) {
+  const int a = 2 * pp, b = 2 * pp + 1;
+  if constexpr (TT == Q8_0) return _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
+  else return _mm512_setr_epi32(a, a, a, a, b, b, b, b, a, a, a, a, b, b, b, b);
+}
+
+// R weight rows x MB input rows: out[m * R + r]. Each (r, m) is summed in one fixed order
+// whatever MB is, so a row's result does not depend on the batch.
 template <int TT, int R, int MB>
-inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const int8_t* __restrict xq,
-                 const float* __restrict xd, const float* __restrict xs, int64_t K, float* __restrict out) {
-  __m256 acc[MB][R];
-  float corr[MB][R];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) { acc[m][r] = _mm256_setzero_ps(); corr[m][r] = 0.f; }
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i wv[R];
-    float dw[R], aw[R];
+inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const int8_t* __restrict xa,
+                 const float* __restrict xd, const float* __restrict xs, int64_t xstride, int64_t nbp,
+                 float* __restrict out) {
+  constexpr int QB = quant_bytes<TT>();
+  __m512 acc[R][MB], corr[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = corr[r][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < nb; g += 16) {
+    const __mmask16 k = tail(nb - g);
+    __m512 dwx[R][MB];
     for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = w + r * rowb + b * block_bytes(TT);
-      dw[r] = h2f(blk);
-      aw[r] = block_offset<TT>(blk, dw[r]);
-      wv[r] = load_weights<TT>(blk);
+      const uint8_t* row = w + r * rowb;
+      const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, row + nb * QB + g * 2));
+      __m512 a;
+      if constexpr (TT == Q4_1) a = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, row + nb * QB + nb * 2 + g * 2));
+      else a = _mm512_mul_ps(d, _mm512_set1_ps(TT == Q4_0 ? -8.f : -128.f));
+      for (int m = 0; m < MB; ++m) {
+        dwx[r][m] = _mm512_mul_ps(d, _mm512_loadu_ps(xd + m * nbp + g));
+        corr[r][m] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xs + m * nbp + g), corr[r][m]);
+      }
     }
-    __m256i wa[R];
-    if constexpr (TT == Q8_0)
-      for (int r = 0; r < R; ++r) wa[r] = _mm256_sign_epi8(wv[r], wv[r]);  // |w| as the u8 operand
-    for (int m = 0; m < MB; ++m) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * QK));
-      const float dx = xd[m * nb + b];
+    const int64_t nbg = std::min<int64_t>(16, nb - g);
+    for (int pp = 0; 2 * pp < nbg; ++pp) {
+      const int64_t b = g + 2 * pp;
+      const bool both = 2 * pp + 1 < nbg;
+      const __m512i idx = lane_blocks<TT>(pp);
+      __m512i xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_si512(xa + m * xstride + (b / 2) * 64);
       for (int r = 0; r < R; ++r) {
-        __m256i dot;
-        if constexpr (TT == Q8_0)  // w x = |w| * (x with w's sign)
-          dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wa[r], _mm256_sign_epi8(xv, wv[r]));
-        else
-          dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[r], xv);
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw[r] * dx), acc[m][r]);
-        if constexpr (TT != Q8_0) corr[m][r] += aw[r] * xs[m * nb + b];
+        const __m512i wv = load_pair<TT>(w + r * rowb + b * QB, both);
+        for (int m = 0; m < MB; ++m) {
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[m]);
+          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, dwx[r][m]), acc[r][m]);
+        }
       }
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) {
-      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1));
-      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      out[m * R + r] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2))) + corr[m][r];
-    }
+    for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[r][m]) + _mm512_reduce_add_ps(corr[r][m]);
 }
 #else
 template <int TT, int R, int MB>
-inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const int8_t* __restrict xq,
-                 const float* __restrict xd, const float* __restrict xs, int64_t K, float* __restrict out) {
+inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const int8_t* __restrict xa,
+                 const float* __restrict xd, const float* __restrict xs, int64_t xstride, int64_t nbp,
+                 float* __restrict out) {
+  constexpr int QB = quant_bytes<TT>();
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) {
+      const uint8_t* row = w + r * rowb;
       float acc = 0.f, corr = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* blk = w + r * rowb + b * block_bytes(TT);
-        const int8_t* x = xq + m * K + b * QK;
-        const float dw = h2f(blk);
+        const int8_t* x = xa + m * xstride + (b / 2) * 64;
+        const int h = static_cast<int>(b % 2);
+        const uint8_t* qs = row + b * QB;
         int dot = 0;
         if constexpr (TT == Q8_0) {
-          const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
-          for (int i = 0; i < QK; ++i) dot += qs[i] * x[i];
+          for (int i = 0; i < QK; ++i) dot += qs[i] * x[h * 32 + i];
         } else {
-          const uint8_t* qs = blk + (TT == Q4_1 ? 4 : 2);
-          for (int i = 0; i < QK / 2; ++i) dot += (qs[i] & 15) * x[i] + (qs[i] >> 4) * x[i + QK / 2];
-          corr += block_offset<TT>(blk, dw) * xs[m * nb + b];
+          for (int i = 0; i < QK / 2; ++i) dot += (qs[i] & 15) * x[h * 16 + i] + (qs[i] >> 4) * x[32 + h * 16 + i];
         }
-        acc += static_cast<float>(dot) * dw * xd[m * nb + b];
+        acc += static_cast<float>(dot) * h2f(row + nb * QB + b * 2) * xd[m * nbp + b];
+        corr += offset_weight<TT>(row, nb, b) * xs[m * nbp + b];
       }
       out[m * R + r] = acc + corr;
     }
@@ -150,33 +193,35 @@ inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const in
 #endif
 
 template <int TT, int R>
-inline void rows_block(const uint8_t* w, int64_t rowb, int64_t nb, const int8_t* xq, const float* xd,
-                       const float* xs, int64_t M, int64_t K, float* o /* [M][R] */) {
+inline void rows_block(const uint8_t* w, int64_t rowb, int64_t nb, const int8_t* xa, const float* xd,
+                       const float* xs, int64_t M, int64_t xstride, int64_t nbp, float* o /* [M][R] */) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<TT, R, 4>(w, rowb, nb, xq + m * K, xd + m * nb, xs + m * nb, K, o + m * R);
-  switch (M - m) {
-    case 1: tile<TT, R, 1>(w, rowb, nb, xq + m * K, xd + m * nb, xs + m * nb, K, o + m * R); break;
-    case 2: tile<TT, R, 2>(w, rowb, nb, xq + m * K, xd + m * nb, xs + m * nb, K, o + m * R); break;
-    case 3: tile<TT, R, 3>(w, rowb, nb, xq + m * K, xd + m * nb, xs + m * nb, K, o + m * R); break;
-  }
+  for (; m + 2 <= M; m += 2) tile<TT, R, 2>(w, rowb, nb, xa + m * xstride, xd + m * nbp, xs + m * nbp, xstride, nbp, o + m * R);
+  if (m < M) tile<TT, R, 1>(w, rowb, nb, xa + m * xstride, xd + m * nbp, xs + m * nbp, xstride, nbp, o + m * R);
 }
 
 template <int TT, typename T>
-void gemm(const int8_t* xq, const float* xd, const float* xs, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+void gemm(const int8_t* xa, const float* xd, const float* xs, int64_t M, int64_t K, const uint8_t* w, int64_t N,
           const T* bias, T* y, float* yf) {
-  const int64_t nb = K / QK, rowb = nb * block_bytes(TT);
+  const int64_t nb = K / QK, rowb = nb * block_bytes(TT), nbp = (nb + 15) / 16 * 16, xstride = (nb + 1) / 2 * 64;
   constexpr int R = 4;
   at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b, int64_t e) {
-    std::vector<float> o(M * R);
+    float ostack[64 * R];
+    std::vector<float> oheap;
+    float* o = ostack;
+    if (M > 64) {
+      oheap.resize(M * R);
+      o = oheap.data();
+    }
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t * R, rows = std::min<int64_t>(R, N - n);
       if (rows == R) {
-        rows_block<TT, R>(w + n * rowb, rowb, nb, xq, xd, xs, M, K, o.data());
+        rows_block<TT, R>(w + n * rowb, rowb, nb, xa, xd, xs, M, xstride, nbp, o);
       } else {
         for (int64_t r = 0; r < rows; ++r) {
-          std::vector<float> one(M);
-          rows_block<TT, 1>(w + (n + r) * rowb, rowb, nb, xq, xd, xs, M, K, one.data());
-          for (int64_t m = 0; m < M; ++m) o[m * R + r] = one[m];
+          for (int64_t m = 0; m < M; ++m)
+            tile<TT, 1, 1>(w + (n + r) * rowb, rowb, nb, xa + m * xstride, xd + m * nbp, xs + m * nbp, xstride, nbp,
+                           o + m * R + r);
         }
       }
       for (int64_t m = 0; m < M; ++m)
@@ -193,28 +238,32 @@ void gemm(const int8_t* xq, const float* xd, const float* xs, int64_t M, int64_t
 template <typename T>
 torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t N,
                   const c10::optional<torch::Tensor>& bias, bool float_out) {
-  const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> xd(M * nb), xs(M * nb);
+  const int64_t M = x.size(0), K = x.size(1), nb = K / QK, nbp = (nb + 15) / 16 * 16, xstride = (nb + 1) / 2 * 64;
+  std::vector<int8_t> xq(M * K), xa(M * xstride);
+  std::vector<float> xd(M * nbp, 0.f), xs(M * nbp, 0.f);
   const T* xp = x.data_ptr<T>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) quantize_row(xp + m * K, K, xq.data() + m * K, xd.data() + m * nb, xs.data() + m * nb);
+    for (int64_t m = b; m < e; ++m) {
+      quantize_row(xp + m * K, K, xq.data() + m * K, xd.data() + m * nbp, xs.data() + m * nbp);
+      if (qtype == Q8_0) arrange_x<Q8_0>(xq.data() + m * K, nb, xa.data() + m * xstride);
+      else arrange_x<Q4_1>(xq.data() + m * K, nb, xa.data() + m * xstride);
+    }
   });
   auto y = torch::empty({M, N}, x.options().dtype(float_out ? torch::kFloat : x.scalar_type()));
   const T* bp = (bias.has_value() && bias->defined()) ? bias->data_ptr<T>() : nullptr;
   T* yp = float_out ? nullptr : y.data_ptr<T>();
   float* yf = float_out ? y.data_ptr<float>() : nullptr;
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  if (qtype == Q4_0) gemm<Q4_0, T>(xq.data(), xd.data(), xs.data(), M, K, wp, N, bp, yp, yf);
-  else if (qtype == Q4_1) gemm<Q4_1, T>(xq.data(), xd.data(), xs.data(), M, K, wp, N, bp, yp, yf);
-  else gemm<Q8_0, T>(xq.data(), xd.data(), xs.data(), M, K, wp, N, bp, yp, yf);
+  if (qtype == Q4_0) gemm<Q4_0, T>(xa.data(), xd.data(), xs.data(), M, K, wp, N, bp, yp, yf);
+  else if (qtype == Q4_1) gemm<Q4_1, T>(xa.data(), xd.data(), xs.data(), M, K, wp, N, bp, yp, yf);
+  else gemm<Q8_0, T>(xa.data(), xd.data(), xs.data(), M, K, wp, N, bp, yp, yf);
   return y;
 }
 
 }  // namespace
 
 // x [M, K] (float32 / bf16 / fp16, contiguous, K a multiple of 32); w uint8 [N, K / 32 * block
-// bytes] in the ggml block layout of `qtype` (2 = Q4_0, 3 = Q4_1, 8 = Q8_0); bias [N] in x's dtype.
+// bytes] of `qtype` (2 = Q4_0, 3 = Q4_1, 8 = Q8_0) as models/quant.py repacks it; bias [N] in x's dtype.
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t N,
                            c10::optional<torch::Tensor> bias, bool float_out) {
   TORCH_CHECK(qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0, "quant_linear: qtype must be 2 (Q4_0), 3 (Q4_1) or 8 (Q8_0)");
@@ -229,7 +278,7 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int6
 }
 
 bool quant_linear_vnni() {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   return true;
 #else
   return false;
