@@ -106,10 +106,9 @@ inline __m512i load_pair(const uint8_t* qs, bool both) {
   if constexpr (TT == Q8_0) {
     return _mm512_maskz_loadu_epi8(both ? ~0ULL : 0xffffffffULL, qs);
   } else {
-    const __m256i v = _mm256_maskz_loadu_epi8(both ? 0xffffffffu : 0xffffu, qs);
-    const __m256i m = _mm256_set1_epi8(0x0f);
-    const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    // the 32 bytes in both halves; the upper half shifted down a nibble; both masked to 4 bits
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(both ? 0xffffffffu : 0xffffu, qs));
+    return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xffff0000u, v, 4), _mm512_set1_epi8(0x0f));
   }
 }
 
