@@ -214,6 +214,13 @@ void gemm(const int8_t* xa, const float* xd, const float* xs, int64_t M, int64_t
     }
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t * R, rows = std::min<int64_t>(R, N - n);
+#if defined(__AVX512F__)
+      if (M <= 4 && t + 1 < e) {  // decode streams the weights from memory: ask for the next tile now
+        const char* next = reinterpret_cast<const char*>(w + (n + R) * rowb);
+        const int64_t bytes = std::min<int64_t>(R, N - n - R) * rowb;
+        for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      }
+#endif
       if (rows == R) {
         rows_block<TT, R>(w + n * rowb, rowb, nb, xa, xd, xs, M, xstride, nbp, o);
       } else {
