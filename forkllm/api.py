@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as Seq
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from forkllm.engine.config import EngineConfig
 from forkllm.engine.llm_engine import LLMEngine, PromptInput
 from forkllm.engine.outputs import CompletionOutput, RequestOutput
 from forkllm.engine.policy import TreePolicy, run_policies
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
-from forkllm.threads import Fanout, MapReduce, Protocol, Subtasks, ThreadResult
-from forkllm.threads.factory import make_policy
+from forkllm.threads import MapReduce, ThreadResult
+from forkllm.threads.factory import ThreadSpec, generate_trees, make_policy, make_trees
 from forkllm.threads.policy import DEFAULT_MAX_DEPTH
 from forkllm.tokenizer import Tokenizer
 from forkllm.tools.executor import ToolExecutor
@@ -30,6 +30,7 @@ R = TypeVar("R")
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 Conversation = list[dict[str, Any]]
+ThreadPrompt = str | list[int] | Conversation | Seq[str]
 
 
 class LLM:
@@ -59,7 +60,7 @@ class LLM:
         prompt order. `sampling_params` is one SamplingParams for all, or one per prompt."""
         batch = _as_batch(prompts)
         params = self._params_for(batch, sampling_params)
-        return self._run(batch, params, use_tqdm)
+        return self._dispatch(batch, params, use_tqdm)
 
     def chat(
         self,
@@ -119,7 +120,9 @@ class LLM:
         prompts: list[PromptInput] = [{"prompt": t, "prompt_token_ids": ids} for t, ids in rendered]
         params = self._params_for(prompts, sampling_params)
         if not run_tools or table is None:
-            return self._run(prompts, params, use_tqdm)
+            return self._dispatch(prompts, params, use_tqdm)
+        if any(p.threads is not None for p in params):
+            raise ValueError("SamplingParams.threads cannot be combined with run_tools")
         renderer = ToolTurnRenderer(tok, fmt, chat_template)
         grammars: list[RoundGrammar | None]
         if isinstance(tool_grammar, (list, tuple)):
@@ -162,38 +165,88 @@ class LLM:
         return run_policies(self.engine, [(s, ids, q) for s, ids, q in jobs])
 
     # ---- reasoning threads ----------------------------------------------------------------------
+    @overload
     def threads(
         self,
-        prompt: str | list[int] | Conversation | Seq[str],
-        spec: Fanout | MapReduce | Subtasks | Protocol,
+        prompt: ThreadPrompt,
+        spec: ThreadSpec,
         sampling_params: SamplingParams | None = None,
         chat: bool = True,
         max_depth: int = DEFAULT_MAX_DEPTH,
-    ) -> ThreadResult:
+        n: None = None,
+    ) -> ThreadResult: ...
+    @overload
+    def threads(
+        self,
+        prompt: ThreadPrompt,
+        spec: ThreadSpec,
+        sampling_params: SamplingParams | None = None,
+        chat: bool = True,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        *,
+        n: int,
+    ) -> list[ThreadResult]: ...
+    def threads(
+        self,
+        prompt: ThreadPrompt,
+        spec: ThreadSpec,
+        sampling_params: SamplingParams | None = None,
+        chat: bool = True,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        n: int | None = None,
+    ) -> ThreadResult | list[ThreadResult]:
         """Run a thread tree inside the engine (forkllm.threads): a `Fanout`, `Subtasks` or
         model-driven `Protocol` from `prompt`, or a `MapReduce` over `prompt` (a list of chunks).
-        Greedy unless `sampling_params` says."""
-        return self.threads_batch([prompt], [spec], sampling_params, chat, max_depth)[0]
+        Greedy unless `sampling_params` says. `n`: n trees of the prompt, one ThreadResult each
+        (one prefill, the contexts forked from it as n samples are; tree i is the tree a lone
+        run seeded `derive_seed(seed, i)` gives: threads/trees.py)."""
+        return self.threads_batch([prompt], [spec], sampling_params, chat, max_depth, n=n)[0]
 
+    @overload
     def threads_batch(
         self,
-        prompts: Seq[str | list[int] | Conversation | Seq[str]],
-        specs: Seq[Fanout | MapReduce | Subtasks | Protocol],
+        prompts: Seq[ThreadPrompt],
+        specs: Seq[ThreadSpec],
         sampling_params: SamplingParams | None = None,
         chat: bool = True,
         max_depth: int = DEFAULT_MAX_DEPTH,
-    ) -> list[ThreadResult]:
-        """Several thread trees at once; all their threads share each step's batch."""
+        n: None = None,
+    ) -> list[ThreadResult]: ...
+    @overload
+    def threads_batch(
+        self,
+        prompts: Seq[ThreadPrompt],
+        specs: Seq[ThreadSpec],
+        sampling_params: SamplingParams | None = None,
+        chat: bool = True,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        *,
+        n: int,
+    ) -> list[list[ThreadResult]]: ...
+    def threads_batch(
+        self,
+        prompts: Seq[ThreadPrompt],
+        specs: Seq[ThreadSpec],
+        sampling_params: SamplingParams | None = None,
+        chat: bool = True,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        n: int | None = None,
+    ) -> list[ThreadResult] | list[list[ThreadResult]]:
+        """Several thread trees at once (n each, with `n`); all their threads share each step's batch."""
         if len(prompts) != len(specs):
             raise ValueError(f"got {len(specs)} thread specs for {len(prompts)} prompts; pass one per prompt")
-        jobs: list[tuple[TreePolicy[ThreadResult], list[int], str]] = []
+        jobs: list[tuple[TreePolicy[Any], list[int], str]] = []
         for prompt, spec in zip(prompts, specs):
             chunks: list[str] = []
             if isinstance(spec, MapReduce):
                 if isinstance(prompt, str) or not all(isinstance(c, str) for c in prompt):
                     raise ValueError("MapReduce: the prompt must be a list of chunks (strings)")
                 chunks, prompt = list(prompt), spec.context  # type: ignore[arg-type]
-            policy = make_policy(spec, sampling_params, chunks, max_depth)
+            if n is None:
+                policy: TreePolicy[Any] = make_policy(spec, sampling_params, chunks, max_depth)
+            else:
+                params = (sampling_params or SamplingParams(temperature=0.0)).clone(n=n)
+                policy = make_trees(spec, params, chunks, max_depth)
             ids, question = self._scale_prompt(prompt, chat)  # type: ignore[arg-type]
             jobs.append((policy, ids, question))
         return run_policies(self.engine, jobs)
@@ -234,6 +287,33 @@ class LLM:
             else p.clone(output_kind=RequestOutputKind.FINAL_ONLY)
             for p in plist
         ]
+
+    def _dispatch(
+        self, batch: list[PromptInput], params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        """Prompts whose params carry `threads` run as thread trees (params.n each: one
+        ThreadCompletionOutput per tree), the others as plain requests, in the same batches."""
+        if all(p.threads is None for p in params):
+            return self._run(batch, params, use_tqdm)
+        engine = self.engine
+        trees = {
+            i: generate_trees(engine, prompt, p)
+            for i, (prompt, p) in enumerate(zip(batch, params))
+            if p.threads is not None
+        }
+        plain: dict[int, str] = {}
+        waiting: dict[str, RequestOutput | None] = {}
+        try:
+            for i, (prompt, p) in enumerate(zip(batch, params)):
+                if p.threads is None:
+                    plain[i] = engine.add_request(prompt, p)
+                    waiting[plain[i]] = None
+            results = run_policies(engine, list(trees.values()), waiting)
+        except BaseException:
+            engine.abort_request([r for r, out in waiting.items() if out is None])
+            raise
+        by_index = {i: t.request_output(r, q or None) for (i, (t, _, q)), r in zip(trees.items(), results)}
+        return [by_index[i] if i in by_index else waiting[plain[i]] for i in range(len(batch))]  # type: ignore[misc]
 
     def _run(
         self, batch: list[PromptInput], params: list[SamplingParams], use_tqdm: bool

@@ -138,7 +138,7 @@ def test_bad_threads_are_400s_naming_the_key(live, threads, param, message):
 
 def test_threads_refuse_what_they_do_not_apply(live):
     for extra, param in (
-        ({"n": 2}, "n"),
+        ({"n": 65}, "n"),  # 65 trees of one thread: over --max-scaling-width (n itself is allowed)
         ({"logprobs": True}, "logprobs"),
         ({"scaling": {"strategy": "best_of_n"}}, "scaling"),
     ):

@@ -96,6 +96,11 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.check_vocab(self.vocab_size)  # logit_bias ids index the logits
+        if params.threads is not None:
+            raise ValueError(
+                "SamplingParams.threads: a thread tree runs through LLM.generate / LLM.chat / "
+                "LLM.threads (or the threads extension of the chat route), not as a plain request"
+            )
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         grammar = self.grammar_state(params)

@@ -19,6 +19,7 @@ from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from forkllm.engine.events import TreeWatcher
+from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.engine.sequence import Request, Sequence, SequenceStatus
 from forkllm.engine.tree import StopGate
@@ -263,8 +264,15 @@ def fail_stalled(engine: LLMEngine) -> int:
     return fail_policies(engine, RuntimeError("a tree policy stalled with nothing to run"))
 
 
-def run_policies(engine: LLMEngine, jobs: list[tuple[TreePolicy[R], list[int], str]]) -> list[R]:
-    """Run policies to completion on a synchronous engine (they share every step's batch)."""
+def run_policies(
+    engine: LLMEngine,
+    jobs: list[tuple[TreePolicy[R], list[int], str]],
+    requests: dict[str, RequestOutput | None] | None = None,
+) -> list[R]:
+    """Run policies to completion on a synchronous engine (they share every step's batch).
+    `requests`: plain requests already added (by id) that run in the same steps, each one's final
+    output stored there as it finishes (FINAL_ONLY); returns when they are done too."""
+    waiting = {} if requests is None else requests
     outcomes: dict[int, R | BaseException] = {}
     handles: list[PolicyHandle[R]] = []
 
@@ -274,9 +282,14 @@ def run_policies(engine: LLMEngine, jobs: list[tuple[TreePolicy[R], list[int], s
     try:
         for i, (policy, ids, question) in enumerate(jobs):
             handles.append(drive(engine, policy, ids, question, reporter(i)))
-        while len(outcomes) < len(jobs):
+        while len(outcomes) < len(jobs) or None in waiting.values():
             idle = not engine.has_unfinished_requests()
-            engine.step()  # runs the hooks even when nothing is scheduled
+            for out in engine.step():  # runs the hooks even when nothing is scheduled
+                if out.finished and out.request_id in waiting:
+                    waiting[out.request_id] = out
+            lost = [r for r, o in waiting.items() if o is None and r not in engine.requests]
+            if lost:
+                raise RuntimeError(f"request {lost[0]!r} ended without its final output")
             if idle and not engine.has_unfinished_requests():
                 fail_stalled(engine)
     finally:

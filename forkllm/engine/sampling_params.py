@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from forkllm.structured.params import StructuredOutputsParams
 
@@ -49,6 +50,10 @@ class SamplingParams:
     # A grammar the output must follow (JSON schema, regex, choice, Lark); None: unconstrained.
     structured: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # A thread tree spec (forkllm.threads: Fanout, MapReduce, Subtasks, Protocol): LLM.generate
+    # and LLM.chat run each prompt as that tree (n trees for n > 1). Typed loosely because the
+    # engine sits below forkllm.threads; the engine itself refuses it (it runs plain requests).
+    threads: Any = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -72,6 +72,10 @@ class Sequence:
     token_limit: int | None = None
     # Hogwild!-style workers: each decode step attends to the other workers' tokens as written.
     view: SharedView | None = None
+    # Children spawned from it so far (TreeOps.spawn): a child's seed derives from this
+    # sequence's seed and this count, so a thread samples by its ancestry alone, never by what
+    # other trees of its request did first.
+    spawned: int = 0
 
     @property
     def kv_pinned(self) -> bool:

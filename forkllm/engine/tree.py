@@ -37,6 +37,9 @@ StepHook = Callable[["LLMEngine"], None]
 # complete: finish_reason "stop"; or its length limit: "length"): True parks it (paused, pages
 # kept) instead of finishing it.
 StopGate = Callable[[Sequence], bool]
+# Spawned children's seeds: derive_seed(parent's seed, SPAWN_SEED_BASE + k) for its k-th child, an
+# index range no request's samples reach.
+SPAWN_SEED_BASE = 1 << 32
 
 
 class TreeOps:
@@ -199,14 +202,19 @@ class TreeOps:
         """One child per suffix, each continuing from the parent's pages with its own tokens
         appended (APR's spawn): scheduled at once, each computes only its suffix, then samples.
         The parent must have every token computed (see `truncate`); `token_limits` bound each
-        child's total tokens (its thread's max_tokens)."""
+        child's total tokens (its thread's max_tokens). Each child's seed derives from the
+        parent's (see `Sequence.spawned`): n thread trees in one request sample as each would
+        alone."""
         if parent.finished or self.seqs.get(parent.seq_id) is not parent:
             raise ValueError(f"no live sequence {parent.seq_id!r} to spawn from")
         if parent.num_computed_tokens != parent.num_tokens:
             raise ValueError(f"sequence {parent.seq_id!r} has tokens not computed yet: truncate it first")
         if not suffixes or any(not s for s in suffixes):
             raise ValueError("spawn needs at least one child, each with at least one token")
-        kids = self._spawn(parent, parent, len(suffixes), None)
+        k = parent.spawned
+        seeds = [derive_seed(parent.seed, SPAWN_SEED_BASE + k + j) for j in range(len(suffixes))]
+        parent.spawned += len(suffixes)
+        kids = self._spawn(parent, parent, len(suffixes), seeds)
         for child, suffix, limit in zip(kids, suffixes, token_limits or [None] * len(kids)):
             child.token_ids.extend(suffix)
             child.detok = IncrementalDetokenizer.for_prompt(child.num_tokens)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forkllm.engine.events import TreeWatcher
 from forkllm.engine.llm_engine import LLMEngine
@@ -19,6 +19,9 @@ from forkllm.engine.policy import TreeRun, run_policies
 from forkllm.engine.sampling_params import SamplingParams
 from forkllm.engine.sequence import Sequence
 from forkllm.scaling.scorers import ScoreJob
+
+if TYPE_CHECKING:
+    from forkllm.scaling.threaded import TreeCandidates
 
 __all__ = ["Candidate", "Policy", "ScaleResult", "TreeRun", "mean_logprob", "run_policies", "votes_for"]
 
@@ -83,10 +86,14 @@ class Policy(ABC):
         self.t0 = 0.0
         self.question = ""
         self.watch: TreeWatcher | None = None  # reports the tree's operations (engine/events.py)
+        self.trees: TreeCandidates | None = None  # candidates are thread trees (scaling/threaded.py)
 
     def start(self, engine: LLMEngine, prompt_ids: list[int], question: str = "") -> None:
         self.t0 = time.perf_counter()
         self.question = question
+        if self.trees is not None:
+            self.tree = self.trees.start(engine, prompt_ids, question, self.watch)
+            return
         self.tree = TreeRun(engine, prompt_ids, self.sampling_params(), self.budget_tokens(), self.watch)
 
     def on_step(self, engine: LLMEngine) -> None:

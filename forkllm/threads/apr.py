@@ -88,10 +88,9 @@ class AprPolicy(ThreadTreePolicy):
         self.gen_start = len(prompt_ids)
         forced_len = len(self._encode(forced)) if forced else 0
         seq.token_limit = len(prompt_ids) + self.spec.final_max_tokens + forced_len
-        self.prefill_tokens += len(prompt_ids)
+        self._prompt_computed(len(prompt_ids))
         self.threads.append(ThreadInfo(0, None, question))
-        assert self.tree is not None
-        self.tree.park_on_stop(self._park)
+        self._park_on_stop(self._park)
 
     def _park(self, seq: EngineSequence) -> bool:
         """A child finishes (its pages go back); the context parks at a call it may still make."""
@@ -194,4 +193,6 @@ class AprPolicy(ThreadTreePolicy):
 
     def result(self) -> ThreadResult:
         assert self.ctx is not None
-        return self._result("reprefill", self.critical, self.ctx.finish_reason)
+        return self._result(
+            "reprefill", self.critical, self.ctx.finish_reason, token_ids=self.ctx.token_ids[self.gen_start :]
+        )

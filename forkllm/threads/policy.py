@@ -74,8 +74,7 @@ class ThreadPolicy(ThreadTreePolicy):
         root = self._node(None, question, self.spec, self.spec.final_max_tokens)
         root.seq, root.prompt_end = context, len(prompt_ids)
         self.nodes[context.seq_id] = self.root = root
-        assert self.tree is not None
-        self.tree.park_on_stop(self._park)
+        self._park_on_stop(self._park)
 
     def on_step(self, engine: LLMEngine) -> None:
         assert self.root is not None and self.root.seq is not None
@@ -100,7 +99,9 @@ class ThreadPolicy(ThreadTreePolicy):
 
     def result(self) -> ThreadResult:
         assert self.root is not None and self.root.seq is not None
-        return self._result(self.spec.join, self.root.critical, self.root.seq.finish_reason)
+        root = self.root.seq
+        answer = root.token_ids[self.root.gen_start :]
+        return self._result(self.spec.join, self.root.critical, root.finish_reason, token_ids=answer)
 
     # ---- the tree -----------------------------------------------------------------------------
     def _node(self, parent: _Node | None, prompt: str, spec: Fanout | None, max_tokens: int) -> _Node:
@@ -121,7 +122,7 @@ class ThreadPolicy(ThreadTreePolicy):
         engine, seq, spec = self.engine, node.seq, node.spec
         assert engine is not None and seq is not None
         if node is self.root:
-            self.prefill_tokens += node.prompt_end - seq.num_reused_tokens
+            self._prompt_computed(node.prompt_end - seq.num_reused_tokens)
         assert spec is not None, "a leaf thread is spawned running: it never fans out"
         if seq.status is not SequenceStatus.PAUSED:  # parked already when its first sample ended it
             engine.tree.pause(seq)

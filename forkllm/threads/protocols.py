@@ -45,7 +45,7 @@ from forkllm.engine.sequence import SequenceStatus
 from forkllm.structured.params import StructuredOutputsParams
 from forkllm.threads.base import ThreadTreePolicy
 from forkllm.threads.result import ThreadEvent, ThreadInfo, ThreadResult
-from forkllm.threads.spec import JOINS
+from forkllm.threads.spec import JOINS, TreeSpec
 
 if TYPE_CHECKING:
     from forkllm.engine.llm_engine import LLMEngine
@@ -78,7 +78,7 @@ _OUTLINE = re.compile(r"<Outline>\s*(?:(\d+)\s*:)?\s*(.*?)\s*</Outline>", re.S)
 
 
 @dataclass(frozen=True)
-class Protocol:
+class Protocol(TreeSpec):
     name: str
     join: str = ""  # "" is the protocol's own: kv_concat (Multiverse's), reprefill (APR's)
     max_tokens: int = 128  # each path's own tokens
@@ -173,10 +173,9 @@ class ProtocolPolicy(ThreadTreePolicy):
         seq.token_limit = (
             len(prompt_ids) + self.spec.final_max_tokens + (len(self._encode(forced)) if forced else 0)
         )
-        self.prefill_tokens += len(prompt_ids)
+        self._prompt_computed(len(prompt_ids))
         self.threads.append(ThreadInfo(0, None, question))
-        assert self.tree is not None
-        self.tree.park_on_stop(self._park)
+        self._park_on_stop(self._park)
 
     def _park(self, seq: EngineSequence) -> bool:
         ctx = self.ctx
@@ -312,4 +311,6 @@ class ProtocolPolicy(ThreadTreePolicy):
 
     def result(self) -> ThreadResult:
         assert self.ctx is not None
-        return self._result(self.spec.join, self.critical, self.ctx.seq.finish_reason)
+        seq = self.ctx.seq
+        answer = seq.token_ids[self.ctx.gen_start :]
+        return self._result(self.spec.join, self.critical, seq.finish_reason, token_ids=answer)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from forkllm.engine.outputs import CompletionOutput
+
 
 @dataclass
 class ThreadEvent:
@@ -83,6 +85,7 @@ class ThreadResult:
     seconds: float
     finish_reason: str | None = None
     pages_after_subtasks: list[int] = field(default_factory=list)  # Subtasks: the context's pages
+    token_ids: list[int] = field(default_factory=list)  # the answer's tokens (as sampled)
 
     @property
     def tree(self) -> dict[str, Any]:
@@ -92,3 +95,11 @@ class ThreadResult:
             "threads": [asdict(t) for t in self.threads],
             "events": [asdict(e) for e in self.events],
         }
+
+
+@dataclass
+class ThreadCompletionOutput(CompletionOutput):
+    """One sample of `LLM.generate(..., SamplingParams(threads=spec))`: the tree's answer as a
+    CompletionOutput (text, its tokens, finish_reason; no logprobs) and the whole tree."""
+
+    thread_tree: ThreadResult | None = None

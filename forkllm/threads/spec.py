@@ -16,13 +16,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from forkllm.engine.sampling_params import SamplingParams
+    from forkllm.threads.trees import ThreadTrees
 
 JOINS = ("kv_concat", "reprefill")
 
 
+class TreeSpec:
+    """A spec that runs from a prompt alone (not MapReduce, whose prompt is its chunks)."""
+
+    def trees(self, params: SamplingParams) -> ThreadTrees:
+        """`params.n` trees of this spec from one prompt (threads/trees.py): what a scaling
+        strategy given `threads=spec` runs as its candidates (scaling/threaded.py)."""
+        from forkllm.threads.factory import make_trees
+
+        return make_trees(self, params)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
-class Fanout:
+class Fanout(TreeSpec):
     prompts: Sequence[str | Fanout]
     join: str = "kv_concat"
     then: str = "\n"  # appended after the join, before the context goes on
@@ -93,7 +108,7 @@ class MapReduce:
 
 
 @dataclass(frozen=True)
-class Subtasks:
+class Subtasks(TreeSpec):
     """A long task as subtasks run one after another (TIMRUN): each in its own thread from the
     context; when it ends, its working tokens' KV is released and only its prompt and its
     conclusion (its last `conclusion_tokens` tokens) stay in the context, their KV moved in with

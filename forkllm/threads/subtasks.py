@@ -45,8 +45,7 @@ class SubtaskPolicy(ThreadTreePolicy):
     def start(self, engine: LLMEngine, prompt_ids: list[int], question: str) -> None:
         self.root, self.prompt_end = self._begin(engine, prompt_ids, self.params), len(prompt_ids)
         self.threads.append(ThreadInfo(0, None, question))
-        assert self.tree is not None
-        self.tree.park_on_stop(lambda s: s is not self.root or self.index < len(self.spec.prompts))
+        self._park_on_stop(lambda s: s is not self.root or self.index < len(self.spec.prompts))
 
     def on_step(self, engine: LLMEngine) -> None:
         root, tree = self.root, self.tree
@@ -61,7 +60,7 @@ class SubtaskPolicy(ThreadTreePolicy):
                 if root.status is not SequenceStatus.PAUSED:
                     engine.tree.pause(root)
                 engine.tree.truncate(root, self.prompt_end)
-                self.prefill_tokens += self.prompt_end - root.num_reused_tokens
+                self._prompt_computed(self.prompt_end - root.num_reused_tokens)
                 self._next()
         elif self.index < len(self.spec.prompts):
             child = self.child
@@ -129,5 +128,9 @@ class SubtaskPolicy(ThreadTreePolicy):
         assert self.root is not None
         join = "prune" if self.spec.prune else "kv_concat"
         return self._result(
-            join, self.critical, self.root.finish_reason, pages_after_subtasks=self.pages_after
+            join,
+            self.critical,
+            self.root.finish_reason,
+            pages_after_subtasks=self.pages_after,
+            token_ids=self.root.token_ids[self.gen_start :],
         )

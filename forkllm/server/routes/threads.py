@@ -7,12 +7,16 @@ extra `threads` field.
 or `{"protocol": "multiverse", "outline": [...]}` (the model's own <Parallel> blocks; "apr": its
 spawn/join calls)
 (threads/spec.py: `spec_from_dict`). The request's max_tokens bounds the final answer (the
-spec's `final_max_tokens`); temperature, top_p and seed apply to every thread.
+spec's `final_max_tokens`); temperature, top_p and seed apply to every thread. `n` runs n trees
+of the messages (one prefill, forked as n samples are: threads/trees.py): n choices, each with
+its own tree under `threads` (n = 1 keeps the tree at the top level); the server's width and
+budget limits count all n trees.
 
 With stream=true the tree streams as it runs: each spawn / join / prune / end, and each thread's
-new text (`delta`), is a chunk with no choices and a `thread_event` object; the context's answer
-streams as ordinary content deltas; the last chunk carries the finish reason and the whole tree
-under `threads`. A client that leaves (or stops reading) aborts the tree.
+new text (`delta`), is a chunk with no choices and a `thread_event` object (with n > 1, its
+`index` says whose tree); the context's answer streams as ordinary content deltas; the last chunk
+carries the finish reasons and the whole tree under `threads` (n > 1: in each choice). A client
+that leaves (or stops reading) aborts the tree.
 """
 
 from __future__ import annotations
@@ -45,13 +49,13 @@ from forkllm.server.responses import Envelope, chat_choice, chat_delta, sse
 from forkllm.server.state import ServerState
 from forkllm.server.tree_events import TreeEventFeed
 from forkllm.threads import MapReduce, Protocol, Subtasks
-from forkllm.threads.factory import ThreadSpec, make_policy
+from forkllm.threads.factory import ThreadSpec, make_trees
 from forkllm.threads.result import ThreadEvent, ThreadResult
 from forkllm.threads.spec import spec_from_dict
 
 # Request fields a thread tree honours (or that shaped the prompt); any other field sent with a
 # non-default value is refused.
-_HONOURED = TREE_FIELDS | {"threads"}
+_HONOURED = TREE_FIELDS | {"threads", "n"}
 
 
 def parse_threads(req: ChatCompletionRequest, limits: Limits) -> tuple[ThreadSpec, list[str]]:
@@ -75,12 +79,14 @@ def parse_threads(req: ChatCompletionRequest, limits: Limits) -> tuple[ThreadSpe
         width = spec.max_paths
     else:
         width = spec.num_threads
-    if width > limits.max_scaling_width:
+    n = req.n
+    if width * n > limits.max_scaling_width:
+        times = f" x n={n}" if n > 1 else ""
         raise APIError(
             400,
-            f"threads: {width} threads at once, over this server's limit of {limits.max_scaling_width} "
-            "(--max-scaling-width)",
-            param="threads",
+            f"threads: {width}{times} threads at once, over this server's limit of "
+            f"{limits.max_scaling_width} (--max-scaling-width)",
+            param="n" if n > 1 and width <= limits.max_scaling_width else "threads",
         )
     if isinstance(spec, Subtasks):
         count = len(spec.prompts)
@@ -91,12 +97,14 @@ def parse_threads(req: ChatCompletionRequest, limits: Limits) -> tuple[ThreadSpe
     tokens = count * spec.max_tokens + spec.final_max_tokens * (
         spec.max_blocks + 1 if isinstance(spec, Protocol) else 1
     )
-    if tokens > limits.max_scaling_budget:
+    if tokens * n > limits.max_scaling_budget:
+        over_alone = tokens > limits.max_scaling_budget
         raise APIError(
             400,
-            f"threads could generate {tokens} tokens, over this server's limit of {limits.max_scaling_budget} "
-            "(--max-scaling-budget); lower threads.max_tokens",
-            param="threads.max_tokens",
+            f"threads could generate {tokens * n} tokens{f' (n={n} trees)' if n > 1 else ''}, over "
+            f"this server's limit of {limits.max_scaling_budget} (--max-scaling-budget); lower "
+            f"{'threads.max_tokens' if over_alone else 'n or threads.max_tokens'}",
+            param="threads.max_tokens" if over_alone else "n",
         )
     return spec, chunks
 
@@ -123,6 +131,7 @@ async def threaded_chat(
     spec, chunks = parse_threads(req, limits)
     max_tokens_for(engine, len(ids), spec.final_max_tokens, "threads.final_max_tokens", "messages")
     params = SamplingParams(
+        n=req.n,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed,
@@ -135,14 +144,20 @@ async def threaded_chat(
         return StreamingResponse(
             guard_stream(events), media_type="text/event-stream", headers={"x-request-id": env.id}
         )
-    run = engine.run_policy(make_policy(spec, params, chunks), ids, question)
+    run = engine.run_policy(make_trees(spec, params, chunks), ids, question)
     try:
-        result = await unless_disconnected(raw, run)
+        results = await unless_disconnected(raw, run)
     except (ValueError, RuntimeError) as e:
         raise APIError(400, f"threads: {e}", param="threads") from e
-    state.metrics.generation_tokens.inc(result.generated_tokens)
-    choice = chat_choice(0, result.text, None, result.finish_reason)
-    body = env.body([choice], len(ids), result.generated_tokens, threads=tree_field(result))
+    generated = sum(r.generated_tokens for r in results)
+    state.metrics.generation_tokens.inc(generated)
+    choices = [chat_choice(i, r.text, None, r.finish_reason) for i, r in enumerate(results)]
+    if len(results) == 1:
+        body = env.body(choices, len(ids), generated, threads=tree_field(results[0]))
+    else:
+        for c, r in zip(choices, results):
+            c["threads"] = tree_field(r)
+        body = env.body(choices, len(ids), generated)
     return JSONResponse(body, headers={"x-request-id": env.id})
 
 
@@ -158,34 +173,48 @@ async def _stream(
     question: str,
 ) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[ThreadEvent | TreeEvent] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, ThreadEvent] | TreeEvent] = asyncio.Queue()
     feed = TreeEventFeed(env)  # renders the engine's tree events, when asked for
+    n = params.n
 
-    def on_event(ev: ThreadEvent | TreeEvent) -> None:  # on the engine's thread
+    def put(item: tuple[int, ThreadEvent] | TreeEvent) -> None:  # on the engine's thread
         with contextlib.suppress(RuntimeError):  # the stream's loop is gone
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def on_event(i: int, ev: ThreadEvent) -> None:
+        put((i, ev))
 
     stream = env.stream(len(ids), req.stream_options)
-    policy = make_policy(spec, params, chunks, on_event=on_event, watch=on_event if req.tree_events else None)
+    policy = make_trees(spec, params, chunks, on_event=on_event, watch=put if req.tree_events else None)
     task = asyncio.ensure_future(engine.run_policy(policy, ids, question))
     try:
-        yield stream.chunk([chat_delta(0, {"role": "assistant", "content": ""}, None, None)])
-        async for ev in while_running(task, queue):
-            if isinstance(ev, TreeEvent):
-                yield feed.chunk(ev)
+        yield stream.chunk(
+            [chat_delta(i, {"role": "assistant", "content": ""}, None, None) for i in range(n)]
+        )
+        async for item in while_running(task, queue):
+            if isinstance(item, TreeEvent):
+                yield feed.chunk(item)
                 continue
+            i, ev = item
             if ev.event == "delta" and ev.thread == 0:  # the context writes only its answer
-                yield stream.chunk([chat_delta(0, {"content": ev.text}, None, None)])
+                yield stream.chunk([chat_delta(i, {"content": ev.text}, None, None)])
                 continue
-            yield sse({**env.head(env.chunk_object), "choices": [], "thread_event": asdict(ev)})
+            tagged = {**asdict(ev), "index": i} if n > 1 else asdict(ev)
+            yield sse({**env.head(env.chunk_object), "choices": [], "thread_event": tagged})
         try:
-            result = task.result()
+            results = task.result()
         except (ValueError, RuntimeError) as e:
             raise APIError(400, f"threads: {e}", param="threads") from e
-        state.metrics.generation_tokens.inc(result.generated_tokens)
-        stream.count(result.generated_tokens)
-        last = {**env.head(env.chunk_object), "choices": [chat_delta(0, {}, None, result.finish_reason)]}
-        last["threads"] = tree_field(result)
+        generated = sum(r.generated_tokens for r in results)
+        state.metrics.generation_tokens.inc(generated)
+        stream.count(generated)
+        ends = [chat_delta(i, {}, None, r.finish_reason) for i, r in enumerate(results)]
+        last = {**env.head(env.chunk_object), "choices": ends}
+        if n == 1:
+            last["threads"] = tree_field(results[0])
+        else:
+            for c, r in zip(ends, results):
+                c["threads"] = tree_field(r)
         yield sse(last)
         for event in stream.end():
             yield event
