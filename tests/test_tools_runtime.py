@@ -588,21 +588,14 @@ def test_server_tools_mode_runs_registered_tools():
 @pytest.mark.parametrize("n", [1, 2])
 def test_server_tools_mode_streams_content_calls_and_results(n):
     with tools_server(*DOUBLE_TWICE, n_scripts=n) as (client, engine):
-        whole = client.chat.completions.create(
-            model="tiny",
-            messages=[{"role": "user", "content": "double 4 and 5"}],
-            temperature=0,
-            max_tokens=64,
-            n=n,
-        )
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "double 4 and 5"}],
+            "temperature": 0,
+        }
+        whole = client.chat.completions.create(**body, max_tokens=64, n=n)
         stream = client.chat.completions.create(
-            model="tiny",
-            messages=[{"role": "user", "content": "double 4 and 5"}],
-            temperature=0,
-            max_tokens=64,
-            n=n,
-            stream=True,
-            stream_options={"include_usage": True},
+            **body, max_tokens=64, n=n, stream=True, stream_options={"include_usage": True}
         )
         content: dict[int, str] = {i: "" for i in range(n)}
         events: list[dict[str, Any]] = []
