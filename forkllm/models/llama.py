@@ -126,7 +126,7 @@ class GateUpLinear(Linear):
         ops = self.ops
         if self.interleaved and ops is not None and self.packed is not None:
             return ops.packed_silu_linear(x.contiguous(), self.packed, i)
-        gate_up = self(x)
+        gate_up = self.forward(x)
         if ops is not None:
             return ops.silu_mul(gate_up)
         return F.silu(gate_up[:, :i]) * gate_up[:, i:]
@@ -179,7 +179,8 @@ class DecoderLayer(nn.Module):
         stream and this layer's MLP output out (added by the next norm, one pass instead of two)."""
         t = x.shape[0]
         x, h = self.input_layernorm.add_forward(x, delta)
-        qkv = self.qkv_proj(h)
+        # .forward, not __call__: no module hooks here, and a decode step makes ~150 such calls
+        qkv = self.qkv_proj.forward(h)
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         v = qkv[:, self.q_size + self.kv_size :].view(t, hkv, d)
         qk = qkv[:, : self.q_size + self.kv_size].view(t, hq + hkv, d)  # q and k heads rotate in one go
@@ -188,8 +189,8 @@ class DecoderLayer(nn.Module):
         qk = rope(qk)
         q, k = qk[:, :hq], qk[:, hq:]
         o = attn.attend(self.layer_idx, q, k, v)
-        x, h = self.post_attention_layernorm.add_forward(x, self.o_proj(o.reshape(t, self.q_size)))
-        return x, self.down_proj(self.gate_up_proj.silu_forward(h))
+        x, h = self.post_attention_layernorm.add_forward(x, self.o_proj.forward(o.reshape(t, self.q_size)))
+        return x, self.down_proj.forward(self.gate_up_proj.silu_forward(h))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -222,7 +223,7 @@ class LlamaForCausalLM(nn.Module):
         rope = RotaryApplier(self.rotary, positions, x.dtype, self.ops)
         delta: torch.Tensor | None = None
         for layer in self.layers[:num_layers]:
-            x, delta = layer(x, delta, rope, attn)
+            x, delta = layer.forward(x, delta, rope, attn)
         return self.norm.add_forward(x, delta)[1]
 
     def use_cpu_kernels(self, kernels: Kernels) -> None:

@@ -163,6 +163,7 @@ class QuantLinear(nn.Module):
         self.ops: KernelOps | None = None
         self.dense: torch.Tensor | None = None  # the PyTorch fallback's dequantized weight
         self.packed: list[torch.Tensor] | None = None  # each part repacked for the kernel
+        self._one: tuple[torch.Tensor, int, int] | None = None  # (packed, qtype, n) of a lone part
 
     @property
     def nbytes(self) -> int:
@@ -186,6 +187,8 @@ class QuantLinear(nn.Module):
             self.dense = None
             if self.packed is None:
                 self.packed = [repack(p) for p in self.parts]
+                if len(self.parts) == 1:
+                    self._one = (self.packed[0], self.parts[0].qtype, self.parts[0].n)
                 # one copy in memory: the parts keep their shape, their bytes live in `packed`
                 self.parts = [
                     QuantWeight(p.qtype, torch.empty((p.n, 0), dtype=torch.uint8), p.k) for p in self.parts
@@ -201,6 +204,7 @@ class QuantLinear(nn.Module):
         if self.packed is not None:
             self.parts = self.blocks()
             self.packed = None
+            self._one = None
 
     def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
         ops = self.ops
@@ -213,11 +217,11 @@ class QuantLinear(nn.Module):
             y = F.linear(x, w, self.bias)
             return y.float() if float_out else y
         x = x.contiguous()
+        one = self._one
+        if one is not None:  # the common case: one part
+            return ops.quant_linear(x, one[0], one[1], one[2], self.bias, float_out)
         packed = self.packed
         assert packed is not None
-        if len(self.parts) == 1:
-            p = self.parts[0]
-            return ops.quant_linear(x, packed[0], p.qtype, p.n, self.bias, float_out)
         y = torch.cat(
             [ops.quant_linear(x, w, p.qtype, p.n, None, float_out) for p, w in zip(self.parts, packed)], dim=1
         )
@@ -225,7 +229,7 @@ class QuantLinear(nn.Module):
 
     def silu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for a fused [2I, K] gate/up weight (gate rows first)."""
-        gate_up = self(x)
+        gate_up = self.forward(x)
         if self.ops is not None:
             return self.ops.silu_mul(gate_up)
         i = self.out_features // 2
