@@ -238,46 +238,29 @@ class SpeculativeDecoder:
         """The sampler's rows for a drafted sequence: one per position, from its last token (a
         tree: the root, then each node as if its path were appended)."""
         seq, draft = item.seq, item.draft
-        parents = item.draft_parents
-        if parents is not None:
-            states: list[GrammarState | None] = []
-            for i, p in enumerate(parents):
-                g = seq.grammar if p == draft_tree.ROOT else states[p]
-                if g is not None:
-                    g = g.fork()
-                    g.advance((draft[i],))
-                states.append(g)
-            return [DraftRow(seq, [], seq.grammar)] + [
-                DraftRow(seq, [draft[n] for n in draft_tree.path_to(parents, i)], states[i])
-                for i in range(len(draft))
-            ]
-        grammars: list[GrammarState | None] = [seq.grammar]
-        if seq.grammar is not None:
-            for token in draft:
-                g = grammars[-1]
-                assert g is not None
+        parents = item.draft_parents or draft_tree.chain_parents(len(draft))
+        states: list[GrammarState | None] = []
+        for i, p in enumerate(parents):
+            g = seq.grammar if p == draft_tree.ROOT else states[p]
+            if g is not None:
                 g = g.fork()
-                g.advance((token,))
-                grammars.append(g)
-        else:
-            grammars *= len(draft) + 1
-        return [DraftRow(seq, draft[:j], grammars[j]) for j in range(len(draft) + 1)]
+                g.advance((draft[i],))
+            states.append(g)
+        return [DraftRow(seq, [], seq.grammar)] + [
+            DraftRow(seq, [draft[n] for n in draft_tree.path_to(parents, i)], states[i])
+            for i in range(len(draft))
+        ]
 
     def accept(self, item: ScheduledSequence, sampled: list[int]) -> list[int]:
         """The draft nodes that passed, in order: each one's token is the one drawn at its
         parent's row (row 0: the last token; row i + 1: node i). The token drawn at the last kept
         row follows them. For a chain: nodes 0 .. a - 1."""
-        draft, parents = item.draft, item.draft_parents
-        if parents is None:
-            a = 0
-            while a < len(draft) and sampled[a] == draft[a]:
-                a += 1
-            kept = list(range(a))
-            rejected = a < len(draft)
-        else:
-            kept = draft_tree.walk(draft, parents, sampled)
-            last = kept[-1] if kept else draft_tree.ROOT
-            rejected = last in parents  # the walk stopped where a guess went on
+        draft = item.draft
+        parents = item.draft_parents or draft_tree.chain_parents(len(draft))
+        kept = draft_tree.walk(draft, parents, sampled)
+        last = kept[-1] if kept else draft_tree.ROOT
+        rejected = last in parents  # the walk stopped where a guess went on
+        if item.draft_parents is not None:
             self.stats.tree_drafts += 1
             self.stats.branch_wins += kept != list(range(len(kept)))
         st = self.stats
