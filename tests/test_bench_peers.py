@@ -242,3 +242,42 @@ def test_greedy_peer_row_says_how_far_it_agrees_with_forkllm(tmp_path: Path) -> 
     assert rows[0].note == "fake; greedy tokens of prompt 1 match forkllm bfloat16 for 3/4"
     assert info["llamacpp"]["first_tokens"] == [5, 6, 7, 9]
     assert peers.agreement([1, 2], [1, 2, 3]) == 2 and peers.agreement([], [1]) == 0
+
+
+def test_llamacpp_lookup_workload_runs_both_variants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W7's llama.cpp row: the same `Llama` with and without prompt lookup, greedy until
+    end-of-sequence (token counts vary, so no expected count), outputs compared."""
+    site = tmp_path / "site" / "llama_cpp"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text(
+        "__version__ = '0.0-fake'\n"
+        "class Llama:\n"
+        "    def __init__(self, model_path, draft_model=None, **kw):\n"
+        "        self.draft = draft_model\n"
+        "    def reset(self):\n        pass\n"
+        "    def token_eos(self):\n        return 2\n"
+        "    def generate(self, ids, top_k, temp, reset):\n"
+        "        assert top_k == 1 and temp == 0.0\n"
+        "        yield from [5, 6, 7, 2, 9]\n"
+    )
+    (site / "llama_speculative.py").write_text(
+        "class LlamaPromptLookupDecoding:\n"
+        "    def __init__(self, max_ngram_size=2, num_pred_tokens=10):\n"
+        "        self.k = num_pred_tokens\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    req = {**REQUEST, "workload": "lookup", "n": 1, "temperature": 0.0, "output_len": 8, "num_pred_tokens": 7}
+    res = peers.run_peer(Path(sys.executable), req, timeout=60)
+    assert res.ok, res.error
+    assert res.data["expected_tokens"] is None
+    runs = res.data["runs"]
+    assert len(runs) == 2
+    for run in runs:  # two prompts, each 4 tokens up to and including end-of-sequence
+        assert run["tokens"] == run["off_tokens"] == run["lookup_tokens"] == 6
+        assert run["identical"] == 2
+    assert res.data["first_tokens"] == [5, 6, 7, 2]
+    assert "num_pred_tokens=7" in res.data["note"]
+    metrics, samples = peers.metrics_from_runs("lookup", runs)
+    assert set(metrics) == {"tok_s", "off_tok_s", "speedup"}
+    assert metrics["speedup"] == pytest.approx(metrics["tok_s"] / metrics["off_tok_s"])
+    assert len(samples["tok_s"]) == 2

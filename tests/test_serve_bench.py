@@ -134,3 +134,17 @@ def test_parse_limit():
     assert parse_limit("scaling.n=64 exceeds the limit of 32", 64) == 32
     assert parse_limit("n must be at most 512", 256) is None  # not below what was asked
     assert parse_limit("tools are not supported", 256) is None
+
+
+def test_traffic_bodies_of_text_and_token_id_prompts():
+    """The replicas trace sends token ids and must keep its shared prefixes: no tag there (a tag
+    on token ids is an error, not a crash mid-run); text prompts get the tag in front."""
+    from forkllm.bench.serve_bench import Traffic
+
+    ids = Traffic("u", {}, "m", [[1, 2, 3]], [8], True, 60.0)
+    assert ids.body(0)["prompt"] == [1, 2, 3]
+    with pytest.raises(ValueError, match="token-id prompts"):
+        ids.body(0, "[r1] ")
+    text = Traffic("u", {}, "m", ["hello"], [8], False, 60.0)
+    body = text.body(0, "[r1] ")
+    assert body["prompt"] == "[r1] hello" and "ignore_eos" not in body

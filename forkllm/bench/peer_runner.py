@@ -11,9 +11,11 @@ threads); the result is written as JSON:
     {"ok": true, "version": ..., "dtype": ..., "load_seconds": ..., "note": ...,
      "runs": [{"seconds": s, "tokens": k}, ...]}                    throughput / parallel
      "runs": [{"ttft": s, "decode": s_per_token, "tokens": k}, ...]  latency
+     "runs": [{"off": tok_s, "lookup": tok_s, "tokens": k, ...}, ...]  lookup (llama.cpp only)
     {"ok": false, "not_installed": bool, "error": "last line of the error"}
 
-Every run generates exactly output_len tokens per sequence (end-of-sequence ignored); the runner
+Every run generates exactly output_len tokens per sequence (end-of-sequence ignored; lookup, W7's
+speculative row, stops at end-of-sequence as forkllm's W7 does); the runner
 reports how many it generated so the harness can check. Log output goes to stdout/stderr, which
 the harness keeps in a log file. Exit status: 0 ok, 3 the engine does not import, 1 other errors.
 """
@@ -42,7 +44,9 @@ def _write(path: str, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _expected_tokens(req: dict[str, Any]) -> int:
+def _expected_tokens(req: dict[str, Any]) -> int | None:
+    if req["workload"] == "lookup":  # greedy until end-of-sequence, as W7 runs forkllm
+        return None
     return len(req["prompts"]) * int(req.get("n", 1)) * int(req["output_len"])
 
 
@@ -181,7 +185,84 @@ def _has_amx() -> bool:
         return False
 
 
+def run_llamacpp_lookup(req: dict[str, Any]) -> dict[str, Any]:
+    """W7's peer row: llama-cpp-python's prompt lookup decoding (`Llama(draft_model=
+    LlamaPromptLookupDecoding(...))`, its defaults unless the request names them) against the same
+    `Llama` without a draft, one prompt at a time, greedy until end-of-sequence or output_len.
+    Decode tokens/s counts the time after each first token, as forkllm's W7 single-stream row does."""
+    try:
+        import llama_cpp as lc
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    except Exception as e:
+        raise NotInstalled(f"{type(e).__name__}: {e}") from e
+
+    prompts: list[list[int]] = [list(p) for p in req["prompts"]]
+    out_len = int(req["output_len"])
+    threads = int(req.get("threads") or os.cpu_count() or 1)
+    n_ctx = max(len(p) for p in prompts) + out_len + 16
+    draft_kw = {k: int(req[k]) for k in ("num_pred_tokens", "max_ngram_size") if req.get(k)}
+    t0 = time.perf_counter()
+    engines = {
+        name: Llama(
+            model_path=req["model"],
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=0,
+            draft_model=draft,
+            verbose=False,
+        )
+        for name, draft in (("off", None), ("lookup", LlamaPromptLookupDecoding(**draft_kw)))
+    }
+    load = time.perf_counter() - t0
+
+    def one(llm: Any, ids: list[int]) -> tuple[list[int], float]:
+        llm.reset()
+        out: list[int] = []
+        first = last = 0.0
+        for tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            last = time.perf_counter()
+            if not out:
+                first = last
+            out.append(int(tok))
+            if tok == llm.token_eos() or len(out) >= out_len:
+                break
+        return out, last - first
+
+    for llm in engines.values():
+        one(llm, prompts[0][:64])  # warm-up
+    runs: list[dict[str, Any]] = []
+    outputs: dict[str, list[list[int]]] = {}
+    for rep in range(int(req["reps"])):
+        run: dict[str, Any] = {}
+        for name in ("off", "lookup") if rep % 2 == 0 else ("lookup", "off"):
+            tokens, seconds = 0, 0.0
+            outputs[name] = []
+            for ids in prompts:
+                out, dt = one(engines[name], ids)
+                outputs[name].append(out)
+                tokens += len(out) - 1
+                seconds += dt
+            run[name] = tokens / seconds
+            run[f"{name}_tokens"] = tokens
+        run["tokens"] = run["off_tokens"]
+        run["identical"] = sum(a == b for a, b in zip(outputs["off"], outputs["lookup"]))
+        runs.append(run)
+    engines.clear()
+    return {
+        "version": getattr(lc, "__version__", "?"),
+        "dtype": "GGUF",
+        "load_seconds": load,
+        "runs": runs,
+        "first_tokens": outputs["off"][0] if outputs else [],
+        "note": f"Llama(draft_model=LlamaPromptLookupDecoding({', '.join(f'{k}={v}' for k, v in draft_kw.items()) or 'defaults: max_ngram_size=2, num_pred_tokens=10'})), {threads} threads",
+    }
+
+
 def run_llamacpp(req: dict[str, Any]) -> dict[str, Any]:
+    if req["workload"] == "lookup":
+        return run_llamacpp_lookup(req)
     try:
         import ctypes
 

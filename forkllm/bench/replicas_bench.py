@@ -90,7 +90,7 @@ def bench_replicas(args: argparse.Namespace) -> int:
             kw, ["--replicas", str(args.replicas), "--router", router, "--cpus-per-replica", f"{cpus:g}"]
         )
         try:
-            traffic = Traffic(server.url, {}, _model(server.base), prompts, [output_len], True, 600.0)  # type: ignore[arg-type]
+            traffic = Traffic(server.url, {}, _model(server.base), prompts, [output_len], True, 600.0)
             results, wall, _ = asyncio.run(run_phase(traffic, rate, duration, args.workload_seed))
             row = summarize(rate, results, wall)
             row["hit_rate"] = server.gauge("forkllm_prefix_cache_hit_rate")

@@ -152,7 +152,7 @@ class Traffic:
     url: str  # .../v1/completions
     headers: dict[str, str]
     model: str
-    prompts: list[str]
+    prompts: list[str] | list[list[int]]  # text, or token ids (the replicas trace)
     outs: list[int]
     ignore_eos: bool
     timeout: float
@@ -160,9 +160,14 @@ class Traffic:
     def body(self, i: int, tag: str = "") -> dict[str, Any]:
         """Request i; `tag` goes before the prompt so that runs sending the same prompts do not hit
         each other's prefix cache (each phase and rate gets its own)."""
+        prompt = self.prompts[i % len(self.prompts)]
+        if tag:
+            if not isinstance(prompt, str):
+                raise ValueError("a tag needs text prompts (token-id prompts keep their prefixes)")
+            prompt = tag + prompt
         body: dict[str, Any] = {
             "model": self.model,
-            "prompt": tag + self.prompts[i % len(self.prompts)],
+            "prompt": prompt,
             "max_tokens": self.outs[i % len(self.outs)],
             "temperature": 0.0,
             "stream": True,

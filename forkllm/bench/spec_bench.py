@@ -134,6 +134,39 @@ def _spec_engine(kw: dict[str, Any], variant: str) -> Any:
     return LLM(**{**kw, "speculative": name, "speculative_tree_width": int(width or 1)})
 
 
+def _llamacpp_lookup_rows(
+    args: argparse.Namespace, prompts: list[list[int]], out_len: int, dtype: Any, results: dict[str, Any]
+) -> list[Row]:
+    """llama.cpp's prompt lookup decoding on the W7 prompts, single stream, in its own interpreter
+    (`--peers llamacpp`): a row without and a row with, speedup against its own 'off'."""
+    from forkllm.bench.peers import subprocess_peer_rows
+
+    only = argparse.Namespace(**{**vars(args), "peers_list": ["llamacpp"]})
+    peer_rows, info = subprocess_peer_rows(only, "lookup", prompts, out_len)
+    results["W7 single stream: llama.cpp"] = info.get("llamacpp", {})
+    out: list[Row] = []
+    for r in peer_rows:
+        if "tok_s" not in r.metrics:  # not installed or failed: the row says why
+            out.append(Row(f"W7 single stream: {r.system}", r.dtype, {}, note=r.note))
+            continue
+        runs = info["llamacpp"].get("runs", [])
+        same = min((int(x.get("identical", 0)) for x in runs), default=0)
+        off = r.metrics["off_tok_s"]
+        out.append(Row(f"W7 single stream: {r.system} off", r.dtype, {"tok_s": off, "speedup": 1.0}, note=r.note))
+        out.append(
+            Row(
+                f"W7 single stream: {r.system} lookup",
+                r.dtype,
+                {"tok_s": r.metrics["tok_s"], "speedup": r.metrics["speedup"]},
+                note=f"x its own off; {same}/{len(prompts)} outputs identical to its off",
+                samples=r.samples,
+            )
+        )
+        print(f"W7 single stream: {r.system}: off {off:.1f} tok/s, lookup {r.metrics['tok_s']:.1f} "
+              f"({r.metrics['speedup']:.2f}x), {same}/{len(prompts)} identical", flush=True)
+    return out
+
+
 def bench_speculative(args: argparse.Namespace) -> int:
     from forkllm import LLM, SamplingParams
     from forkllm.bench.workloads import make_prompts
@@ -196,6 +229,8 @@ def bench_speculative(args: argparse.Namespace) -> int:
 
     variants = ["off", *proposers]
     run("W7 single stream", _single_stream, w7, greedy, variants)
+    if "llamacpp" in getattr(args, "peers_list", []):
+        rows.extend(_llamacpp_lookup_rows(args, w7, greedy.max_tokens, kw.get("dtype"), results))
     run("W7 batch of 16", _batch, w7, greedy, variants)
     if not args.skip_throughput:
         w2 = [p.token_ids for p in make_prompts(tok, 8, 96, 160, seed=2)]
