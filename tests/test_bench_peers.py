@@ -281,3 +281,4 @@ def test_llamacpp_lookup_workload_runs_both_variants(tmp_path: Path, monkeypatch
     assert set(metrics) == {"tok_s", "off_tok_s", "speedup"}
     assert metrics["speedup"] == pytest.approx(metrics["tok_s"] / metrics["off_tok_s"])
     assert len(samples["tok_s"]) == 2
+    assert "with lookup" in peers.describe(Row("llama.cpp", "GGUF", metrics))

@@ -344,6 +344,8 @@ def describe(row: Row) -> str:
         return row.note
     if "output_tok_s" in m:
         return f"{m['output_tok_s']:.1f} output tok/s ({m['seconds']:.2f} s)"
+    if "off_tok_s" in m:
+        return f"decode {m['off_tok_s']:.1f} tok/s, {m['tok_s']:.1f} with lookup ({m['speedup']:.2f}x)"
     return f"ttft {m['ttft_ms']:.1f} ms, decode {m['decode_ms_per_token']:.2f} ms/token"
 
 

@@ -132,6 +132,11 @@ def add_bench_parser(sub: Any) -> None:
     )
     spec.add_argument("--limit", type=int, default=None, help="W7: only the first N of the 16 prompts")
     spec.add_argument("--skip-throughput", action="store_true", help="W7 rows only (no W2 / W1 rows)")
+    spec.add_argument(
+        "--no-bound",
+        action="store_true",
+        help="skip the decode step-time curve and the ceilings it gives each row (what perfect drafts allow)",
+    )
     b.add_argument("--out-dir", default="bench_results", help="where the markdown/JSON reports go")
     b.add_argument("--workload-seed", type=int, default=0, help="seed of the synthetic prompts")
     add_engine_args(b)

@@ -152,7 +152,7 @@ class Traffic:
     url: str  # .../v1/completions
     headers: dict[str, str]
     model: str
-    prompts: list[str] | list[list[int]]  # text, or token ids (the replicas trace)
+    prompts: list[Any]  # text (W5), or token ids (the replicas trace: its shared prefixes kept)
     outs: list[int]
     ignore_eos: bool
     timeout: float

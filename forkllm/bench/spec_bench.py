@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from forkllm.bench.report import Row, machine_info, median, save, table
+from forkllm.bench.spec_bound import StepRecord, ceiling, record_steps, step_curve
 from forkllm.engine.args import engine_kwargs
 
 _PASSAGES = [
@@ -58,6 +59,8 @@ _PASSAGES = [
         "            result.append(user)\n    return result\n"
     ),
 ]
+
+W7_TOKENS = 256  # most output tokens per W7 request (greedy, ends at end-of-sequence)
 
 _TASKS = [
     "Summarize the following text in a few sentences.\n\n{p}",
@@ -135,7 +138,7 @@ def _spec_engine(kw: dict[str, Any], variant: str) -> Any:
 
 
 def _llamacpp_lookup_rows(
-    args: argparse.Namespace, prompts: list[list[int]], out_len: int, dtype: Any, results: dict[str, Any]
+    args: argparse.Namespace, prompts: list[list[int]], out_len: int, results: dict[str, Any]
 ) -> list[Row]:
     """llama.cpp's prompt lookup decoding on the W7 prompts, single stream, in its own interpreter
     (`--peers llamacpp`): a row without and a row with, speedup against its own 'off'."""
@@ -152,7 +155,9 @@ def _llamacpp_lookup_rows(
         runs = info["llamacpp"].get("runs", [])
         same = min((int(x.get("identical", 0)) for x in runs), default=0)
         off = r.metrics["off_tok_s"]
-        out.append(Row(f"W7 single stream: {r.system} off", r.dtype, {"tok_s": off, "speedup": 1.0}, note=r.note))
+        out.append(
+            Row(f"W7 single stream: {r.system} off", r.dtype, {"tok_s": off, "speedup": 1.0}, note=r.note)
+        )
         out.append(
             Row(
                 f"W7 single stream: {r.system} lookup",
@@ -162,8 +167,11 @@ def _llamacpp_lookup_rows(
                 samples=r.samples,
             )
         )
-        print(f"W7 single stream: {r.system}: off {off:.1f} tok/s, lookup {r.metrics['tok_s']:.1f} "
-              f"({r.metrics['speedup']:.2f}x), {same}/{len(prompts)} identical", flush=True)
+        print(
+            f"W7 single stream: {r.system}: off {off:.1f} tok/s, lookup {r.metrics['tok_s']:.1f} "
+            f"({r.metrics['speedup']:.2f}x), {same}/{len(prompts)} identical",
+            flush=True,
+        )
     return out
 
 
@@ -184,7 +192,7 @@ def bench_speculative(args: argparse.Namespace) -> int:
     engines = {"off": base} | {p: _spec_engine(kw, p) for p in proposers}
     rows: list[Row] = []
     results: dict[str, Any] = {}
-    greedy = SamplingParams(temperature=0, max_tokens=256)
+    greedy = SamplingParams(temperature=0, max_tokens=W7_TOKENS)
 
     def run(
         name: str, fn: Any, prompts: Any, sp: Any, variants: list[str]
@@ -193,13 +201,18 @@ def bench_speculative(args: argparse.Namespace) -> int:
         acc: dict[str, dict[str, float]] = {}
         same: dict[str, int] = {}
         ref: Any = None
+        off_steps: list[StepRecord] = []  # the first run without speculation, step by step
         for rep in range(reps):
             order = variants if rep % 2 == 0 else variants[::-1]
             for v in order:
                 llm = engines[v]
                 llm.engine.kv.pool.drop_cached()
                 before = _spec_metrics(llm.engine)
-                speed, outs = fn(llm, prompts, sp)
+                if v == "off" and rep == 0:
+                    with record_steps(llm.engine) as off_steps:
+                        speed, outs = fn(llm, prompts, sp)
+                else:
+                    speed, outs = fn(llm, prompts, sp)
                 speeds[v].append(speed)
                 acc[v] = _delta(_spec_metrics(llm.engine), before)
                 if ref is None:
@@ -225,12 +238,33 @@ def bench_speculative(args: argparse.Namespace) -> int:
             )
             print(f"{name}: {v}: {speed:.1f} tok/s ({speed / off:.2f}x) {note}", flush=True)
         results[name] = {v: {"tok_s": s, "identical": same[v], **a} for v, (s, a) in out.items()}
+        if curve and len(variants) > 1:
+            best = max(out[v][1]["mean_len"] for v in variants[1:])
+            bound = ceiling(off_steps, curve, best)
+            ceilings.append(f"{name}: {bound.describe()}")
+            results[name]["ceiling"] = {
+                "mean_length": bound.at_length,
+                "speedup_at_length": bound.speedup_at_length,
+                "speedup_unlimited": bound.speedup_unlimited,
+                "prompt_seconds": bound.prompt_seconds,
+                "off_seconds": bound.off_seconds,
+            }
+            print(f"{name}: {bound.describe()}", flush=True)
         return out
 
     variants = ["off", *proposers]
+    ceilings: list[str] = []
+    curve: dict[int, float] = {}
+    if not args.no_bound:
+        curve = step_curve(base, w7[0])
+        results["step_curve_seconds"] = curve
+        print(
+            "decode step by rows: " + ", ".join(f"{r}: {t * 1e3:.1f} ms" for r, t in curve.items()),
+            flush=True,
+        )
     run("W7 single stream", _single_stream, w7, greedy, variants)
     if "llamacpp" in getattr(args, "peers_list", []):
-        rows.extend(_llamacpp_lookup_rows(args, w7, greedy.max_tokens, kw.get("dtype"), results))
+        rows.extend(_llamacpp_lookup_rows(args, w7, W7_TOKENS, results))
     run("W7 batch of 16", _batch, w7, greedy, variants)
     if not args.skip_throughput:
         w2 = [p.token_ids for p in make_prompts(tok, 8, 96, 160, seed=2)]
@@ -247,6 +281,14 @@ def bench_speculative(args: argparse.Namespace) -> int:
         f"num_speculative_tokens {kw.get('num_speculative_tokens', 8)}\n\n"
     )
     md += table(rows, [("tok_s", "tok/s"), ("speedup", "x off")], None, "tok_s")
+    if curve:
+        md += (
+            "\nDecode step time by rows (samples of one W7 prompt): "
+            + ", ".join(f"{r}: {t * 1e3:.1f} ms" for r, t in curve.items())
+            + "\n\n"
+            + "\n".join(f"- {c}" for c in ceilings)
+            + "\n"
+        )
     print("\n" + md)
     path = save(args.out_dir, "speculative", md, rows, {"results": results})
     print(f"\nsaved {path}")
