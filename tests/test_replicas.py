@@ -1,11 +1,13 @@
 """Many replicas behind one endpoint (forkllm/server/replicas): the router on its own, then a local
 Ray cluster with two tiny replicas behind the real app: routing by prefix, a fork group on one
-replica, streaming, disconnect, a killed replica's requests retried, metrics per replica."""
+replica, streaming, disconnect, a killed replica's requests retried, metrics per replica, and
+policies (scaling, thread trees) with their tree and thread events streamed back."""
 
 from __future__ import annotations
 
 import ctypes
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from collections import Counter
 import httpx
 import pytest
 
+from forkllm.engine.sampling_params import SamplingParams
 from forkllm.server.replicas.cluster import call_in_lasting_thread
 from forkllm.server.replicas.router import Router
 
@@ -73,6 +76,36 @@ def test_the_simulator_shows_prefix_routing_keeping_each_cache_warm():
     assert prefix["ttft_mean"] < rr["ttft_mean"]
     split = simulate(trace, 4, "prefix", Costs(), cache_tokens=8 * 320, split=1)
     assert split["completed"] == 400
+
+
+def test_a_policys_callbacks_are_found_stripped_for_the_trip_and_collected_there():
+    """What stays on the front end (replicas/callbacks.py): n thread trees' watcher and each
+    tree's thread-event listener; the policy pickles without them, and gets them back."""
+    from forkllm.server.replicas import callbacks
+    from forkllm.threads import Fanout
+    from forkllm.threads.factory import make_trees
+
+    seen: list = []
+    policy = make_trees(
+        Fanout(["a", "b"]),
+        SamplingParams(n=2),
+        on_event=lambda i, ev: seen.append((i, ev)),
+        watch=lambda ev: seen.append(ev),
+    )
+    found = callbacks.find(policy)
+    paths = [p for p, _ in found]
+    assert paths == [("watch",), ("policies", 0, "log", "on_event"), ("policies", 1, "log", "on_event")]
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        pickle.dumps(policy)  # lambdas here; on the server, closures over the stream's event loop
+    with callbacks.stripped(policy, paths):
+        copy = pickle.loads(pickle.dumps(policy))
+    assert callbacks.find(policy) == found and callbacks.find(copy) == []
+    calls: list = []
+    callbacks.install(copy, paths, lambda k, ev: calls.append((k, ev)))
+    copy.policies[1].log.emit("spawn", 0, [1, 2])
+    copy.watch("tree")
+    callbacks.replay(callbacks.PolicyEvents(calls), [fn for _, fn in found])
+    assert seen[0][0] == 1 and seen[0][1].event == "spawn" and seen[1] == "tree"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -208,6 +241,112 @@ def test_tree_events_stream_from_the_replica_that_ran_the_request(replicas):
     assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1, 2}
 
 
+def _stream(srv, body: dict) -> list[dict]:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+        "stream": True,
+        **body,
+    }
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200, resp.read()
+        lines = [ln[len("data: ") :] for ln in resp.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+def _kinds(chunks: list[dict]) -> Counter[str]:
+    return Counter(
+        c["tree_event"]["kind"] for c in chunks if "tree_event" in c and c["tree_event"]["kind"] != "progress"
+    )
+
+
+def test_a_streamed_strategy_streams_its_tree_events_as_one_engine_does(replicas):
+    """A scaling run's tree watcher stays on the front end; the replica's collected events come
+    back in order: the same events, by kind, as the same request on one engine in-process."""
+    from forkllm.engine.async_engine import AsyncEngine
+    from forkllm.engine.config import EngineConfig
+    from forkllm.engine.llm_engine import LLMEngine
+
+    client, srv = replicas
+    body = {
+        "scaling": {"strategy": "self_consistency", "n": 4, "max_tokens": 6},
+        "tree_events": True,
+        "seed": 3,
+    }
+    chunks = _stream(srv, body)
+    one = LiveServer(
+        create_app(
+            ServerConfig(served_model_name="tiny"), engine=AsyncEngine(LLMEngine(EngineConfig(**TINY)))
+        )
+    )
+    try:
+        alone = _stream(one, body)
+    finally:
+        one.stop()
+    kinds = _kinds(chunks)
+    assert kinds == _kinds(alone)
+    assert kinds["root"] == 1 and kinds["fork"] == 3 and kinds["vote"] == 4 and kinds["finish"] == 4
+    assert kinds["done"] == 1
+    events = [c["tree_event"] for c in chunks if "tree_event" in c]
+    assert events[0]["kind"] == "root" and events[-1]["kind"] == "done"
+    scaling = chunks[-1]["scaling"]
+    assert kinds["fork"] == scaling["forks"] and scaling["chosen"] in {e["seq"] for e in events}
+    last_event = max(i for i, c in enumerate(chunks) if "tree_event" in c)
+    first_text = next(
+        i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["delta"].get("content")
+    )
+    assert last_event < first_text  # the tree was drawn before the answer, as with one engine
+    assert sum(load.requests for load in client.router.loads) == 0
+
+
+def test_streamed_thread_trees_stream_their_thread_events(replicas):
+    """n=2 thread trees: each tree's thread-event listener and the trees' watcher are replayed on
+    the front end (before, the listener's closure could not be pickled)."""
+    _, srv = replicas
+    spec = {"fanout": ["Facts.", "Guess."], "max_tokens": 3}
+    chunks = _stream(srv, {"threads": spec, "n": 2, "tree_events": True, "max_tokens": 3, "temperature": 0})
+    events = [c["thread_event"] for c in chunks if "thread_event" in c]
+    assert {e["index"] for e in events} == {0, 1}
+    for i in (0, 1):
+        mine = [e["event"] for e in events if e["index"] == i]
+        assert mine[0] == "spawn" and mine.count("join") == 1 and mine.count("end") == 3
+    kinds = _kinds(chunks)
+    assert kinds["join"] == 4 and kinds["done"] == 1
+    assert [len(c["threads"]["threads"]) for c in chunks[-1]["choices"]] == [3, 3]
+    plain = _stream(srv, {"threads": spec, "max_tokens": 3, "temperature": 0})  # listener only
+    assert [e["event"] for e in (c["thread_event"] for c in plain if "thread_event" in c)][0] == "spawn"
+    assert not _kinds(plain)
+
+
+def test_a_policy_not_streamed_still_runs_on_a_replica(replicas):
+    _, srv = replicas
+    r = _chat(srv, "Pick a number.", scaling={"strategy": "best_of_n", "n": 2, "max_tokens": 4})
+    assert len(r["scaling"]["candidates"]) == 2 and r["choices"][0]["message"]["content"] is not None
+
+
+def test_a_client_that_leaves_a_streamed_policy_stops_it_on_its_replica(replicas):
+    client, srv = replicas
+    time.sleep(0.5)
+    before = sum(client.metrics().get(f"replica.{i}.generation_tokens", 0.0) for i in range(2))
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "go on"}],
+        "scaling": {"strategy": "self_consistency", "n": 2, "max_tokens": 1500},
+        "tree_events": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        next(ln for ln in resp.iter_lines() if "tree_event" in ln)
+    deadline = time.time() + 20
+    while any(load.requests for load in client.router.loads) or client.metrics().get("running_seqs", 0) > 0:
+        assert time.time() < deadline, "the policy kept running after its client left"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    after = sum(client.metrics().get(f"replica.{i}.generation_tokens", 0.0) for i in range(2))
+    assert after - before < 1500  # stopped well before its 2 x 1500 tokens
+
+
 def test_a_client_that_leaves_aborts_on_its_replica(replicas):
     client, srv = replicas
     body = {
@@ -282,3 +421,43 @@ def test_a_stream_cut_by_its_replica_dying_ends_with_an_error(replicas):
     assert rest[-1] == "data: [DONE]"
     assert any('"error"' in ln and "died" in ln for ln in rest)
     _wait_all_alive(client)
+
+
+def test_a_replica_dying_under_a_policy_retries_it_or_cuts_its_stream(replicas):
+    """A policy whose replica dies before anything streamed runs again on the other replica; one
+    whose events had streamed ends with an error, as a plain request does."""
+    client, srv = replicas
+    _wait_all_alive(client)
+    spec = {"strategy": "self_consistency", "n": 2, "max_tokens": 400}
+    box: dict = {}
+    post = threading.Thread(target=lambda: box.update(r=_chat(srv, "Count on.", scaling=spec)))
+    retries = client.retries
+    post.start()
+    deadline = time.time() + 20
+    while not any(load.requests for load in client.router.loads):
+        assert time.time() < deadline and post.is_alive(), "the policy never started"
+        time.sleep(0.01)
+    _kill_busy(client)
+    post.join(60)
+    assert len(box["r"]["scaling"]["candidates"]) == 2 and client.retries == retries + 1
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "go on"}],
+        "scaling": {**spec, "max_tokens": 1500},
+        "tree_events": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        next(ln for ln in lines if "tree_event" in ln)
+        _kill_busy(client)  # the other one may still be coming back: both down a while
+        rest = [ln for ln in lines if ln.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert any('"error"' in ln and "died" in ln for ln in rest)
+    _wait_all_alive(client)
+
+
+def _kill_busy(client) -> None:
+    """Kill the replica that runs a request now (Ray restarts it)."""
+    busy = next(i for i, load in enumerate(client.router.loads) if load.requests)
+    ray.kill(client.actors[busy], no_restart=False)

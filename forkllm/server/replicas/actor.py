@@ -1,7 +1,9 @@
 """One engine replica as a Ray actor: an AsyncEngine with its own model and KV cache, driven on
 the actor's event loop. Outputs stream back one RequestOutput per item of a Ray streaming
 generator (nothing is buffered whole), with its tree events between them when watched;
-cancelling the generator, or `abort`, aborts the request in the engine."""
+cancelling the generator, or `abort`, aborts the request in the engine. A policy streams too:
+the calls of its callbacks, collected here (replicas/callbacks.py), then its result; cancelling
+that generator stops the policy and frees its tree."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from forkllm.engine.llm_engine import LLMEngine
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.policy import TreePolicy
 from forkllm.engine.sampling_params import SamplingParams
+from forkllm.server.replicas.callbacks import Path, PolicyEvents, PolicyResult, install
 
 
 class EngineReplica:
@@ -75,8 +78,45 @@ class EngineReplica:
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
-    async def run_policy(self, policy: TreePolicy[Any], prompt_ids: list[int], question: str) -> Any:
-        return await self.engine.run_policy(policy, prompt_ids, question)
+    async def run_policy(
+        self, policy: TreePolicy[Any], prompt_ids: list[int], question: str, paths: list[Path] | None = None
+    ) -> AsyncIterator[PolicyEvents | PolicyResult]:
+        """The policy's result, last; before it, batches of the calls made to collectors put in
+        place of its callbacks at `paths` (stripped by the client), in the order they happened."""
+        loop = asyncio.get_running_loop()
+        calls: list[tuple[int, Any]] = []
+        arrived = asyncio.Event()
+
+        def put(call: tuple[int, Any]) -> None:
+            calls.append(call)
+            arrived.set()
+
+        def sink(k: int, event: Any) -> None:  # on the engine's thread, before the result
+            loop.call_soon_threadsafe(put, (k, event))
+
+        def take() -> PolicyEvents:
+            batch = PolicyEvents(calls[:])
+            calls.clear()
+            return batch
+
+        install(policy, paths or [], sink)
+        task = asyncio.ensure_future(self.engine.run_policy(policy, prompt_ids, question))
+        woken = asyncio.ensure_future(arrived.wait())
+        try:
+            while not task.done():
+                await asyncio.wait({task, woken}, return_when=asyncio.FIRST_COMPLETED)
+                if woken.done():
+                    arrived.clear()
+                    woken = asyncio.ensure_future(arrived.wait())
+                if calls:
+                    yield take()
+            if calls:  # those made just before the result was settled
+                yield take()
+            yield PolicyResult(task.result())
+        finally:
+            woken.cancel()
+            if not task.done():  # cancelled (the client left): stop the policy, free its tree
+                task.cancel()
 
     def metrics(self) -> dict[str, float]:
         return dict(self.engine.metrics_snapshot)

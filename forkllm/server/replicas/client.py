@@ -6,9 +6,12 @@ first replica) so requests are validated and routed without a model. Each reques
 that leaves aborts the request on its replica. A replica that dies (its actor or process killed)
 is marked dead; its requests that had not streamed anything yet are retried on another replica,
 the others end with a clear error; Ray restarts the actor and the replica is routed to again once
-it answers. A watched request's tree events (`tree_events`) stream back between its outputs;
-streamed policies (scaling and thread events) do not cross replicas yet: such a request gets a
-400.
+it answers. A watched request's tree events (`tree_events`) stream back between its outputs. A
+policy (a scaling strategy, thread trees) runs on one replica as a whole too: its front-end
+callbacks (the tree watcher of `tree_events`, the thread-event listener of a streamed `threads`
+request) stay here, and the calls the replica collects in their place stream back in engine order
+and are replayed to them before the result (replicas/callbacks.py); retries, errors and aborts
+are those of a plain request.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from forkllm.engine.inputs import InputProcessor, PromptInput
 from forkllm.engine.outputs import RequestOutput
 from forkllm.engine.policy import TreePolicy
 from forkllm.engine.sampling_params import SamplingParams
-from forkllm.server.errors import APIError
+from forkllm.server.replicas import callbacks
 from forkllm.server.replicas.actor import EngineReplica
 from forkllm.server.replicas.cluster import init_ray
 from forkllm.server.replicas.router import Router
@@ -223,37 +226,55 @@ class RayEngineClient:
                 self.actors[i].abort.remote(request_id)
 
     async def run_policy(self, policy: TreePolicy[R], prompt_ids: list[int], question: str) -> R:
+        """Run on one replica without the policy's callbacks; the calls made there are replayed
+        to them here, in order, before the result is returned."""
         import ray
         from ray.exceptions import RayTaskError
 
-        if getattr(policy, "watch", None) is not None or getattr(
-            getattr(policy, "log", None), "on_event", None
-        ):
-            raise APIError(
-                400, "streamed tree and thread events are not available with --replicas yet", param="stream"
-            )
         self._ensure_poller()
+        found = callbacks.find(policy)
+        paths = [path for path, _ in found]
+        listeners = [fn for _, fn in found]
         tried: list[int] = []
         while True:
             i = self._pick(prompt_ids, tried)
-            ref = self.actors[i].run_policy.remote(policy, prompt_ids, question)
+            with callbacks.stripped(policy, paths):  # pickled by remote(), without its closures
+                gen = (
+                    self.actors[i]
+                    .run_policy.options(num_returns="streaming")
+                    .remote(policy, prompt_ids, question, paths)
+                )
             self.router.started(i)
+            sent = done = False
             try:
-                return await ref  # type: ignore[no-any-return]
+                async for ref in gen:
+                    item: callbacks.PolicyEvents | callbacks.PolicyResult = await ref
+                    if isinstance(item, callbacks.PolicyEvents):
+                        sent = True
+                        callbacks.replay(item, listeners)
+                        await asyncio.sleep(0)  # a listener may hand them to this loop: before the result
+                        continue
+                    done = True
+                    return item.value  # type: ignore[no-any-return]
+                done = True
+                raise EngineDeadError(f"replica {i} ended a policy without its result")
             except RayTaskError as e:
+                done = True
                 raise _cause(e) from None
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref)
-                raise
             except Exception as e:
                 if not _died(e):
                     raise
                 self._dead(i, e)
+                if sent:
+                    done = True
+                    raise EngineDeadError(f"replica {i} died while streaming this request") from None
                 tried.append(i)
                 self.retries += 1
             finally:
                 self.router.finished(i)
+                if not done:  # the caller left (or the replica died): stop the policy there
+                    with contextlib.suppress(Exception):
+                        ray.cancel(gen)
 
     def shutdown(self) -> None:
         import ray
