@@ -78,11 +78,12 @@ def weight_bytes(cfg: ModelConfig, dtype_size: int) -> int:
 def streamed_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights one decode step streams, as the model holds them (kept-quantized
     blocks, packed or dense matrices, the logits' weight), not counting embedding lookups."""
+    from forkllm.models.int8 import Int8Linear
     from forkllm.models.quant import QuantLinear
 
     total = 0
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear | Int8Linear):
             total += m.nbytes
         elif isinstance(m, Linear):
             w = m.packed if m.packed is not None else m.weight

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from forkllm.models.config import ModelConfig, UnsupportedModelError, preset_config
+from forkllm.models.int8 import Int8Linear
 from forkllm.models.llama import LlamaForCausalLM
 from forkllm.models.quant import BLOCK, BLOCK_BYTES, QUANTIZATIONS, QuantLinear, QuantWeight, quantize_q8_0
 from forkllm.models.rope import RotaryEmbedding
@@ -43,7 +44,7 @@ class LoadedModel:
     source: str
     seconds: float
     cache: str  # "hit", "miss" or "none"
-    quantization: str = "none"  # what ran: "gguf", "int8" or "none"
+    quantization: str = "none"  # what ran: "gguf", "int8", "w8a8" or "none"
 
 
 def cache_root() -> Path:
@@ -82,7 +83,7 @@ def load_model(
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     on_cpu = torch.device(device).type == "cpu"
-    if quantization in ("gguf", "int8") and not on_cpu:
+    if quantization in ("gguf", "int8", "w8a8") and not on_cpu:
         raise ValueError(
             f"quantization={quantization!r} runs on CPU only; use quantization='none' on {device}"
         )
@@ -131,6 +132,8 @@ def load_model(
         _keep_gguf_blocks(net, cfg, gguf_path)
     elif mode == "int8":
         _quantize_int8(net, cfg)
+    elif mode == "w8a8":
+        _quantize_w8a8(net, cfg)
     net = net.to(device)
     net.eval()
     return LoadedModel(net, cfg, tok, source, time.perf_counter() - t0, cache, mode)
@@ -473,6 +476,17 @@ def _quantize_int8(net: LlamaForCausalLM, cfg: ModelConfig) -> None:
         _replace(net, layer, [quantize_q8_0(w)])
     if cfg.tie_word_embeddings and net.embed_tokens.weight.shape[1] % BLOCK == 0:
         net.quant_logits = QuantLinear([quantize_q8_0(net.embed_tokens.weight)])
+
+
+def _quantize_w8a8(net: LlamaForCausalLM, cfg: ModelConfig) -> None:
+    """Every decoder linear as int8 per output channel, run on int8 activations (models/int8.py);
+    the logits keep the model's dtype."""
+    for i in range(cfg.num_layers):
+        layer = net.layers[i]
+        for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            old = getattr(layer, attr)
+            bias = getattr(old, "bias", None)
+            setattr(layer, attr, Int8Linear(old.weight, None if bias is None else bias))
 
 
 def _file_sha256(path: Path) -> str:
