@@ -130,6 +130,7 @@ class LLMEngine:
         )
         # Speculative decoding (engine/spec): drafts verified in the batch's forward.
         self.spec: SpeculativeDecoder | None = None
+        self._plan_start = 0.0  # when the current step began drafting (speculation's step cost)
         self.draft_engine: LLMEngine | None = None  # a draft model's own engine (spec/draft_model.py)
         if config.speculative and config.speculative not in PROPOSERS:
             self.draft_engine = self._draft_engine(config.speculative)
@@ -389,6 +390,7 @@ class LLMEngine:
                 touched[seq.request.request_id] = seq.request
         if sched:
             if self.spec is not None:
+                self._plan_start = time.perf_counter()  # the step's cost includes drafting and verifying
                 self.spec.plan(sched, self.kv, self.config.max_num_batched_tokens - sched.num_batched_tokens)
             if self.on_batch_scheduled is not None:
                 self.on_batch_scheduled(self)
@@ -453,7 +455,7 @@ class LLMEngine:
             if out.drafted:
                 self._verify(out.drafted, draft_tokens, draft_lps, now, touched)
             if all(s.draft or s.num_new_tokens == 1 for s in sched.scheduled):  # decode-only step
-                self.spec.cost.record(sched.num_batched_tokens, seconds)
+                self.spec.cost.record(sched.num_batched_tokens, time.perf_counter() - self._plan_start)
         return now
 
     def _verify(
