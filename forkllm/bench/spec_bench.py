@@ -190,6 +190,9 @@ def bench_speculative(args: argparse.Namespace) -> int:
     if args.limit:
         w7 = w7[: args.limit]
     engines = {"off": base} | {p: _spec_engine(kw, p) for p in proposers}
+    label = str(kw.get("dtype") or "auto")  # the rows' dtype column, with a quantization if one is set
+    if kw.get("quantization") not in (None, "auto", "none"):
+        label += f", {kw['quantization']}"
     rows: list[Row] = []
     results: dict[str, Any] = {}
     greedy = SamplingParams(temperature=0, max_tokens=W7_TOKENS)
@@ -230,7 +233,7 @@ def bench_speculative(args: argparse.Namespace) -> int:
             rows.append(
                 Row(
                     f"{name}: {v}",
-                    str(kw.get("dtype") or "auto"),
+                    label,
                     {"tok_s": speed, "speedup": speed / off},
                     note=note,
                     samples={"tok_s": speeds[v]},

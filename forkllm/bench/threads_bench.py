@@ -321,7 +321,8 @@ def bench_threads(args: argparse.Namespace) -> int:
     a = rows[0]  # (a)
     md = (
         f"## W8 threads: {len(docs)} documents x 4 chunks of ~{chunk_tokens} tokens, {max_tokens}-token "
-        f"summaries and reduce, greedy; median of {args.reps}; {kw.get('dtype', 'default dtype')}; "
+        f"summaries and reduce, greedy; median of {args.reps}; {kw.get('dtype', 'default dtype')}, "
+        f"quantization {kw.get('quantization', 'auto')}; "
         f"{m['nproc']} cores, {m['cpu']}\n\n"
         "| driver | wall s | (a) faster by | prefill tokens computed | (a) prefill / this | decode rows | "
         "critical-path tokens | peak KV pages |\n|---|---|---|---|---|---|---|---|\n"
