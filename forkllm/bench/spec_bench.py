@@ -211,11 +211,10 @@ def bench_speculative(args: argparse.Namespace) -> int:
                 llm = engines[v]
                 llm.engine.kv.pool.drop_cached()
                 before = _spec_metrics(llm.engine)
-                if v == "off" and rep == 0:
-                    with record_steps(llm.engine) as off_steps:
-                        speed, outs = fn(llm, prompts, sp)
-                else:
+                with record_steps(llm.engine) as steps:
                     speed, outs = fn(llm, prompts, sp)
+                if v == "off" and rep == 0:
+                    off_steps = steps
                 speeds[v].append(speed)
                 acc[v] = _delta(_spec_metrics(llm.engine), before)
                 if ref is None:

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from forkllm.models.quant import QUANTIZATIONS
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -49,8 +51,8 @@ class EngineConfig:
         "types become Q8_0) and multiplies on them, as llama.cpp does; 'int8' quantizes float weights to "
         "Q8_0 blocks; 'w8a8' runs the decoder's matmuls as int8 weights (per channel) x int8 activations (per "
         "token) on the VNNI integer GEMM, ~3x bf16 on prompts and large batches where the CPU's bf16 dot product is "
-        "slow (slower single-stream decode, ~1.5%% perplexity); 'none' dequantizes to --dtype; auto = none for now",
-        choices=["auto", "gguf", "int8", "w8a8", "none"],
+        "slow (slower single-stream decode, +3.6%% perplexity); 'none' dequantizes to --dtype; auto = none for now",
+        choices=list(QUANTIZATIONS),
     )
     dtype: str = _flag(
         "auto",
@@ -145,9 +147,9 @@ class EngineConfig:
     num_threads: int | None = _flag(None, "torch CPU threads (default: all cores)")
 
     def __post_init__(self) -> None:
-        if self.quantization not in ("auto", "gguf", "int8", "w8a8", "none"):
+        if self.quantization not in QUANTIZATIONS:
             raise ValueError(
-                f"quantization must be one of auto, gguf, int8, w8a8, none; got {self.quantization!r}"
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}"
             )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")

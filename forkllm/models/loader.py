@@ -26,7 +26,15 @@ import torch
 from forkllm.models.config import ModelConfig, UnsupportedModelError, preset_config
 from forkllm.models.int8 import Int8Linear
 from forkllm.models.llama import LlamaForCausalLM
-from forkllm.models.quant import BLOCK, BLOCK_BYTES, QUANTIZATIONS, QuantLinear, QuantWeight, quantize_q8_0
+from forkllm.models.quant import (
+    BLOCK,
+    BLOCK_BYTES,
+    CPU_ONLY,
+    QUANTIZATIONS,
+    QuantLinear,
+    QuantWeight,
+    quantize_q8_0,
+)
 from forkllm.models.rope import RotaryEmbedding
 from forkllm.tokenizer import Tokenizer
 
@@ -83,7 +91,7 @@ def load_model(
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     on_cpu = torch.device(device).type == "cpu"
-    if quantization in ("gguf", "int8", "w8a8") and not on_cpu:
+    if quantization in CPU_ONLY and not on_cpu:
         raise ValueError(
             f"quantization={quantization!r} runs on CPU only; use quantization='none' on {device}"
         )
@@ -432,14 +440,17 @@ def _replace(net: LlamaForCausalLM, name: str, parts: list[QuantWeight | None]) 
     """Swap the dense Linear `name` for a QuantLinear over `parts` (all must be quantized)."""
     if any(p is None for p in parts):
         return False
-    old = net.get_submodule(name)
-    owner, attr = name.rsplit(".", 1) if "." in name else ("", name)
-    bias = getattr(old, "bias", None)
+    bias = getattr(net.get_submodule(name), "bias", None)
     layer = QuantLinear(
         _merge_parts([p for p in parts if p is not None]), None if bias is None else bias.detach()
     )
-    setattr(net.get_submodule(owner) if owner else net, attr, layer)
+    _set_submodule(net, name, layer)
     return True
+
+
+def _set_submodule(net: LlamaForCausalLM, name: str, module: torch.nn.Module) -> None:
+    owner, attr = name.rsplit(".", 1) if "." in name else ("", name)
+    setattr(net.get_submodule(owner) if owner else net, attr, module)
 
 
 def _fused_names(cfg: ModelConfig) -> dict[str, list[str]]:
@@ -481,12 +492,12 @@ def _quantize_int8(net: LlamaForCausalLM, cfg: ModelConfig) -> None:
 def _quantize_w8a8(net: LlamaForCausalLM, cfg: ModelConfig) -> None:
     """Every decoder linear as int8 per output channel, run on int8 activations (models/int8.py);
     the logits keep the model's dtype."""
-    for i in range(cfg.num_layers):
-        layer = net.layers[i]
-        for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            old = getattr(layer, attr)
-            bias = getattr(old, "bias", None)
-            setattr(layer, attr, Int8Linear(old.weight, None if bias is None else bias))
+    for name in _fused_names(cfg):
+        if name != "lm_head":
+            old = net.get_submodule(name)
+            _set_submodule(
+                net, name, Int8Linear(net.get_parameter(name + ".weight"), getattr(old, "bias", None))
+            )
 
 
 def _file_sha256(path: Path) -> str:

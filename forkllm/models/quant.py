@@ -24,6 +24,7 @@ from torch import nn
 from forkllm.kernels import KernelOps, Kernels
 
 QUANTIZATIONS = ("auto", "gguf", "int8", "w8a8", "none")
+CPU_ONLY = ("gguf", "int8", "w8a8")  # the quantizations whose kernels run on CPU only
 Q4_0, Q4_1, Q8_0 = 2, 3, 8  # ggml type ids
 BLOCK = 32
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
