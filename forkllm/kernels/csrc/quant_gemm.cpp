@@ -29,6 +29,16 @@ inline float h2f(const uint8_t* p) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+
 // x row -> int8 blocks q, scales d (amax / 127) and s = d * sum(q) per block.
 template <typename T>
 void quantize_row(const T* __restrict x, int64_t K, int8_t* __restrict q, float* __restrict d, float* __restrict s) {
@@ -46,6 +56,30 @@ void quantize_row(const T* __restrict x, int64_t K, int8_t* __restrict q, float*
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * QK + 16), _mm512_cvtsepi32_epi8(i1));
     d[b] = dd;
     s[b] = dd * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+#elif defined(__AVX2__) && defined(__F16C__)
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = load8(xb + 8 * i);
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                              _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    amax = _mm_cvtss_f32(m4);
+    const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    const __m256 vid = _mm256_set1_ps(id);
+    __m256i iv[4];  // round to nearest even, as nearbyint in the default rounding mode
+    for (int i = 0; i < 4; ++i) iv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));
+    // packs interleave 128-bit lanes: 0..3 8..11 | 4..7 12..15 per pair, then bytes; one permute restores order
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i t = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+    __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+    d[b] = dd;
+    s[b] = dd * static_cast<float>(_mm_cvtsi128_si32(t4));
 #else
     for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(to_f(xb[i])));
     const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
@@ -163,6 +197,96 @@ inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const in
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[r][m]) + _mm512_reduce_add_ps(corr[r][m]);
 }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// AVX2 without VNNI (Zen 2/3, most client CPUs): vpmaddubsw (u8 x s8 -> s16 pairs), then vpmaddwd
+// by ones -> int32 sums of 4 products, as llama.cpp's AVX2 path does. Q4 quants (0..15) are the
+// unsigned operand as they are (a pair sums to at most 3810: no s16 saturation). Q8_0's stored
+// u = q + 128 would saturate, so it goes back to signed q = u ^ 0x80 and the sign trick makes the
+// unsigned operand |q| and the signed one x * sign(q): the exact dot(q, x), with no offset term.
+inline __m256i dot_u8s8(__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); }
+
+// 8 fp16 values from p as float32; only the first n are read (the rest are 0).
+inline __m256 load_h8(const uint8_t* p, int64_t n) {
+  if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) uint16_t h[8] = {};
+  std::memcpy(h, p, n * 2);
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h)));
+}
+
+// R weight rows x MB input rows: out[m * R + r]; each (r, m) is summed in one fixed order
+// whatever MB is (per 8-block group: the offset term, then the blocks in order).
+template <int TT, int R, int MB>
+inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const int8_t* __restrict xa,
+                 const float* __restrict xd, const float* __restrict xs, int64_t xstride, int64_t nbp,
+                 float* __restrict out) {
+  constexpr int QB = quant_bytes<TT>();
+  __m256 acc[R][MB];
+  alignas(32) float sc[R][MB][8];  // d_w * d_x per block of the group
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < nb; g += 8) {
+    const int64_t nbg = std::min<int64_t>(8, nb - g);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = w + r * rowb;
+      const __m256 d = load_h8(row + nb * QB + g * 2, nbg);
+      for (int m = 0; m < MB; ++m) _mm256_store_ps(sc[r][m], _mm256_mul_ps(d, _mm256_loadu_ps(xd + m * nbp + g)));
+      if constexpr (TT != Q8_0) {
+        const __m256 a = TT == Q4_1 ? load_h8(row + nb * QB + nb * 2 + g * 2, nbg) : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+        for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xs + m * nbp + g), acc[r][m]);
+      }
+    }
+    if constexpr (TT == Q8_0) {
+      for (int64_t j = 0; j < nbg; ++j) {
+        const int64_t b = g + j;
+        __m256i xv[MB];
+        for (int m = 0; m < MB; ++m)
+          xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + m * xstride + (b / 2) * 64 + (b % 2) * 32));
+        for (int r = 0; r < R; ++r) {
+          const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * rowb + b * QB)),
+                                             _mm256_set1_epi8(static_cast<char>(0x80)));
+          const __m256i aq = _mm256_abs_epi8(q);
+          for (int m = 0; m < MB; ++m) {
+            const __m256i dot = dot_u8s8(aq, _mm256_sign_epi8(xv[m], q));
+            acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&sc[r][m][j]), acc[r][m]);
+          }
+        }
+      }
+    } else {
+      // a pair of blocks: 32 quant bytes; low nibbles are weights 0..15 of both blocks, high 16..31,
+      // matching arrange_x's halves; int32 lanes 0..3 belong to the first block, 4..7 to the second.
+      // Past the last block the x pair is zero, so an odd block's neighbour bytes add nothing.
+      const __m256i lo4 = _mm256_set1_epi8(0x0f);
+      for (int64_t pp = 0; 2 * pp < nbg; ++pp) {
+        const int64_t b = g + 2 * pp;
+        const __m256i idx = _mm256_setr_epi32(2 * pp, 2 * pp, 2 * pp, 2 * pp, 2 * pp + 1, 2 * pp + 1, 2 * pp + 1, 2 * pp + 1);
+        __m256i xl[MB], xh[MB];
+        for (int m = 0; m < MB; ++m) {
+          const int8_t* xp = xa + m * xstride + (b / 2) * 64;
+          xl[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+          xh[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * rowb + b * QB));
+          const __m256i wl = _mm256_and_si256(qs, lo4), wh = _mm256_and_si256(_mm256_srli_epi16(qs, 4), lo4);
+          for (int m = 0; m < MB; ++m) {
+            const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(wl, xl[m]), _mm256_maddubs_epi16(wh, xh[m]));
+            const __m256i dot = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+            const __m256 scale = _mm256_permutevar8x32_ps(_mm256_load_ps(sc[r][m]), idx);
+            acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r][m]);
+          }
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) {
+      const __m256 v = acc[r][m];
+      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+      out[m * R + r] = _mm_cvtss_f32(s4);
+    }
+}
 #else
 template <int TT, int R, int MB>
 inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const int8_t* __restrict xa,
@@ -214,7 +338,7 @@ void gemm(const int8_t* xa, const float* xd, const float* xs, int64_t M, int64_t
     }
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t * R, rows = std::min<int64_t>(R, N - n);
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
       if (M <= 4 && t + 1 < e) {  // decode streams the weights from memory: ask for the next tile now
         const char* next = reinterpret_cast<const char*>(w + (n + R) * rowb);
         const int64_t bytes = std::min<int64_t>(R, N - n - R) * rowb;
