@@ -9,8 +9,15 @@ from conftest import tiny_llm
 
 from forkllm import SamplingParams
 from forkllm.engine.config import EngineConfig
-from forkllm.models.int8 import Int8Linear, quantize_rows
+from forkllm.models import loader
+from forkllm.models.int8 import Int8Linear, cpu_has_int8_dot, quantize_rows
 from forkllm.models.loader import load_model
+
+
+@pytest.fixture
+def any_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let w8a8 load on a CPU without VNNI (slow there, but the numerics are what is tested)."""
+    monkeypatch.setattr(loader, "cpu_has_int8_dot", lambda: True)
 
 
 def test_quantize_rows_is_symmetric_per_channel() -> None:
@@ -57,7 +64,7 @@ def test_silu_forward_of_a_fused_gate_up() -> None:
     assert torch.allclose(lin.silu_forward(x), torch.nn.functional.silu(gu[:, :16]) * gu[:, 16:])
 
 
-def test_engine_runs_w8a8_and_batches_give_the_rows_alone() -> None:
+def test_engine_runs_w8a8_and_batches_give_the_rows_alone(any_cpu: None) -> None:
     llm = tiny_llm(quantization="w8a8")
     assert llm.engine.load_info.quantization == "w8a8"
     assert sum(isinstance(m, Int8Linear) for m in llm.engine.runner.model.modules()) == 4 * 2  # 2 layers
@@ -69,8 +76,19 @@ def test_engine_runs_w8a8_and_batches_give_the_rows_alone() -> None:
     assert batch == alone
 
 
-def test_w8a8_is_a_cpu_option_named_in_errors() -> None:
+def test_w8a8_is_a_cpu_option_named_in_errors(any_cpu: None) -> None:
     with pytest.raises(ValueError, match="w8a8"):
         EngineConfig(quantization="w8a9")
     with pytest.raises(ValueError, match="quantization='w8a8' runs on CPU only"):
         load_model("tiny", load_format="dummy", quantization="w8a8", device="cuda")
+
+
+def test_w8a8_refuses_a_cpu_without_int8_dot_products(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(loader, "cpu_has_int8_dot", lambda: False)
+    with pytest.raises(ValueError, match="quantization='w8a8' needs a CPU with int8 dot-product"):
+        load_model("tiny", load_format="dummy", quantization="w8a8")
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor : 0\nflags : fpu avx2 fma\n")
+    assert not cpu_has_int8_dot(str(flags))
+    flags.write_text("processor : 0\nflags : fpu avx2 avx512_vnni\n")
+    assert cpu_has_int8_dot(str(flags))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from forkllm.bench.report import Row, median
+from forkllm.engine.startup import cpu_has_native_bf16
 
 RUNNER = Path(__file__).with_name("peer_runner.py")
 NOT_INSTALLED = "not installed (make peers)"
@@ -67,6 +68,11 @@ def parse_peers(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def vllm_default_dtype() -> str:
+    """vLLM's fastest dtype on this CPU: bf16 needs native bf16 dot products, else float32."""
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
 def add_peer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("peers (throughput, latency, parallel)")
     for spec in SUBPROCESS_PEERS.values():
@@ -77,6 +83,13 @@ def add_peer_args(parser: argparse.ArgumentParser) -> None:
             help=f"the interpreter of the {spec.system} virtualenv (default: .peers/{spec.key}/bin/python, "
             "made by `make peers`)",
         )
+    g.add_argument(
+        "--vllm-dtype",
+        default=None,
+        choices=("bfloat16", "float32"),
+        help="vLLM's dtype (default: bfloat16 on CPUs with AVX512-BF16 or AMX, where it is vLLM's "
+        "fastest, float32 elsewhere: without native bf16 its bf16 matmuls are emulated)",
+    )
     g.add_argument(
         "--peer-timeout",
         type=float,
@@ -277,6 +290,8 @@ def subprocess_peer_rows(
                 "reps": args.reps,
                 "threads": threads,
             }
+            if key == "vllm":
+                request["dtype"] = getattr(args, "vllm_dtype", None) or vllm_default_dtype()
             stamp = time.strftime("%Y%m%d-%H%M%S")
             log = Path(args.out_dir) / "peer-logs" / f"{workload}-{key}-{stamp}.log"
             print(f"{spec.system}: running in {python} (log {log}) ...", flush=True)

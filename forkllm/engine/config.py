@@ -50,7 +50,7 @@ class EngineConfig:
         "weights kept quantized: 'gguf' keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks (other quantized "
         "types become Q8_0) and multiplies on them, as llama.cpp does; 'int8' quantizes float weights to "
         "Q8_0 blocks; 'w8a8' runs the decoder's matmuls as int8 weights (per channel) x int8 activations (per "
-        "token) on the VNNI integer GEMM, ~3x bf16 on prompts and large batches where the CPU's bf16 dot product is "
+        "token) on the VNNI integer GEMM (CPUs with VNNI or AMX only), ~3x bf16 on prompts and large batches where the CPU's bf16 dot product is "
         "slow (slower single-stream decode, +3.6%% perplexity); 'none' dequantizes to --dtype; auto = none for now",
         choices=list(QUANTIZATIONS),
     )

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from forkllm.models.config import ModelConfig, UnsupportedModelError, preset_config
-from forkllm.models.int8 import Int8Linear
+from forkllm.models.int8 import Int8Linear, cpu_has_int8_dot
 from forkllm.models.llama import LlamaForCausalLM
 from forkllm.models.quant import (
     BLOCK,
@@ -94,6 +94,12 @@ def load_model(
     if quantization in CPU_ONLY and not on_cpu:
         raise ValueError(
             f"quantization={quantization!r} runs on CPU only; use quantization='none' on {device}"
+        )
+    if quantization == "w8a8" and not cpu_has_int8_dot():
+        raise ValueError(
+            "quantization='w8a8' needs a CPU with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI "
+            "or AMX); this one has none, and torch's integer GEMM would run a reference loop ~50x slower "
+            "than float32. Use quantization='int8' or 'gguf' (block kernels with an AVX2 path) or 'none'"
         )
     gguf_path: Path | None = None
     t0 = time.perf_counter()
