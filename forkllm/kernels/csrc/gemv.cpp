@@ -22,6 +22,42 @@ inline __m512 load16(const c10::BFloat16* p) {
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// AVX2: one weight row x up to two input rows at a time, four accumulators each (k blocks of 8
+// taken round-robin): 4-8 independent FMA chains, where one chain per row (what the compiler
+// makes of the scalar loop) leaves FMA latency exposed once several input rows share a weight
+// row. Input rows are taken in pairs over the same weight row (still in L1), so every
+// (row, input) sum runs in one order whatever M is.
+template <int MB, typename T>
+inline void row_dot(const float* __restrict xf, const T* __restrict w, int64_t K, float* s) {
+  const int64_t K32 = K - K % 32;
+  __m256 a[MB][4];
+  for (int m = 0; m < MB; ++m) a[m][0] = a[m][1] = a[m][2] = a[m][3] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K32; k += 32) {
+    __m256 v[4];
+    for (int j = 0; j < 4; ++j) v[j] = load8(w + k + 8 * j);
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < 4; ++j) a[m][j] = _mm256_fmadd_ps(_mm256_loadu_ps(xf + m * K + k + 8 * j), v[j], a[m][j]);
+  }
+  for (int m = 0; m < MB; ++m) {
+    float t = hsum8(_mm256_add_ps(_mm256_add_ps(a[m][0], a[m][1]), _mm256_add_ps(a[m][2], a[m][3])));
+    for (int64_t k = K32; k < K; ++k) t += xf[m * K + k] * to_f(w[k]);
+    s[m] = t;
+  }
+}
 #endif
 
 template <int M, typename T>
@@ -53,6 +89,15 @@ void gemv_rows(const float* __restrict xf, const T* __restrict w, const T* __res
       y[m * N + n] = static_cast<T>(s0);
       y[m * N + n + 1] = static_cast<T>(s1);
     }
+  }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  for (; n < n1; ++n) {
+    const T* wr = w + n * K;
+    float sm[M];
+    int m = 0;
+    for (; m + 2 <= M; m += 2) row_dot<2, T>(xf + m * K, wr, K, sm + m);
+    if (m < M) row_dot<1, T>(xf + m * K, wr, K, sm + m);
+    for (m = 0; m < M; ++m) y[m * N + n] = static_cast<T>(bias ? sm[m] + to_f(bias[n]) : sm[m]);
   }
 #endif
   for (; n < n1; ++n) {
