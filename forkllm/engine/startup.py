@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from forkllm.engine.config import DTYPES, EngineConfig
+from forkllm.kernels import cpu_flags
 from forkllm.kv.manager import KVCacheSpec
 from forkllm.models.config import ModelConfig
 
@@ -88,12 +89,4 @@ def resolve_max_model_len(config: EngineConfig, model: ModelConfig, kv: KVCacheS
 
 
 def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

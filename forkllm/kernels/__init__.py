@@ -149,6 +149,18 @@ class HeadShape(Protocol):
     def num_kv_heads(self) -> int: ...
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (Linux; empty elsewhere): which kernels and dtypes are fast here."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def load_extension() -> KernelOps | None:
     """The compiled extension, or None when it cannot be built (no compiler or headers).
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forkllm.kernels import cpu_flags
+
 # CPU flags whose int8 dot products oneDNN's integer GEMM runs on. Without one, `torch._int_mm` falls
 # to a reference loop: 2.7 GOP/s measured on an AVX2-only Zen 3, ~50x slower than its float32 GEMM.
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -25,14 +27,7 @@ INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 def cpu_has_int8_dot(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU has int8 dot-product instructions (VNNI / AMX), which W8A8 needs to be fast."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return bool(INT8_DOT_FLAGS & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
+    return bool(INT8_DOT_FLAGS & cpu_flags(cpuinfo))
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

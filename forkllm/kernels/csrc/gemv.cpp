@@ -22,20 +22,7 @@ inline __m512 load16(const c10::BFloat16* p) {
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
+#elif defined(FORKLLM_AVX2)
 // AVX2: one weight row x up to two input rows at a time, four accumulators each (k blocks of 8
 // taken round-robin): 4-8 independent FMA chains, where one chain per row (what the compiler
 // makes of the scalar loop) leaves FMA latency exposed once several input rows share a weight
@@ -90,7 +77,7 @@ void gemv_rows(const float* __restrict xf, const T* __restrict w, const T* __res
       y[m * N + n + 1] = static_cast<T>(s1);
     }
   }
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#elif defined(FORKLLM_AVX2)
   for (; n < n1; ++n) {
     const T* wr = w + n * K;
     float sm[M];

@@ -29,16 +29,6 @@ inline float h2f(const uint8_t* p) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__F16C__)
-#include <immintrin.h>
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-#endif
-
 // x row -> int8 blocks q, scales d (amax / 127) and s = d * sum(q) per block.
 template <typename T>
 void quantize_row(const T* __restrict x, int64_t K, int8_t* __restrict q, float* __restrict d, float* __restrict s) {
@@ -56,7 +46,7 @@ void quantize_row(const T* __restrict x, int64_t K, int8_t* __restrict q, float*
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * QK + 16), _mm512_cvtsepi32_epi8(i1));
     d[b] = dd;
     s[b] = dd * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
-#elif defined(__AVX2__) && defined(__F16C__)
+#elif defined(FORKLLM_AVX2)
     __m256 v[4];
     for (int i = 0; i < 4; ++i) v[i] = load8(xb + 8 * i);
     const __m256 sign = _mm256_set1_ps(-0.f);
@@ -197,7 +187,7 @@ inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const in
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[r][m]) + _mm512_reduce_add_ps(corr[r][m]);
 }
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#elif defined(FORKLLM_AVX2)
 // AVX2 without VNNI (Zen 2/3, most client CPUs): vpmaddubsw (u8 x s8 -> s16 pairs), then vpmaddwd
 // by ones -> int32 sums of 4 products, as llama.cpp's AVX2 path does. Q4 quants (0..15) are the
 // unsigned operand as they are (a pair sums to at most 3810: no s16 saturation). Q8_0's stored
@@ -279,13 +269,7 @@ inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const in
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) {
-      const __m256 v = acc[r][m];
-      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-      s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-      out[m * R + r] = _mm_cvtss_f32(s4);
-    }
+    for (int r = 0; r < R; ++r) out[m * R + r] = hsum8(acc[r][m]);
 }
 #else
 template <int TT, int R, int MB>
@@ -338,7 +322,7 @@ void gemm(const int8_t* xa, const float* xd, const float* xs, int64_t M, int64_t
     }
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t * R, rows = std::min<int64_t>(R, N - n);
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(FORKLLM_AVX2)
       if (M <= 4 && t + 1 < e) {  // decode streams the weights from memory: ask for the next tile now
         const char* next = reinterpret_cast<const char*>(w + (n + R) * rowb);
         const int64_t bytes = std::min<int64_t>(R, N - n - R) * rowb;
