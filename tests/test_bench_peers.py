@@ -282,3 +282,19 @@ def test_llamacpp_lookup_workload_runs_both_variants(tmp_path: Path, monkeypatch
     assert metrics["speedup"] == pytest.approx(metrics["tok_s"] / metrics["off_tok_s"])
     assert len(samples["tok_s"]) == 2
     assert "with lookup" in peers.describe(Row("llama.cpp", "GGUF", metrics))
+
+
+@pytest.mark.parametrize(
+    ("native_bf16", "flag", "want"),
+    [(True, None, "bfloat16"), (False, None, "float32"), (False, "bfloat16", "bfloat16")],
+)
+def test_vllm_dtype_is_its_fastest_on_this_cpu_unless_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: bool, flag: str | None, want: str
+) -> None:
+    """vLLM's bf16 is emulated without AVX512-BF16/AMX (W1 39 vs 208 tok/s float32 on a Zen 3)."""
+    monkeypatch.setattr(peers, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(peers, "model_for", lambda key, model: "/nowhere/model")
+    python = fake_python(tmp_path, ECHO_PEER.replace('"dtype": "Q4_1 GGUF"', '"dtype": req.get("dtype")'))
+    args = _args(tmp_path, "vllm", vllm_python=str(python), vllm_dtype=flag)
+    (row,), _ = peers.subprocess_peer_rows(args, "throughput", [[1, 2, 3]], 4)
+    assert row.dtype == want
