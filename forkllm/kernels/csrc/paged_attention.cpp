@@ -125,6 +125,79 @@ static void decode_pair_avx512(const T* __restrict q, const T* __restrict kc, co
 }
 #endif
 
+#if defined(FORKLLM_AVX2)
+// AVX2 version of decode_pair_avx512: 8 keys per chunk, one vector exp and one rescale per chunk
+// and head (the scalar loop pays two exps per key and head).
+template <typename T, int D, int G>
+static void decode_pair_avx2(const T* __restrict q, const T* __restrict kc, const T* __restrict vc,
+                             const int64_t* __restrict table, int64_t start, int64_t ctx, int64_t block_size,
+                             float scale, T* __restrict out, float* __restrict lse) {
+  constexpr int DV = D / 8;
+  __m256 qv[G][DV], acc[G][DV];
+  float m[G], l[G];
+  for (int g = 0; g < G; ++g) {
+    for (int j = 0; j < DV; ++j) {
+      qv[g][j] = _mm256_mul_ps(load8(q + g * D + j * 8), _mm256_set1_ps(scale));
+      acc[g][j] = _mm256_setzero_ps();
+    }
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+  }
+  alignas(32) float s[G][8];
+  alignas(32) float p[G][8];
+  const T* vrow[8];
+  for (int64_t c = start; c < ctx; c += 8) {
+    const int nv = (int)std::min<int64_t>(8, ctx - c);
+    for (int t = 0; t < 8; ++t) {
+      if (t >= nv) {
+        for (int g = 0; g < G; ++g) s[g][t] = -INFINITY;
+        continue;
+      }
+      const int64_t pos = c + t;
+      const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+      const T* k = kc + slot * D;
+      vrow[t] = vc + slot * D;
+      __m256 kv[DV];
+      for (int j = 0; j < DV; ++j) kv[j] = load8(k + j * 8);
+      for (int g = 0; g < G; ++g) {
+        __m256 d = _mm256_mul_ps(qv[g][0], kv[0]);
+        for (int j = 1; j < DV; ++j) d = _mm256_fmadd_ps(qv[g][j], kv[j], d);
+        s[g][t] = hsum8(d);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m256 sv = _mm256_load_ps(s[g]);
+      const float nm = std::max(m[g], hmax8(sv));
+      const float corr = std::exp(m[g] - nm);  // exp(-inf) = 0 on the first chunk
+      l[g] *= corr;
+      const __m256 cv = _mm256_set1_ps(corr);
+      for (int j = 0; j < DV; ++j) acc[g][j] = _mm256_mul_ps(acc[g][j], cv);
+      // lanes past the chunk's keys (score -inf) get probability 0
+      const __m256 live = _mm256_cmp_ps(sv, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      const __m256 pv = _mm256_and_ps(live, exp256(_mm256_sub_ps(sv, _mm256_set1_ps(nm))));
+      l[g] += hsum8(pv);
+      _mm256_store_ps(p[g], pv);
+      m[g] = nm;
+    }
+    for (int t = 0; t < nv; ++t) {
+      __m256 vv[DV];
+      for (int j = 0; j < DV; ++j) vv[j] = load8(vrow[t] + j * 8);
+      for (int g = 0; g < G; ++g) {
+        const __m256 pt = _mm256_set1_ps(p[g][t]);
+        for (int j = 0; j < DV; ++j) acc[g][j] = _mm256_fmadd_ps(pt, vv[j], acc[g][j]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    if (lse) lse[g] = l[g] > 0.f ? m[g] + std::log(l[g]) : -INFINITY;
+    alignas(32) float o[D];
+    for (int j = 0; j < DV; ++j) _mm256_store_ps(o + j * 8, _mm256_mul_ps(acc[g][j], _mm256_set1_ps(inv)));
+    for (int d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(o[d]);
+  }
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // bf16 cache on AVX512-BF16 CPUs: q.k and p.v with vdpbf16ps (no bf16 -> fp32 conversions of
 // K/V), 16 scores per head from one transpose-add tree. Probabilities are rounded to bf16 for
@@ -249,6 +322,14 @@ static void run(const DecodeArgs& a) {
         decode_pair_avx512<T, D, G>(qp + (b * hq + h * G) * D, kp + h * slots * D, vp + h * slots * D,
                                     tp + b * tstride, start, cp[b], a.block_size, (float)a.scale,
                                     op + (b * hq + h * G) * D, lse);
+        continue;
+      }
+#endif
+#if defined(FORKLLM_AVX2)
+      if constexpr (D % 8 == 0) {
+        decode_pair_avx2<T, D, G>(qp + (b * hq + h * G) * D, kp + h * slots * D, vp + h * slots * D,
+                                  tp + b * tstride, start, cp[b], a.block_size, (float)a.scale,
+                                  op + (b * hq + h * G) * D, lse);
         continue;
       }
 #endif
