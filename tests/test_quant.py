@@ -51,12 +51,14 @@ def random_blocks(qtype: int, n: int, k: int, seed: int = 0) -> QuantWeight:
 @pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
-def test_kernel_equals_dequantized_product(qtype: int, dtype: torch.dtype, rows: int) -> None:
+@pytest.mark.parametrize("k", [160, 576])
+def test_kernel_equals_dequantized_product(qtype: int, dtype: torch.dtype, rows: int, k: int) -> None:
     """The kernel computes dequant(x quantized per 32-block) @ dequant(W)^T: float32 to 1e-6 of
-    the largest output, bf16 outputs to their rounding; odd N (a partial tile) and a bias too."""
+    the largest output, bf16 outputs to their rounding; odd N (a partial tile) and a bias too; K of
+    an odd block count (5) and of SmolLM2 (18 blocks: two full groups of 8 and a partial one)."""
     assert ops is not None
-    w = random_blocks(qtype, 67, 160)
-    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(1)).to(dtype)
+    w = random_blocks(qtype, 67, k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     bias = torch.randn(67).to(dtype)
     ref = quantize_activations(x.float()) @ dequantize(w).double().T + bias.double()
     scale = ref.abs().max().item()

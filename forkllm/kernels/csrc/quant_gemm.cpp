@@ -244,7 +244,7 @@ inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const in
     } else {
       // a pair of blocks: 32 quant bytes; low nibbles are weights 0..15 of both blocks, high 16..31,
       // matching arrange_x's halves; int32 lanes 0..3 belong to the first block, 4..7 to the second.
-      // Past the last block the x pair is zero, so an odd block's neighbour bytes add nothing.
+      // An odd last block reads its own 16 bytes only (the x pair's other half is zero).
       const __m256i lo4 = _mm256_set1_epi8(0x0f);
       for (int64_t pp = 0; 2 * pp < nbg; ++pp) {
         const int64_t b = g + 2 * pp;
@@ -256,7 +256,10 @@ inline void tile(const uint8_t* __restrict w, int64_t rowb, int64_t nb, const in
           xh[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
         }
         for (int r = 0; r < R; ++r) {
-          const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * rowb + b * QB));
+          const uint8_t* qp = w + r * rowb + b * QB;
+          const __m256i qs = 2 * pp + 1 < nbg
+                                 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp))
+                                 : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qp)));
           const __m256i wl = _mm256_and_si256(qs, lo4), wh = _mm256_and_si256(_mm256_srli_epi16(qs, 4), lo4);
           for (int m = 0; m < MB; ++m) {
             const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(wl, xl[m]), _mm256_maddubs_epi16(wh, xh[m]));
