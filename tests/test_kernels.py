@@ -69,6 +69,66 @@ def test_packed_linear_matches_float32(m, n, k):
         assert torch.allclose(out32, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+packed_f32 = pytest.mark.skipif(
+    kernels is None or not kernels.packed_f32_supported(), reason="no packed float32 GEMM on this CPU"
+)
+
+
+@packed_f32
+@pytest.mark.parametrize("m", [1, 2, 3, 6, 7, 13, 64])
+@pytest.mark.parametrize("n, k", [(960, 576), (7, 576), (40, 33), (1000, 1536), (80, 5), (64, 40)])
+def test_packed_f32_linear_matches_float64_and_is_batch_invariant(m, n, k):
+    """The packed float32 GEMM (one row x 4 blocks, two rows x 3, 6-row tiles and remainders, N
+    padded to 16) against float64, with and without bias; every row equals the same row computed
+    alone (one FMA chain per output, in k order, whatever the rows)."""
+    from forkllm.kernels import pack_weight, unpack_weight
+
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
+    p = pack_weight(w)
+    assert p.shape == (-(-n // 16), k, 16) and torch.equal(unpack_weight(p, n), w)
+    for bias in (b, None):
+        ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        out = kernels.packed_linear(x, p, n, bias)
+        assert out.dtype == torch.float32 and out.shape == (m, n)
+        assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+        for i in (0, m - 1):
+            assert torch.equal(kernels.packed_linear(x[i : i + 1].contiguous(), p, n, bias)[0], out[i])
+
+
+@packed_f32
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])
+def test_packed_f32_silu_linear_matches_reference(rows):
+    from forkllm.kernels import pack_gate_up, unpack_gate_up
+
+    g = torch.Generator().manual_seed(rows)
+    k, i = 96, 64
+    w = torch.randn(2 * i, k, generator=g) * 0.3  # gates past +-10: the sigmoid's both branches
+    x = torch.randn(rows, k, generator=g)
+    p = pack_gate_up(w, i)
+    assert torch.equal(unpack_gate_up(p, i), w)
+    gate, up = x.double() @ w[:i].double().T, x.double() @ w[i:].double().T
+    ref = F.silu(gate) * up
+    out = kernels.packed_silu_linear(x, p, i)
+    assert out.dtype == torch.float32 and out.shape == (rows, i)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="pack_gate_up"):
+        kernels.packed_silu_linear(x, p, i + 16)
+
+
+@packed_f32
+def test_packed_f32_linear_rejects_mismatched_shapes():
+    from forkllm.kernels import pack_weight
+
+    p = pack_weight(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="packed .* weight for x's K and N"):
+        kernels.packed_linear(torch.randn(2, 62), p, 32, None)
+    with pytest.raises(RuntimeError, match="packed .* weight for x's K and N"):
+        kernels.packed_linear(torch.randn(2, 64), p, 33, None)
+
+
 @packed
 def test_packed_linear_rejects_mismatched_shapes():
     from forkllm.kernels import pack_weight
@@ -214,6 +274,36 @@ def test_bf16_engine_with_packed_gemm_matches_pytorch_path():
     ref = plain.engine.runner.model
     assert model.packed_logits is None
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), ref.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+@packed_f32
+def test_float32_engine_with_packed_gemm_matches_pytorch_path():
+    """A float32 engine on an AVX2 CPU: every matmul (fused gate/up and tied logits included) on
+    packed weights scores prompts like the PyTorch path to float32 rounding; greedy tokens agree;
+    turning the kernels off restores every row-major weight exactly."""
+    from conftest import tiny_llm
+
+    from forkllm import SamplingParams
+
+    prompts = [[100 + i, 7, 8, 9] * (3 * i + 1) for i in range(4)]
+    sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
+    fast = tiny_llm(dtype="float32")
+    model = fast.engine.runner.model
+    assert model.packed_logits is not None
+    assert all(layer.gate_up_proj.interleaved and layer.qkv_proj.weight.numel() == 0 for layer in model.layers)
+    plain = tiny_llm(dtype="float32")
+    plain.engine.runner.model.use_cpu_kernels(Kernels.disabled())
+    a = fast.generate(prompts, sp, use_tqdm=False)
+    b = plain.generate(prompts, sp, use_tqdm=False)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        lx = [next(iter(p.values())).logprob for p in x.prompt_logprobs[1:]]
+        ly = [next(iter(p.values())).logprob for p in y.prompt_logprobs[1:]]
+        assert max(abs(u - v) for u, v in zip(lx, ly)) < 1e-4
+    model.use_cpu_kernels(Kernels.disabled())
+    assert model.packed_logits is None
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), plain.engine.runner.model.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
 
 

@@ -6,7 +6,8 @@
 - `sample_filtered`: temperature / min-p / top-k / top-p sampling without a vocabulary sort.
 - `small_linear`: x @ w.T for 1..8 rows, streaming weights on all threads (decode matmuls).
 - `packed_linear`: bf16 x @ w.T for any rows on weights repacked by `pack_weight` (AVX512-BF16
-  CPUs without AMX, where it beats oneDNN's bf16 GEMM at every batch size measured).
+  CPUs without AMX, where it beats oneDNN's bf16 GEMM at every batch size measured), and float32
+  on CPUs with AVX2 but no AVX-512 (a decode step of 6 rows costs about one of 1 row there).
 - `add_rms_norm_`, `silu_mul`, `rope_`, `kv_write_`: the decoder's elementwise ops, one pass each.
 - `quant_linear`: x @ W.T on weights kept in GGUF Q4_0 / Q4_1 / Q8_0 blocks (int8 activations per
   32-block and VNNI dot products, as llama.cpp does; models/quant.py).
@@ -43,6 +44,7 @@ _SOURCES = (
     "sampler.cpp",
     "gemv.cpp",
     "packed_gemm.cpp",
+    "packed_f32.cpp",
     "elementwise.cpp",
     "bitmask.cpp",
     "quant_gemm.cpp",
@@ -128,6 +130,7 @@ class KernelOps(Protocol):
         self, logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None
     ) -> None: ...
     def packed_linear_supported(self) -> bool: ...
+    def packed_f32_supported(self) -> bool: ...
     def packed_silu_linear(self, x: torch.Tensor, P: torch.Tensor, I: int) -> torch.Tensor: ...  # noqa: E741
     def packed_linear(
         self, x: torch.Tensor, P: torch.Tensor, N: int, bias: torch.Tensor | None, float_out: bool = False
@@ -246,6 +249,8 @@ class Kernels:
     shared_prefix_fused: bool = False
     # the packed bf16 GEMM (AVX512-BF16 CPUs without AMX); bf16 weights only
     packed_gemm: bool = False
+    # the packed float32 GEMM (AVX2 CPUs without AVX-512); float32 weights only
+    packed_gemm_f32: bool = False
     # deterministic mode: every matmul through a kernel whose per-row result does not depend on
     # how many rows it runs with (the packed GEMM, else the GEMV in slices of its row limit)
     batch_invariant: bool = False
@@ -285,13 +290,24 @@ class Kernels:
             paged_decode=paged,
             shared_prefix_fused=fused,
             packed_gemm=bool(ops.packed_linear_supported()),
+            packed_gemm_f32=bool(ops.packed_f32_supported()),
         )
+
+    def packs(self, dtype: torch.dtype) -> bool:
+        """Whether weights of `dtype` are repacked for a packed GEMM compiled in here."""
+        return (self.packed_gemm and dtype == torch.bfloat16) or (self.packed_gemm_f32 and dtype == torch.float32)
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N/16), K/2, 16, 2]: 16 outputs x one pair of k per 64-byte row, the
-    operand layout of vdpbf16ps (see csrc/packed_gemm.cpp). N is zero-padded to a multiple of 16."""
+    """bf16 [N, K] -> [ceil(N/16), K/2, 16, 2]: 16 outputs x one pair of k per 64-byte row, the
+    operand layout of vdpbf16ps (see csrc/packed_gemm.cpp); float32 -> [ceil(N/16), K, 16]: 16
+    outputs at one k per row (csrc/packed_f32.cpp). N is zero-padded to a multiple of 16."""
     n, k = w.shape
+    if w.dtype == torch.float32:
+        nb = -(-n // 16)
+        if nb * 16 != n:
+            w = torch.cat([w, w.new_zeros(nb * 16 - n, k)])
+        return w.reshape(nb, 16, k).transpose(1, 2).contiguous()
     if k % 2:
         raise ValueError(f"pack_weight needs an even input size, got {k}")
     nb = -(-n // 16)
@@ -319,5 +335,8 @@ def unpack_gate_up(packed: torch.Tensor, intermediate: int) -> torch.Tensor:
 
 def unpack_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of `pack_weight`: the row-major [n, K] weight."""
+    if packed.dim() == 3:  # float32
+        nb, k = packed.shape[:2]
+        return packed.transpose(1, 2).reshape(nb * 16, k)[:n].contiguous()
     nb, k2 = packed.shape[:2]
     return packed.permute(0, 2, 1, 3).reshape(nb * 16, 2 * k2)[:n].contiguous()

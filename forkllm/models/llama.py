@@ -32,14 +32,14 @@ SMALL_BATCH_ROWS = 8  # up to this many rows, matmuls stream the weights with th
 
 
 def packs(kernels: Kernels, w: torch.Tensor) -> bool:
-    """Whether `w` is repacked for the bf16 packed-GEMM kernel (AVX512-BF16 CPUs without AMX,
-    where it beats oneDNN's bf16 GEMM at every batch size measured: see csrc/packed_gemm.cpp)."""
+    """Whether `w` is repacked for a packed-GEMM kernel: bf16 on AVX512-BF16 CPUs without AMX,
+    float32 on AVX2 CPUs without AVX-512, where each beats oneDNN and the GEMV at every batch size
+    measured (csrc/packed_gemm.cpp, csrc/packed_f32.cpp)."""
     return (
-        kernels.packed_gemm
-        and w.dtype == torch.bfloat16
+        kernels.packs(w.dtype)
         and w.device.type == "cpu"
         and w.dim() == 2
-        and w.shape[1] % 2 == 0
+        and (w.dtype == torch.float32 or w.shape[1] % 2 == 0)
     )
 
 
@@ -70,7 +70,8 @@ def gemv_rows(ops: KernelOps, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
 
 class Linear(nn.Linear):
     """nn.Linear that, once given the CPU kernels, routes decode-sized inputs to a multi-threaded
-    GEMV, or, for bf16 weights on CPUs with AVX512-BF16 and no AMX, every input to the packed GEMM.
+    GEMV, or, where a packed GEMM is compiled in for its dtype (bf16: AVX512-BF16 and no AMX;
+    float32: AVX2 and no AVX-512), every input to the packed GEMM.
     A packed layer drops its row-major weight (memory is not doubled); `set_kernels(Kernels.disabled())`
     restores it."""
 
@@ -79,7 +80,7 @@ class Linear(nn.Linear):
     invariant = False  # Kernels.batch_invariant: unpacked weights go through the GEMV at any rows
 
     def set_kernels(self, kernels: Kernels) -> None:
-        if self.packed is not None and not kernels.packed_gemm:
+        if self.packed is not None and not kernels.packs(self.packed.dtype):
             self.weight = nn.Parameter(unpack_weight(self.packed, self.out_features), requires_grad=False)
             self.packed = None
         self.ops = kernels.ops
@@ -227,8 +228,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm.add_forward(x, delta)[1]
 
     def use_cpu_kernels(self, kernels: Kernels) -> None:
-        """Route matmuls through the C++ kernels (bf16 weights repacked for the packed GEMM where
-        it is compiled in, else the GEMV for decode-sized batches) and the norms, MLP activation
+        """Route matmuls through the C++ kernels (weights repacked for the packed GEMM where it is
+        compiled in for their dtype, else the GEMV for decode-sized batches) and the norms, MLP activation
         and rotary embedding through the fused elementwise kernels (`Kernels.disabled()`: PyTorch,
         weights restored to their row-major layout). Called once, when the engine starts."""
         self.ops = kernels.ops

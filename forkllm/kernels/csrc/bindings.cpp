@@ -24,6 +24,7 @@ void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::T
 void kv_write_(torch::Tensor cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v);
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool packed_linear_supported();
+bool packed_f32_supported();
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t N,
                            c10::optional<torch::Tensor> bias, bool float_out);
 bool quant_linear_vnni();
@@ -47,13 +48,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place from float32 cos/sin tables");
   m.def("kv_write_", &kv_write_, "the step's keys and values into their cache slots (strided k, v allowed)");
   m.def("small_linear", &small_linear, "x @ w.T (+ bias) for 1..8 rows, multi-threaded");
-  m.def("packed_linear", &packed_linear, "bf16 x @ w.T (+ bias), any rows, w packed by pack_weight", py::arg("x"),
+  m.def("packed_linear", &packed_linear, "bf16 or float32 x @ w.T (+ bias), any rows, w packed by pack_weight", py::arg("x"),
         py::arg("P"), py::arg("N"), py::arg("bias"), py::arg("float_out") = false);
   m.def("packed_silu_linear", &packed_silu_linear, "silu(x @ wg.T) * (x @ wu.T), bf16, weights from pack_gate_up");
   m.def("apply_token_bitmask_", &apply_token_bitmask_,
         "-inf where a grammar's token bitmask row disallows, in place (rows: logits row of each mask row)",
         py::arg("logits"), py::arg("bitmask"), py::arg("rows") = py::none());
   m.def("packed_linear_supported", &packed_linear_supported, "whether packed_linear is compiled in (AVX512-BF16, no AMX)");
+  m.def("packed_f32_supported", &packed_f32_supported, "whether packed_linear takes float32 (AVX2 + FMA, no AVX-512)");
   m.def("quant_linear", &quant_linear, "x @ W.T on GGUF Q4_0 / Q4_1 / Q8_0 weight blocks, repacked (int8 activations)");
   m.def("quant_linear_vnni", &quant_linear_vnni, "whether quant_linear runs the AVX512-VNNI kernel (else scalar C++)");
 }

@@ -158,6 +158,10 @@ static void silu_column(const c10::BFloat16* x, int64_t M, int64_t K, const c10:
 
 }  // namespace
 
+torch::Tensor packed_linear_f32(const torch::Tensor& x, const torch::Tensor& P, int64_t N,
+                                const c10::optional<torch::Tensor>& bias);
+torch::Tensor packed_silu_linear_f32(const torch::Tensor& x, const torch::Tensor& P, int64_t I);
+
 bool packed_linear_supported() {
 #ifdef FORKLLM_PACKED_GEMM
   return true;
@@ -166,10 +170,12 @@ bool packed_linear_supported() {
 #endif
 }
 
-// x [M, K] bf16 contiguous; P [ceil(N/16), K/2, 16, 2] bf16 from forkllm.kernels.pack_weight;
+// x [M, K] bf16 contiguous; P [ceil(N/16), K/2, 16, 2] bf16 from forkllm.kernels.pack_weight (float32 x:
+// packed_f32.cpp's layout and kernel);
 // bias [N] or none. float_out: y in float32 (the logits: no bf16 rounding, no conversion pass).
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias,
                             bool float_out) {
+  if (x.scalar_type() == torch::kFloat) return packed_linear_f32(x, P, N, bias);  // csrc/packed_f32.cpp
   TORCH_CHECK(packed_linear_supported(), "packed_linear: needs AVX512-BF16 (and is not used with AMX)");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
               "packed_linear: expected contiguous bfloat16 x [M, K]");
@@ -212,6 +218,7 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::op
 // silu(x @ Wg^T) * (x @ Wu^T) [M, I] in bf16, from P = pack_gate_up(Wg, Wu) [2I/16, K/2, 16, 2]
 // (I a multiple of 16).
 torch::Tensor packed_silu_linear(torch::Tensor x, torch::Tensor P, int64_t I) {
+  if (x.scalar_type() == torch::kFloat) return packed_silu_linear_f32(x, P, I);
   TORCH_CHECK(packed_linear_supported(), "packed_silu_linear: needs AVX512-BF16 (and is not used with AMX)");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
               "packed_silu_linear: expected contiguous bfloat16 x [M, K]");
