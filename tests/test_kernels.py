@@ -291,7 +291,9 @@ def test_float32_engine_with_packed_gemm_matches_pytorch_path():
     fast = tiny_llm(dtype="float32")
     model = fast.engine.runner.model
     assert model.packed_logits is not None
-    assert all(layer.gate_up_proj.interleaved and layer.qkv_proj.weight.numel() == 0 for layer in model.layers)
+    assert all(
+        layer.gate_up_proj.interleaved and layer.qkv_proj.weight.numel() == 0 for layer in model.layers
+    )
     plain = tiny_llm(dtype="float32")
     plain.engine.runner.model.use_cpu_kernels(Kernels.disabled())
     a = fast.generate(prompts, sp, use_tqdm=False)

@@ -295,7 +295,9 @@ class Kernels:
 
     def packs(self, dtype: torch.dtype) -> bool:
         """Whether weights of `dtype` are repacked for a packed GEMM compiled in here."""
-        return (self.packed_gemm and dtype == torch.bfloat16) or (self.packed_gemm_f32 and dtype == torch.float32)
+        return (self.packed_gemm and dtype == torch.bfloat16) or (
+            self.packed_gemm_f32 and dtype == torch.float32
+        )
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
