@@ -67,29 +67,30 @@ inline void tile(const float* __restrict x, int64_t K, const float* __restrict P
 #undef FORKLLM_STORE
 }
 
-// One or two rows against NB consecutive blocks: a decode step of one sequence is memory-bound,
+// One to three rows against NB consecutive blocks: a decode step of one sequence is memory-bound,
 // and one block's stream of loads a k step apart left the weights at ~28 GB/s; NB streams at once
 // reach 34-38 (4 blocks, one row, measured). No prefetch: it cost 3-5% here.
 template <int MB, int NB>
 inline void wide_tile(const float* __restrict x, int64_t K, const float* __restrict P, const float* __restrict bias,
                       int64_t N, int64_t n0, float* __restrict y) {
-  static_assert(MB <= 2 && NB <= 4 && MB * NB <= 6, "12 accumulators at most");
+  static_assert(MB <= 3 && NB <= 4 && MB * NB <= 6, "12 accumulators at most");
   const __m256 z = _mm256_setzero_ps();
   // named accumulators a<row><block><half>, as in tile
 #define FORKLLM_BLOCKS(X, m) X(m, 0) X(m, 1) X(m, 2) X(m, 3)
 #define FORKLLM_DECL(m, j) __m256 a##m##j##0 = z, a##m##j##1 = z;
-  FORKLLM_BLOCKS(FORKLLM_DECL, 0) FORKLLM_BLOCKS(FORKLLM_DECL, 1)
+  FORKLLM_BLOCKS(FORKLLM_DECL, 0) FORKLLM_BLOCKS(FORKLLM_DECL, 1) FORKLLM_BLOCKS(FORKLLM_DECL, 2)
 #undef FORKLLM_DECL
   const int64_t stride = K * 16;
   const float* x1 = x + (MB > 1 ? K : 0);
+  const float* x2 = x + (MB > 2 ? 2 * K : 0);
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = _mm256_broadcast_ss(x + k), b1 = _mm256_broadcast_ss(x1 + k);
+    const __m256 b0 = _mm256_broadcast_ss(x + k), b1 = _mm256_broadcast_ss(x1 + k), b2 = _mm256_broadcast_ss(x2 + k);
 #define FORKLLM_FMA(m, j)                                                                     \
   if constexpr (m < MB && j < NB) {                                                           \
     a##m##j##0 = _mm256_fmadd_ps(b##m, _mm256_loadu_ps(P + j * stride + k * 16), a##m##j##0);     \
     a##m##j##1 = _mm256_fmadd_ps(b##m, _mm256_loadu_ps(P + j * stride + k * 16 + 8), a##m##j##1); \
   }
-    FORKLLM_BLOCKS(FORKLLM_FMA, 0) FORKLLM_BLOCKS(FORKLLM_FMA, 1)
+    FORKLLM_BLOCKS(FORKLLM_FMA, 0) FORKLLM_BLOCKS(FORKLLM_FMA, 1) FORKLLM_BLOCKS(FORKLLM_FMA, 2)
 #undef FORKLLM_FMA
   }
 #define FORKLLM_STORE(m, j)                                                                           \
@@ -99,7 +100,7 @@ inline void wide_tile(const float* __restrict x, int64_t K, const float* __restr
     _mm256_storeu_ps(y + m * N + n0 + 16 * j, _mm256_add_ps(a##m##j##0, c0));                         \
     _mm256_storeu_ps(y + m * N + n0 + 16 * j + 8, _mm256_add_ps(a##m##j##1, c1));                     \
   }
-  FORKLLM_BLOCKS(FORKLLM_STORE, 0) FORKLLM_BLOCKS(FORKLLM_STORE, 1)
+  FORKLLM_BLOCKS(FORKLLM_STORE, 0) FORKLLM_BLOCKS(FORKLLM_STORE, 1) FORKLLM_BLOCKS(FORKLLM_STORE, 2)
 #undef FORKLLM_STORE
 #undef FORKLLM_BLOCKS
 }
@@ -134,43 +135,60 @@ inline __m256 sigmoid256(__m256 g) {
   return _mm256_blendv_ps(r, _mm256_sub_ps(one, r), g);        // sign bit set: 1 - sigmoid(|g|)
 }
 
-// SwiGLU input from pack_gate_up's layout (gate block i, then up block i): MB <= 3 rows x (gate,
-// up) x 16 outputs = 12 accumulators, silu(gate) * up written straight from them.
-template <int MB, bool stream>
+// SwiGLU input from pack_gate_up's layout (gate block i, then up block i): MB rows x NP
+// consecutive (gate, up) pairs x 16 outputs, MB * NP * 4 <= 12 accumulators, silu(gate) * up
+// written straight from them. One row takes three pairs at once: six weight streams (one pair's
+// two streams left it at ~32 GB/s).
+template <int MB, int NP, bool stream>
 inline void silu_tile(const float* __restrict x, int64_t K, const float* __restrict P, int64_t I, int64_t n0,
                       float* __restrict y) {
-  const float* Pu = P + K * 16;
+  static_assert(MB * NP <= 3, "12 accumulators at most");
+  const int64_t stride = K * 16;  // one 16-output block
   const __m256 z = _mm256_setzero_ps();
-  __m256 g00 = z, g01 = z, u00 = z, u01 = z, g10 = z, g11 = z, u10 = z, u11 = z, g20 = z, g21 = z, u20 = z, u21 = z;
+#define FORKLLM_PAIRS(X, m) X(m, 0) X(m, 1) X(m, 2)
+#define FORKLLM_ALL(X) FORKLLM_PAIRS(X, 0) FORKLLM_PAIRS(X, 1) FORKLLM_PAIRS(X, 2)
+#define FORKLLM_DECL(m, j) __m256 g##m##j##0 = z, g##m##j##1 = z, u##m##j##0 = z, u##m##j##1 = z;
+  FORKLLM_ALL(FORKLLM_DECL)
+#undef FORKLLM_DECL
   const float* x0 = x;
   const float* x1 = x + (MB > 1 ? K : 0);
   const float* x2 = x + (MB > 2 ? 2 * K : 0);
   for (int64_t k = 0; k < K; ++k) {
-    if constexpr (stream) {
-      _mm_prefetch(reinterpret_cast<const char*>(P + (k + kAhead) * 16), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(Pu + (k + kAhead) * 16), _MM_HINT_T0);
-    }
-    const __m256 wg0 = _mm256_loadu_ps(P + k * 16), wg1 = _mm256_loadu_ps(P + k * 16 + 8);
-    const __m256 wu0 = _mm256_loadu_ps(Pu + k * 16), wu1 = _mm256_loadu_ps(Pu + k * 16 + 8);
-#define FORKLLM_FMA(i)                                \
-  if constexpr (i < MB) {                             \
-    const __m256 b = _mm256_broadcast_ss(x##i + k);   \
-    g##i##0 = _mm256_fmadd_ps(b, wg0, g##i##0);       \
-    g##i##1 = _mm256_fmadd_ps(b, wg1, g##i##1);       \
-    u##i##0 = _mm256_fmadd_ps(b, wu0, u##i##0);       \
-    u##i##1 = _mm256_fmadd_ps(b, wu1, u##i##1);       \
+    const __m256 b0 = _mm256_broadcast_ss(x0 + k), b1 = _mm256_broadcast_ss(x1 + k), b2 = _mm256_broadcast_ss(x2 + k);
+#define FORKLLM_FMA(m, j)                                                                \
+  if constexpr (m < MB && j < NP) {                                                      \
+    const float* pg = P + 2 * j * stride + k * 16;                                       \
+    if constexpr (stream && m == 0) {                                                    \
+      _mm_prefetch(reinterpret_cast<const char*>(pg + kAhead * 16), _MM_HINT_T0);        \
+      _mm_prefetch(reinterpret_cast<const char*>(pg + stride + kAhead * 16), _MM_HINT_T0); \
+    }                                                                                    \
+    g##m##j##0 = _mm256_fmadd_ps(b##m, _mm256_loadu_ps(pg), g##m##j##0);                 \
+    g##m##j##1 = _mm256_fmadd_ps(b##m, _mm256_loadu_ps(pg + 8), g##m##j##1);             \
+    u##m##j##0 = _mm256_fmadd_ps(b##m, _mm256_loadu_ps(pg + stride), u##m##j##0);        \
+    u##m##j##1 = _mm256_fmadd_ps(b##m, _mm256_loadu_ps(pg + stride + 8), u##m##j##1);    \
   }
-    FORKLLM_FMA(0) FORKLLM_FMA(1) FORKLLM_FMA(2)
+    FORKLLM_ALL(FORKLLM_FMA)
 #undef FORKLLM_FMA
   }
-#define FORKLLM_STORE(i)                                                                                  \
-  if constexpr (i < MB) {                                                                                 \
-    float* out = y + i * I + n0;                                                                          \
-    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_mul_ps(g##i##0, sigmoid256(g##i##0)), u##i##0));           \
-    _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_mul_ps(g##i##1, sigmoid256(g##i##1)), u##i##1));       \
+#define FORKLLM_STORE(m, j)                                                                             \
+  if constexpr (m < MB && j < NP) {                                                                     \
+    float* out = y + m * I + n0 + 16 * j;                                                               \
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_mul_ps(g##m##j##0, sigmoid256(g##m##j##0)), u##m##j##0));     \
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_mul_ps(g##m##j##1, sigmoid256(g##m##j##1)), u##m##j##1)); \
   }
-  FORKLLM_STORE(0) FORKLLM_STORE(1) FORKLLM_STORE(2)
+  FORKLLM_ALL(FORKLLM_STORE)
 #undef FORKLLM_STORE
+#undef FORKLLM_ALL
+#undef FORKLLM_PAIRS
+}
+
+// Blocks [b, e) in groups of G (then 2, then 1) given to run(integral_constant<G>, first block):
+// a thread's share is split this way, so no thread gets a whole group more than the other.
+template <int G, typename Run>
+inline void in_groups(int64_t b, int64_t e, Run&& run) {
+  for (; b + G <= e; b += G) run(std::integral_constant<int, G>{}, b);
+  if constexpr (G > 2) in_groups<2>(b, e, run);
+  else if constexpr (G == 2) in_groups<1>(b, e, run);
 }
 #undef FORKLLM_ROWS
 #endif
@@ -207,16 +225,14 @@ torch::Tensor packed_linear_f32(const torch::Tensor& x, const torch::Tensor& P, 
   float* yp = y.data_ptr<float>();
   const int64_t full = N / 16;  // blocks with 16 real outputs
   auto wide = [&](auto rows, auto blocks) {
-    constexpr int R = decltype(rows)::value, G = decltype(blocks)::value;
-    at::parallel_for(0, full / G, 1, [&](int64_t b, int64_t e) {
-      for (int64_t g = b; g < e; ++g)
-        wide_tile<R, G>(xp, K, pp + g * G * K * 16, bp, N, g * G * 16, yp);
+    constexpr int R = decltype(rows)::value;
+    at::parallel_for(0, full, 1, [&](int64_t b, int64_t e) {
+      in_groups<decltype(blocks)::value>(b, e, [&](auto g, int64_t blk) {
+        wide_tile<R, decltype(g)::value>(xp, K, pp + blk * K * 16, bp, N, blk * 16, yp);
+      });
     });
-    for (int64_t blk = full / G * G; blk < NB; ++blk)  // the rest: a few blocks, one thread
-      tile<R, false>(xp, K, pp + blk * K * 16, bp, N, blk * 16, yp);
+    if (full < NB) tile<R, false>(xp, K, pp + full * K * 16, bp, N, full * 16, yp);  // N % 16 outputs
   };
-  if (M == 1) return wide(std::integral_constant<int, 1>{}, std::integral_constant<int, 4>{}), y;
-  if (M == 2) return wide(std::integral_constant<int, 2>{}, std::integral_constant<int, 3>{}), y;
   at::parallel_for(0, NB, 1, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk)
       row_tiles<kTile>(M, [&](auto rows, auto first, int64_t m) {
@@ -244,10 +260,16 @@ torch::Tensor packed_silu_linear_f32(const torch::Tensor& x, const torch::Tensor
   const float* pp = P.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, I / 16, 1, [&](int64_t b, int64_t e) {
+    if (M == 1) {
+      in_groups<3>(b, e, [&](auto np, int64_t i) {
+        silu_tile<1, decltype(np)::value, false>(xp, K, pp + i * 2 * K * 16, I, i * 16, yp);
+      });
+      return;
+    }
     for (int64_t i = b; i < e; ++i)
       row_tiles<3>(M, [&](auto rows, auto first, int64_t m) {
-        silu_tile<decltype(rows)::value, decltype(first)::value>(xp + m * K, K, pp + i * 2 * K * 16, I, i * 16,
-                                                                  yp + m * I);
+        silu_tile<decltype(rows)::value, 1, decltype(first)::value>(xp + m * K, K, pp + i * 2 * K * 16, I, i * 16,
+                                                                     yp + m * I);
       });
   });
 #endif
