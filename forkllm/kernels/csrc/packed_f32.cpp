@@ -233,6 +233,24 @@ torch::Tensor packed_linear_f32(const torch::Tensor& x, const torch::Tensor& P, 
     });
     if (full < NB) tile<R, false>(xp, K, pp + full * K * 16, bp, N, full * 16, yp);  // N % 16 outputs
   };
+  if (M == 1) return wide(std::integral_constant<int, 1>{}, std::integral_constant<int, 4>{}), y;
+  if (M == 2) return wide(std::integral_constant<int, 2>{}, std::integral_constant<int, 3>{}), y;
+  if (M == 3) return wide(std::integral_constant<int, 3>{}, std::integral_constant<int, 2>{}), y;
+  if (M <= 8) {  // pairs of rows over 3 blocks each; the pairs after the first find them in L1/L2
+    at::parallel_for(0, full, 1, [&](int64_t b, int64_t e) {
+      in_groups<3>(b, e, [&](auto g, int64_t blk) {
+        constexpr int G = decltype(g)::value;
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) wide_tile<2, G>(xp + m * K, K, pp + blk * K * 16, bp, N, blk * 16, yp + m * N);
+        if (m < M) wide_tile<1, G>(xp + m * K, K, pp + blk * K * 16, bp, N, blk * 16, yp + m * N);
+      });
+    });
+    if (full < NB)
+      row_tiles<kTile>(M, [&](auto rows, auto first, int64_t m) {
+        tile<decltype(rows)::value, false>(xp + m * K, K, pp + full * K * 16, bp, N, full * 16, yp + m * N);
+      });
+    return y;
+  }
   at::parallel_for(0, NB, 1, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk)
       row_tiles<kTile>(M, [&](auto rows, auto first, int64_t m) {
