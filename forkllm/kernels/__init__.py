@@ -7,7 +7,7 @@
 - `small_linear`: x @ w.T for 1..8 rows, streaming weights on all threads (decode matmuls).
 - `packed_linear`: bf16 x @ w.T for any rows on weights repacked by `pack_weight` (AVX512-BF16
   CPUs without AMX, where it beats oneDNN's bf16 GEMM at every batch size measured), and float32
-  on CPUs with AVX2 but no AVX-512 (a decode step of 6 rows costs about one of 1 row there).
+  on CPUs with AVX2 but no AVX-512 (a 6-row matmul there costs about a 1-row one).
 - `add_rms_norm_`, `silu_mul`, `rope_`, `kv_write_`: the decoder's elementwise ops, one pass each.
 - `quant_linear`: x @ W.T on weights kept in GGUF Q4_0 / Q4_1 / Q8_0 blocks (int8 activations per
   32-block and VNNI dot products, as llama.cpp does; models/quant.py).

@@ -4,9 +4,10 @@
 // A register tile of 6 rows x 16 outputs is 12 accumulators fed by 2 weight loads and 6
 // broadcasts per 12 FMAs, with no horizontal sums. Measured on a 2-core Zen 3 (peak 201 GFLOP/s,
 // 38-43 GB/s), against the row-major GEMV (one weight row x input rows) and oneDNN's sgemm on the
-// 49152 x 576 logits: 1 row 3.9 -> 2.8-3.5 ms, 6 rows 7-8 -> 3.4-3.8 ms, 64 rows (oneDNN) 29.8 ->
-// 21-22 ms (0.83 of peak). Verifying drafts (2-9 rows per sequence) now costs little more than a
-// decode step, where the GEMV's cost grew with every row.
+// 49152 x 576 logits: 1 row 3.2-3.6 -> 2.3-3.6 ms, 6 rows 6.0-6.5 -> 3.4-3.8 ms, 64 rows
+// (oneDNN) 29.8 -> 21-22 ms (0.83 of peak; streams from memory vary +-20% run to run on this VM).
+// Verifying drafts (2-9 rows per sequence) now costs little more than a decode step, where the
+// GEMV's cost grew with every row.
 // Each output is one lane's FMA chain over k in order whatever M or the tile is: results do not
 // depend on how many rows run together (batch-invariant, as deterministic mode needs).
 #include "common.h"
