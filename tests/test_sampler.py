@@ -262,3 +262,19 @@ def test_sampling_params_check_ids_against_the_vocabulary():
         SamplingParams(logit_bias={8: 1.0}).check_vocab(8)
     with pytest.raises(ValueError, match="top_k"):
         SamplingParams(top_k=2**63)
+
+
+def test_a_huge_temperature_with_a_grammar_stays_inside_it():
+    """temperature 3.4e38 (allowed by the API) with a JSON grammar: every token the grammar allows,
+    none past the vocabulary (1 / T flushed to 0 made NaN probabilities; the draw ran off the end)."""
+    from conftest import tiny_llm
+
+    from forkllm import SamplingParams
+    from forkllm.structured.params import StructuredOutputsParams
+
+    llm = tiny_llm()
+    sp = SamplingParams(
+        temperature=3.4028235677973366e38, max_tokens=4, seed=3, structured=StructuredOutputsParams(json={})
+    )
+    out = llm.generate([[1, 2, 3]], sp, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= 1 and out.finish_reason in ("length", "stop")

@@ -69,6 +69,17 @@ class SampleRow(Protocol):
     def output_token_ids(self) -> list[int]: ...
 
 
+# Temperatures above this sample as this one (already uniform over the allowed tokens to float32
+# precision): the kernel's 1 / T of a larger one (the API allows up to 3.4e38) is a denormal that
+# flush-to-zero makes 0, and 0 x -inf (a grammar-masked logit) is NaN: the draw then ran off the
+# vocabulary's end (found by the server fuzz test).
+MAX_TEMPERATURE = 1e30
+
+
+def _temperature(p: SamplingParams) -> float:
+    return min(p.temperature, MAX_TEMPERATURE)
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -192,7 +203,7 @@ class Sampler:
         """The C++ kernel does temperature, min-p, top-k/top-p and the draw for every row."""
         return ops.sample_filtered(
             logits.float().contiguous(),
-            torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            torch.tensor([_temperature(p) for p in params], dtype=torch.float32),
             torch.tensor([p.top_k for p in params], dtype=torch.long),
             torch.tensor([p.top_p for p in params], dtype=torch.float32),
             torch.tensor([p.min_p for p in params], dtype=torch.float32),
@@ -207,7 +218,7 @@ class Sampler:
             # vocabulary order (as _inverse_cdf), no [rows, vocab] probability matrix.
             u = torch.tensor([uniform(s.seed, s.num_output_tokens) for s in seqs], dtype=torch.float64)
             return self._fused(self.ops, logits, params, u)
-        temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+        temps = torch.tensor([_temperature(p) for p in params], device=dev)[:, None]
         probs = torch.softmax(logits / temps, dim=-1)
         min_p = [p.min_p for p in params]
         if any(min_p):
