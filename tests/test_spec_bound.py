@@ -30,6 +30,10 @@ def test_ceiling_of_a_single_stream_and_of_a_batch() -> None:
     # perfect drafts of mean length 3: a step of 3 rows (22 ms) gives 3 tokens
     assert c.seconds_at_length == pytest.approx(0.100 + 10 * 0.022 / 3)
     assert c.seconds_unlimited == pytest.approx(0.100 + 10 * 0.002)
+    # timed from the first token (W7's single stream): the prompt step is on neither side
+    d = ceiling(single, CURVE, 3.0, prompts=False)
+    assert d.off_seconds == pytest.approx(0.200) and d.prompt_seconds == 0.0
+    assert d.speedup_at_length == pytest.approx(0.200 / (10 * 0.022 / 3))
     # a batch of 16 is already on the slope: drafts only save the per-step base
     batch = [StepRecord(0, 16, 0.048)] * 10
     b = ceiling(batch, CURVE, 3.0)

@@ -198,7 +198,7 @@ def bench_speculative(args: argparse.Namespace) -> int:
     greedy = SamplingParams(temperature=0, max_tokens=W7_TOKENS)
 
     def run(
-        name: str, fn: Any, prompts: Any, sp: Any, variants: list[str]
+        name: str, fn: Any, prompts: Any, sp: Any, variants: list[str], with_prompts: bool = True
     ) -> dict[str, tuple[float, dict[str, float]]]:
         speeds: dict[str, list[float]] = {v: [] for v in variants}
         acc: dict[str, dict[str, float]] = {}
@@ -242,7 +242,7 @@ def bench_speculative(args: argparse.Namespace) -> int:
         results[name] = {v: {"tok_s": s, "identical": same[v], **a} for v, (s, a) in out.items()}
         if curve and len(variants) > 1:
             best = max(out[v][1]["mean_len"] for v in variants[1:])
-            bound = ceiling(off_steps, curve, best)
+            bound = ceiling(off_steps, curve, best, prompts=with_prompts)
             ceilings.append(f"{name}: {bound.describe()}")
             results[name]["ceiling"] = {
                 "mean_length": bound.at_length,
@@ -264,7 +264,9 @@ def bench_speculative(args: argparse.Namespace) -> int:
             "decode step by rows: " + ", ".join(f"{r}: {t * 1e3:.1f} ms" for r, t in curve.items()),
             flush=True,
         )
-    run("W7 single stream", _single_stream, w7, greedy, variants)
+    run(
+        "W7 single stream", _single_stream, w7, greedy, variants, with_prompts=False
+    )  # timed from first tokens
     if "llamacpp" in getattr(args, "peers_list", []):
         rows.extend(_llamacpp_lookup_rows(args, w7, W7_TOKENS, results))
     run("W7 batch of 16", _batch, w7, greedy, variants)
