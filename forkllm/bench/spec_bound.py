@@ -114,7 +114,7 @@ def ceiling(steps: list[StepRecord], curve: dict[int, float], length: float, pro
     """The bound of a run without speculation (its steps) at mean accepted length `length`.
     `prompts=False` for a speed timed from each first token (W7's single stream): the steps
     computing prompts are left out of both sides, as they are of the speed (counting them
-    understated that bound: 1.61x printed where decode alone allowed ~2.1x)."""
+    understated that bound: 1.61x printed where decode alone allowed 1.83x)."""
     prompt = sum(s.seconds for s in steps if s.prompt_tokens) if prompts else 0.0
     decode = [s for s in steps if not s.prompt_tokens and s.decode_rows]
     off = prompt + sum(s.seconds for s in decode)
