@@ -14,7 +14,7 @@ from conftest import tiny_llm
 from forkllm import SamplingParams
 from forkllm.engine.scheduler import ScheduledSequence
 from forkllm.engine.spec.decoder import SpeculativeDecoder
-from forkllm.engine.spec.proposers import NgramProposer, SuffixProposer
+from forkllm.engine.spec.proposers import NgramProposer, SuffixProposer, _count, _History
 
 # Prompts with repeated text, so the proposers find drafts in them and in the (looping) output of
 # the random-weight model.
@@ -134,23 +134,36 @@ def test_abort_drops_proposer_state():
     assert eng.kv.pool.num_used == base
 
 
-def test_second_identical_request_is_not_accepted_less():
-    """No state carries over: the same request twice drafts and accepts exactly the same."""
-    spec = tiny_llm(speculative="suffix")
+def _drafted_twice(spec, prompt, sp):
+    """(draft tokens, accepted tokens, output) of the same request run twice, one after the other."""
     eng = spec.engine
-    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    counts = []
+    runs = []
     for _ in range(2):
         before = eng.metrics()
-        spec.generate(PROMPTS[:1], sp)
+        out = spec.generate([prompt], sp)[0].outputs[0].token_ids
         after = eng.metrics()
-        counts.append(
+        runs.append(
             (
                 after["spec_draft_tokens"] - before["spec_draft_tokens"],
                 after["spec_accepted_tokens"] - before["spec_accepted_tokens"],
+                out,
             )
         )
-    assert counts[1][1] >= counts[0][1] > 0
+    return runs
+
+
+def test_second_identical_request_is_not_accepted_less():
+    """Without history no state carries over: the same request twice drafts and accepts exactly
+    the same. With it (the default) the second drafts from the first's output: it accepts more,
+    and its tokens are still those of the engine without speculation."""
+    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    prompt = list(range(2000, 2030))  # no repeats: the prompt itself drafts nothing
+    plain = tiny_llm().generate([prompt], sp)[0].outputs[0].token_ids
+    first, second = _drafted_twice(tiny_llm(speculative="suffix", speculative_history_tokens=0), prompt, sp)
+    assert first == second and first[2] == plain
+    first, second = _drafted_twice(tiny_llm(speculative="suffix"), prompt, sp)
+    assert first[2] == second[2] == plain
+    assert second[1] > first[1] and second[1] >= 32, (first[:2], second[:2])
 
 
 def test_structured_output_stays_in_grammar_with_drafts(plain, spec):
@@ -204,6 +217,7 @@ class _Seq:
 
 class _Req:
     request_id = "r"
+    seqs: list = []
 
 
 def test_ngram_proposes_the_latest_continuation():
@@ -223,6 +237,57 @@ def test_suffix_drafts_from_siblings():
     req.seqs = [a, b]
     assert p.propose(a, 0) == []  # feeds a's text
     assert p.propose(b, 3) == [12, 13, 14]
+
+
+def test_suffix_history_drafts_from_finished_requests_only():
+    """A finished request's outputs draft for later requests (behind the request's own table at
+    equal context length); aborted and pruned outputs are not kept; clear_history forgets."""
+    p = SuffixProposer(min_n=1, max_n=3, history_tokens=100)
+    done = _Req()
+    done.seqs = [_Seq([1, 2, 3, 10, 11, 12, 13], prompt=3, sid="a", req=done)]
+    gone = _Req()
+    gone.seqs = [_Seq([1, 2, 3, 20, 21, 22], prompt=3, sid="b", req=gone)]
+    for seq, reason in ((done.seqs[0], "stop"), (gone.seqs[0], "abort")):
+        seq.finish_reason = reason
+    p.drop(done)
+    p.drop(gone)
+    assert p.history.num_tokens == 4  # the finished output only
+    new = _Req()
+    new.request_id = "n"
+    assert p.propose(_Seq([7, 2, 3], prompt=3, sid="c", req=new), 4) == [10, 11, 12, 13]
+    assert p.history_drafts == 1
+    # its own text wins at the same context length: "2 3 -> 30" in the prompt beats the history
+    own = _Req()
+    own.request_id = "o"
+    assert p.propose(_Seq([2, 3, 30, 31, 2, 3], prompt=6, sid="d", req=own), 2) == [30, 31]
+    p.clear_history()
+    assert p.history.num_tokens == 0 and not p.history.table
+    new.request_id = "n2"
+    assert p.propose(_Seq([7, 2, 3], prompt=3, sid="e", req=new), 4) == []
+
+
+def test_suffix_history_is_bounded_and_evicts_its_counts():
+    """At most max_tokens output tokens are held; the oldest leaves first and the table is then
+    exactly the count of the outputs still held."""
+    h = _History(range(3, 0, -1), max_tokens=10)
+    outs = [([1, 2, 3] + list(range(10 * k, 10 * k + 4)), 3) for k in range(1, 6)]
+    for tokens, p in outs:
+        h.add(tokens, p)
+        assert h.num_tokens <= 10
+    assert h.num_tokens == 8  # the last two outputs of 4 tokens
+    expect: dict = {}
+    for tokens, p in outs[-2:]:
+        keep = tokens[max(0, p - 3) :]
+        _count(expect, range(3, 0, -1), keep, p - 1 - (len(tokens) - len(keep)), len(keep) - 1)
+    assert h.table == expect
+    h.add(list(range(100, 150)), 5)  # longer than the history: only its last 10 tokens
+    assert h.num_tokens == 10 and (149,) not in h.table and h.table[(148,)] == {149: 1}
+    assert (110,) not in h.table and h.table[(140,)] == {141: 1}
+
+
+def test_history_tokens_must_not_be_negative():
+    with pytest.raises(ValueError, match="speculative_history_tokens must be >= 0"):
+        tiny_llm(speculative="suffix", speculative_history_tokens=-1)
 
 
 # ---- the sampled distribution -------------------------------------------------------------------

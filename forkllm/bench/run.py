@@ -128,7 +128,8 @@ def add_bench_parser(sub: Any) -> None:
         "--proposers",
         default=None,
         help="comma-separated proposers to compare (ngram, suffix, self, or a draft model: a path or a dummy "
-        "preset; NAME-treeW: draft trees of W guesses, e.g. suffix-tree2)",
+        "preset; NAME-treeW: draft trees of W guesses, e.g. suffix-tree2; suffix-historyN: N tokens of "
+        "finished outputs to draft from, suffix-history0: none)",
     )
     spec.add_argument("--limit", type=int, default=None, help="W7: only the first N of the 16 prompts")
     spec.add_argument("--skip-throughput", action="store_true", help="W7 rows only (no W2 / W1 rows)")

@@ -95,7 +95,15 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     d = after.get("spec_draft_tokens", 0) - before.get("spec_draft_tokens", 0)
     a = after.get("spec_accepted_tokens", 0) - before.get("spec_accepted_tokens", 0)
     n = after.get("spec_drafts", 0) - before.get("spec_drafts", 0)
-    return {"draft": d, "accepted": a, "rate": a / d if d else 0.0, "mean_len": 1 + a / n if n else 0.0}
+    h = after.get("spec_history_drafts", 0) - before.get("spec_history_drafts", 0)
+    return {
+        "draft": d,
+        "accepted": a,
+        "rate": a / d if d else 0.0,
+        "mean_len": 1 + a / n if n else 0.0,
+        "history_drafts": h,
+        "drafts": n,
+    }
 
 
 def _single_stream(llm: Any, prompts: list[list[int]], sp: Any) -> tuple[float, list[list[int]]]:
@@ -130,11 +138,20 @@ def _batch(llm: Any, prompts: list[Any], sp: Any) -> tuple[float, list[list[list
 
 
 def _spec_engine(kw: dict[str, Any], variant: str) -> Any:
-    """`suffix`, or `suffix-tree3`: draft trees of 3 guesses."""
+    """`suffix`; `suffix-tree3`: draft trees of 3 guesses; `suffix-history0`: no history of
+    finished requests (or another size in tokens)."""
     from forkllm import LLM
 
-    name, _, width = variant.partition("-tree")
-    return LLM(**{**kw, "speculative": name, "speculative_tree_width": int(width or 1)})
+    name, extra = variant, {}
+    fields = {"tree": "speculative_tree_width", "history": "speculative_history_tokens"}
+    while True:  # options at the end only: a draft model's path may hold dashes
+        head, _, opt = name.rpartition("-")
+        key = next((k for k in fields if opt.startswith(k) and opt[len(k) :].isdigit()), None)
+        if not head or key is None:
+            break
+        extra[fields[key]] = int(opt[len(key) :])
+        name = head
+    return LLM(**{**kw, "speculative": name, **extra})
 
 
 def _llamacpp_lookup_rows(
@@ -210,6 +227,8 @@ def bench_speculative(args: argparse.Namespace) -> int:
             for v in order:
                 llm = engines[v]
                 llm.engine.kv.pool.drop_cached()
+                if llm.engine.spec is not None:  # drafts from this run's finished requests only
+                    llm.engine.spec.clear_history()
                 before = _spec_metrics(llm.engine)
                 with record_steps(llm.engine) as steps:
                     speed, outs = fn(llm, prompts, sp)
@@ -229,6 +248,8 @@ def bench_speculative(args: argparse.Namespace) -> int:
                 note += (
                     f"; accepted {a['rate']:.0%} of {a['draft']:.0f} drafted, mean length {a['mean_len']:.2f}"
                 )
+                if a["history_drafts"]:
+                    note += f"; {a['history_drafts']:.0f} of {a['drafts']:.0f} drafts from earlier requests"
             rows.append(
                 Row(
                     f"{name}: {v}",

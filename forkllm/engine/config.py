@@ -121,7 +121,8 @@ class EngineConfig:
     speculative: str | None = _flag(
         None,
         "speculative decoding: 'ngram' (prompt lookup over each sequence's own text), 'suffix' "
-        "(one n-gram table per request over its prompt and all its samples' outputs) or 'self' (the "
+        "(one n-gram table per request over its prompt and all its samples' outputs, then recent "
+        "finished requests' outputs) or 'self' (the "
         "model's first layers + LM head draft), or a draft model with the same tokenizer (a .gguf "
         "file, an HF folder, or a preset with --load-format dummy); lossless, and a draft is made only "
         "when the step's measured cost says it pays",
@@ -134,6 +135,11 @@ class EngineConfig:
         "--speculative ngram|suffix: guesses a draft may hold (> 1: a draft tree, every branch verified "
         "in the same forward with a tree mask; 1: one chain, the better choice on CPUs, where each "
         "extra row costs; see README)",
+    )
+    speculative_history_tokens: int = _flag(
+        16384,
+        "--speculative suffix: output tokens of recent finished requests it also drafts from "
+        "(SuffixDecoding's global tree; the request's own text is preferred; 0: none)",
     )
     speculative_draft_layers: int | None = _flag(
         None, "--speculative self: layers of the early exit that drafts (default: a quarter of the model's)"
@@ -184,6 +190,10 @@ class EngineConfig:
                 ) from None
         if self.speculative_tree_width < 1:
             raise ValueError(f"speculative_tree_width must be >= 1, got {self.speculative_tree_width}")
+        if self.speculative_history_tokens < 0:
+            raise ValueError(
+                f"speculative_history_tokens must be >= 0, got {self.speculative_history_tokens}"
+            )
         if self.speculative_draft_layers is not None and self.speculative_draft_layers < 1:
             raise ValueError(f"speculative_draft_layers must be >= 1, got {self.speculative_draft_layers}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

@@ -145,6 +145,7 @@ class LLMEngine:
             proposer = make_proposer(
                 config.speculative,
                 lambda rows: runner.draft_greedy(rows, exit_layer),
+                history_tokens=config.speculative_history_tokens,
                 num_layers=exit_layer,
                 total_layers=mcfg.num_layers,
                 head_share=mcfg.vocab_size * mcfg.hidden_size / max(1, mcfg.num_params),

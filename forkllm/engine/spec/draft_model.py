@@ -74,6 +74,9 @@ class DraftModelProposer:
     def drop(self, request: Request) -> None:
         pass  # nothing of a request outlives its step in the draft engine (but cached pages)
 
+    def clear_history(self) -> None:
+        pass
+
 
 def check_same_vocabulary(target: Any, draft: Any, name: str) -> None:
     """A draft model must speak the target's tokens: the same vocabulary, id for id. `target`,

@@ -6,18 +6,24 @@ text its request already holds, so a draft costs a few dictionary lookups and no
 - `SuffixProposer` ("suffix"): one n-gram table per request, fed by the prompt and by the output
   of every sequence of the request (n > 1 samples, beams, particles, forks), counting what
   followed each context; a draft follows the most frequent continuation of the longest context
-  seen. Siblings write nearly the same text, so each one's output drafts for the others.
+  seen. Siblings write nearly the same text, so each one's output drafts for the others. Behind
+  it, a bounded table of the outputs of recent finished requests (SuffixDecoding's global tree):
+  repeated tasks (agents, templated jobs) write what earlier requests wrote.
 - `SelfDraftProposer` ("self"): the model's own first layers, final norm and LM head (an early
   exit, Draft & Verify / LayerSkip style) draft greedily, one pass per draft position over every
   drafting sequence at once; no second model, and no KV of its own (the early layers' KV at a
   position is what the full model writes there).
 
 State is per request (and per sequence for prompt lookup), made on first use and dropped when the
-request ends: nothing is carried from one request to the next.
+request ends. The only thing carried from one request to the next is the suffix proposer's history
+of finished outputs: bounded in tokens (the oldest output leaves first and its counts are taken
+back), consulted only where the request's own table knows no longer context, and never fed by
+aborted or pruned sequences. `clear_history()` empties it (benchmarks' repetitions start cold).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -40,6 +46,10 @@ class Proposer(Protocol):
         """Forget a request's state (it finished or was aborted)."""
         ...
 
+    def clear_history(self) -> None:
+        """Forget what was learnt from earlier requests (nothing, for most proposers)."""
+        ...
+
 
 @dataclass
 class _Index:
@@ -56,6 +66,9 @@ class _LookupProposer:
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
         raise NotImplementedError
+
+    def clear_history(self) -> None:
+        pass
 
     def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         return [self.propose(s, k) for s, k in zip(seqs, ks)]
@@ -141,35 +154,85 @@ class NgramProposer(_LookupProposer):
             self._outputs.pop(sid, None)
 
 
+Table = dict[tuple[int, ...], dict[int, int]]  # context -> {next token: count}
+
+
+def _count(table: Table, orders: range, tokens: list[int], start: int, end: int, delta: int = 1) -> None:
+    """Add `delta` to the count of the token at i + 1 after each context (of every order) ending at
+    i, for i in [start, end); a count that reaches 0 is removed, and a context left with none."""
+    for i in range(start, end):
+        nxt = tokens[i + 1]
+        for n in orders:
+            if i + 1 < n:
+                continue
+            ctx = tuple(tokens[i + 1 - n : i + 1])
+            after = table.setdefault(ctx, {})
+            c = after.get(nxt, 0) + delta
+            if c > 0:
+                after[nxt] = c
+            else:
+                after.pop(nxt, None)
+                if not after:
+                    del table[ctx]
+
+
 @dataclass
 class _Counts:
-    """One request's n-gram table: context -> {next token: count}, and how far each of its
-    sequences has been read into it."""
+    """One request's n-gram table, and how far each of its sequences has been read into it."""
 
-    table: dict[tuple[int, ...], dict[int, int]] = field(default_factory=dict)
+    table: Table = field(default_factory=dict)
     read: dict[str, int] = field(default_factory=dict)  # sequence id -> positions counted up to
 
 
+class _History:
+    """The outputs of the latest finished sequences, counted as in a request's table, at most
+    `max_tokens` of them: the oldest leaves first and its counts are subtracted, so the table
+    always describes exactly the outputs held."""
+
+    def __init__(self, orders: range, max_tokens: int) -> None:
+        self.orders, self.max_tokens = orders, max_tokens
+        self.table: Table = {}
+        self._held: deque[tuple[list[int], int]] = deque()  # (tokens, first counted position)
+        self.num_tokens = 0
+
+    def add(self, tokens: list[int], num_prompt: int) -> None:
+        """Count an output; the prompt's last tokens are kept as context for its first tokens."""
+        keep = tokens[max(0, num_prompt - max(self.orders)) :]
+        start = len(keep) - (len(tokens) - num_prompt) - 1  # predicts the first output token
+        if len(keep) - 1 - start > self.max_tokens:  # longer than the whole history: its end
+            keep, start = keep[-self.max_tokens - max(self.orders) :], max(self.orders) - 1
+        n = len(keep) - 1 - start
+        if n <= 0:
+            return
+        while self._held and self.num_tokens + n > self.max_tokens:
+            old, old_start = self._held.popleft()
+            _count(self.table, self.orders, old, old_start, len(old) - 1, -1)
+            self.num_tokens -= len(old) - 1 - old_start
+        _count(self.table, self.orders, keep, start, len(keep) - 1)
+        self._held.append((keep, start))
+        self.num_tokens += n
+
+    def clear(self) -> None:
+        self.table.clear()
+        self._held.clear()
+        self.num_tokens = 0
+
+
+# Finish reasons of outputs worth remembering (not aborted, not pruned by a policy).
+_COMPLETE = ("stop", "length")
+
+
 class SuffixProposer(_LookupProposer):
-    """Most frequent continuation over the request's prompt and all its sequences' outputs."""
+    """Most frequent continuation over the request's prompt and all its sequences' outputs, then
+    over the outputs of recent finished requests (`history_tokens` of them; 0: none)."""
 
     name = "suffix"
 
-    def __init__(self, min_n: int = 1, max_n: int = 6) -> None:
+    def __init__(self, min_n: int = 1, max_n: int = 6, history_tokens: int = 0) -> None:
         self.orders = range(max_n, min_n - 1, -1)
         self._requests: dict[str, _Counts] = {}
-
-    def _count(self, counts: _Counts, tokens: list[int], start: int, end: int) -> None:
-        """Count, for every position i in [start, end), the token at i + 1 after each context
-        ending at i."""
-        table = counts.table
-        for i in range(start, end):
-            nxt = tokens[i + 1]
-            for n in self.orders:
-                if i + 1 < n:
-                    continue
-                after = table.setdefault(tuple(tokens[i + 1 - n : i + 1]), {})
-                after[nxt] = after.get(nxt, 0) + 1
+        self.history = _History(self.orders, history_tokens) if history_tokens > 0 else None
+        self.history_drafts = 0  # drafts whose first token came from the history
 
     def _feed(self, seq: Sequence) -> _Counts:
         """Bring the request's table up to date with this sequence's tokens (every sequence feeds
@@ -178,43 +241,54 @@ class SuffixProposer(_LookupProposer):
         counts = self._requests.get(req.request_id)
         if counts is None:
             counts = self._requests[req.request_id] = _Counts()
-            self._count(counts, seq.token_ids, 0, seq.num_prompt_tokens - 1)
+            _count(counts.table, self.orders, seq.token_ids, 0, seq.num_prompt_tokens - 1)
         # A fork's tokens before its fork point were its parent's: counted there.
         start = counts.read.get(seq.seq_id, seq.num_prompt_tokens + seq.num_output_at_fork - 1)
         end = len(seq.token_ids) - 1
         if end > start:
-            self._count(counts, seq.token_ids, start, end)
+            _count(counts.table, self.orders, seq.token_ids, start, end)
         counts.read[seq.seq_id] = max(start, end)
         return counts
 
+    def _tables(self, seq: Sequence) -> list[Table]:
+        own = self._feed(seq).table
+        return [own] if self.history is None else [own, self.history.table]
+
     def propose(self, seq: Sequence, k: int) -> list[int]:
-        return self._greedy(self._feed(seq).table, seq.token_ids[-max(self.orders) :], k)
+        tables = self._tables(seq)
+        draft = self._greedy(tables, seq.token_ids[-max(self.orders) :], k)
+        if draft and len(tables) > 1 and self._after(tables[:1], seq.token_ids[-max(self.orders) :]) is None:
+            self.history_drafts += 1
+        return draft
 
     def candidates(self, seq: Sequence, k: int, width: int) -> list[list[int]]:
         """The `width` most frequent next tokens after the longest known context, each followed
         by its most frequent continuation."""
-        table = self._feed(seq).table
+        tables = self._tables(seq)
         ctx = seq.token_ids[-max(self.orders) :]
-        after = self._after(table, ctx)
+        after = self._after(tables, ctx)
         if not after or k <= 0:
             return []
         firsts = sorted(after, key=after.__getitem__, reverse=True)[:width]
-        return [[t, *self._greedy(table, [*ctx, t], k - 1)] for t in firsts]
+        return [[t, *self._greedy(tables, [*ctx, t], k - 1)] for t in firsts]
 
-    def _after(self, table: dict[tuple[int, ...], dict[int, int]], ctx: list[int]) -> dict[int, int] | None:
-        """Counts of what followed the longest context of `ctx` seen."""
+    def _after(self, tables: list[Table], ctx: list[int]) -> dict[int, int] | None:
+        """Counts of what followed the longest context of `ctx` seen (the request's own table
+        first at each length)."""
         for n in self.orders:
             if n <= len(ctx):
-                after = table.get(tuple(ctx[-n:]))
-                if after:
-                    return after
+                key = tuple(ctx[-n:])
+                for table in tables:
+                    after = table.get(key)
+                    if after:
+                        return after
         return None
 
-    def _greedy(self, table: dict[tuple[int, ...], dict[int, int]], ctx: list[int], k: int) -> list[int]:
+    def _greedy(self, tables: list[Table], ctx: list[int], k: int) -> list[int]:
         ctx = list(ctx)
         draft: list[int] = []
         while len(draft) < k:
-            after = self._after(table, ctx)
+            after = self._after(tables, ctx)
             if not after:
                 break
             nxt = max(after, key=after.__getitem__)
@@ -224,6 +298,14 @@ class SuffixProposer(_LookupProposer):
 
     def drop(self, request: Request) -> None:
         self._requests.pop(request.request_id, None)
+        if self.history is not None:
+            for seq in request.seqs:
+                if seq.finish_reason in _COMPLETE:
+                    self.history.add(seq.token_ids, seq.num_prompt_tokens)
+
+    def clear_history(self) -> None:
+        if self.history is not None:
+            self.history.clear()
 
 
 DraftPass = Callable[[list[tuple[Sequence, int, int]]], list[int]]
@@ -257,17 +339,23 @@ class SelfDraftProposer:
     def drop(self, request: Request) -> None:
         pass
 
+    def clear_history(self) -> None:
+        pass
+
 
 PROPOSERS = ("ngram", "suffix", "self")
 
 
-def make_proposer(name: str, draft_pass: DraftPass | None = None, **shape: float) -> Proposer:
+def make_proposer(
+    name: str, draft_pass: DraftPass | None = None, history_tokens: int = 0, **shape: float
+) -> Proposer:
     """The proposer for `--speculative NAME` ("self" needs the runner's draft pass and the
-    model's shape: num_layers, total_layers, head_share)."""
+    model's shape: num_layers, total_layers, head_share; "suffix" keeps `history_tokens` of
+    finished outputs)."""
     if name == "ngram":
         return NgramProposer()
     if name == "suffix":
-        return SuffixProposer()
+        return SuffixProposer(history_tokens=history_tokens)
     if name == "self":
         assert draft_pass is not None
         return SelfDraftProposer(
