@@ -200,6 +200,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self._layer_list: list[DecoderLayer] = list(self.layers)  # type: ignore[arg-type]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # tied embeddings kept quantized (models/quant.py): the logits' weight; lookups stay dense
         self.quant_logits: QuantLinear | None = None
@@ -223,7 +224,10 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = RotaryApplier(self.rotary, positions, x.dtype, self.ops)
         delta: torch.Tensor | None = None
-        for layer in self.layers[:num_layers]:
+        # a plain list: slicing the ModuleList would build a new ModuleList (30 add_module calls)
+        # every step
+        layers = self._layer_list if num_layers is None else self._layer_list[:num_layers]
+        for layer in layers:
             x, delta = layer.forward(x, delta, rope, attn)
         return self.norm.add_forward(x, delta)[1]
 
