@@ -260,6 +260,12 @@ def test_suffix_history_drafts_from_finished_requests_only():
     own = _Req()
     own.request_id = "o"
     assert p.propose(_Seq([2, 3, 30, 31, 2, 3], prompt=6, sid="d", req=own), 2) == [30, 31]
+    assert p.history_drafts == 1
+    # a longer context in the history beats a shorter one of its own ("3 -> 50" vs "2 3 -> 10")
+    longer = _Req()
+    longer.request_id = "l"
+    assert p.propose(_Seq([3, 50, 9, 2, 3], prompt=5, sid="f", req=longer), 2) == [10, 11]
+    assert p.history_drafts == 2
     p.clear_history()
     assert p.history.num_tokens == 0 and not p.history.table
     new.request_id = "n2"

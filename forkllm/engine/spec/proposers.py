@@ -232,7 +232,7 @@ class SuffixProposer(_LookupProposer):
         self.orders = range(max_n, min_n - 1, -1)
         self._requests: dict[str, _Counts] = {}
         self.history = _History(self.orders, history_tokens) if history_tokens > 0 else None
-        self.history_drafts = 0  # drafts whose first token came from the history
+        self.history_drafts = 0  # chain drafts whose first token came from the history
 
     def _feed(self, seq: Sequence) -> _Counts:
         """Bring the request's table up to date with this sequence's tokens (every sequence feeds
@@ -256,8 +256,9 @@ class SuffixProposer(_LookupProposer):
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
         tables = self._tables(seq)
-        draft = self._greedy(tables, seq.token_ids[-max(self.orders) :], k)
-        if draft and len(tables) > 1 and self._after(tables[:1], seq.token_ids[-max(self.orders) :]) is None:
+        ctx = seq.token_ids[-max(self.orders) :]
+        draft = self._greedy(tables, ctx, k)
+        if draft and self._longest(tables, ctx)[1] > 0:
             self.history_drafts += 1
         return draft
 
@@ -275,14 +276,18 @@ class SuffixProposer(_LookupProposer):
     def _after(self, tables: list[Table], ctx: list[int]) -> dict[int, int] | None:
         """Counts of what followed the longest context of `ctx` seen (the request's own table
         first at each length)."""
+        return self._longest(tables, ctx)[0]
+
+    def _longest(self, tables: list[Table], ctx: list[int]) -> tuple[dict[int, int] | None, int]:
+        """`_after`'s counts and the index of the table they came from (1: the history)."""
         for n in self.orders:
             if n <= len(ctx):
                 key = tuple(ctx[-n:])
-                for table in tables:
+                for i, table in enumerate(tables):
                     after = table.get(key)
                     if after:
-                        return after
-        return None
+                        return after, i
+        return None, -1
 
     def _greedy(self, tables: list[Table], ctx: list[int], k: int) -> list[int]:
         ctx = list(ctx)
