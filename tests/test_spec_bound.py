@@ -55,3 +55,23 @@ def test_record_steps_and_step_curve_on_a_tiny_model() -> None:
     assert all(s.seconds > 0 for s in log)
     curve = step_curve(llm, list(range(5, 40)), rows=(1, 2, 4), steps=2)
     assert sorted(curve) == [1, 2, 4] and all(t > 0 for t in curve.values())
+
+
+def test_proposer_variants_parse_their_options(monkeypatch) -> None:
+    """`--proposers suffix-tree3-history0`: options at the end only (a draft model's path may hold
+    dashes); an unknown suffix stays part of the name."""
+    import forkllm
+    from forkllm.bench.spec_bench import _spec_engine
+
+    monkeypatch.setattr(forkllm, "LLM", lambda **kw: kw)
+    assert _spec_engine({"seed": 1}, "suffix-tree3-history0") == {
+        "seed": 1,
+        "speculative": "suffix",
+        "speculative_tree_width": 3,
+        "speculative_history_tokens": 0,
+    }
+    assert _spec_engine({}, "suffix-history512") == {
+        "speculative": "suffix",
+        "speculative_history_tokens": 512,
+    }
+    assert _spec_engine({}, "/models/small-draft.gguf") == {"speculative": "/models/small-draft.gguf"}

@@ -139,7 +139,8 @@ class EngineConfig:
     speculative_history_tokens: int = _flag(
         16384,
         "--speculative suffix: output tokens of recent finished requests it also drafts from "
-        "(SuffixDecoding's global tree; the request's own text is preferred; 0: none)",
+        "(SuffixDecoding's global tree; the longest matching context wins, the request's own text at "
+        "equal length; 0: none)",
     )
     speculative_draft_layers: int | None = _flag(
         None, "--speculative self: layers of the early exit that drafts (default: a quarter of the model's)"
