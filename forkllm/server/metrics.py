@@ -87,7 +87,10 @@ class ServerMetrics:
                 ("spec_mean_accepted_length", "tokens a drafted sequence gains per step (accepted + 1)"),
                 ("spec_tree_drafts", "drafts with more than one branch (--speculative-tree-width)"),
                 ("spec_branch_wins", "tree drafts whose kept path was not the first guess"),
-                ("spec_history_drafts", "suffix drafts that began from recent finished requests' outputs"),
+                (
+                    "spec_history_drafts",
+                    "suffix drafts whose first token came from recent finished requests' outputs",
+                ),
                 ("spec_history_tokens", "output tokens held in the suffix drafts' history"),
             )
         }
