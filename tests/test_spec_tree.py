@@ -51,6 +51,12 @@ class RightOnSecondBranch:
     def drop(self, request: Request) -> None:
         pass
 
+    def clear_history(self) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
 
 @pytest.fixture(scope="module")
 def plain():

@@ -290,16 +290,8 @@ class SpeculativeDecoder:
             "spec_tree_drafts": st.tree_drafts,
             "spec_branch_wins": st.branch_wins,
             "spec_row_cost_ratio": self.cost.ratio(),
-            **self.proposer_metrics(),
+            **self.proposer.metrics(),
         }
-
-    def proposer_metrics(self) -> dict[str, float]:
-        """The suffix proposer's history: drafts begun from it, tokens it holds."""
-        history = getattr(self.proposer, "history", None)
-        if history is None:
-            return {}
-        drafts = getattr(self.proposer, "history_drafts", 0)
-        return {"spec_history_drafts": drafts, "spec_history_tokens": history.num_tokens}
 
 
 def _in_grammar(grammar: GrammarState, draft: list[int], parents: list[int]) -> tuple[list[int], list[int]]:

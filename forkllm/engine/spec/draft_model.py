@@ -77,6 +77,9 @@ class DraftModelProposer:
     def clear_history(self) -> None:
         pass
 
+    def metrics(self) -> dict[str, float]:
+        return {}
+
 
 def check_same_vocabulary(target: Any, draft: Any, name: str) -> None:
     """A draft model must speak the target's tokens: the same vocabulary, id for id. `target`,

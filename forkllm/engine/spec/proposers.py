@@ -50,6 +50,10 @@ class Proposer(Protocol):
         """Forget what was learnt from earlier requests (nothing, for most proposers)."""
         ...
 
+    def metrics(self) -> dict[str, float]:
+        """The proposer's own gauges (`spec_*` names; none for most proposers)."""
+        ...
+
 
 @dataclass
 class _Index:
@@ -69,6 +73,9 @@ class _LookupProposer:
 
     def clear_history(self) -> None:
         pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         return [self.propose(s, k) for s, k in zip(seqs, ks)]
@@ -258,7 +265,7 @@ class SuffixProposer(_LookupProposer):
         tables = self._tables(seq)
         ctx = seq.token_ids[-max(self.orders) :]
         draft = self._greedy(tables, ctx, k)
-        if draft and self._longest(tables, ctx)[1] > 0:
+        if draft and self.history is not None and self._longest(tables, ctx)[1] > 0:
             self.history_drafts += 1
         return draft
 
@@ -312,6 +319,11 @@ class SuffixProposer(_LookupProposer):
         if self.history is not None:
             self.history.clear()
 
+    def metrics(self) -> dict[str, float]:
+        if self.history is None:
+            return {}
+        return {"spec_history_drafts": self.history_drafts, "spec_history_tokens": self.history.num_tokens}
+
 
 DraftPass = Callable[[list[tuple[Sequence, int, int]]], list[int]]
 
@@ -346,6 +358,9 @@ class SelfDraftProposer:
 
     def clear_history(self) -> None:
         pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
 
 PROPOSERS = ("ngram", "suffix", "self")
