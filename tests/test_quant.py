@@ -177,6 +177,34 @@ def test_kept_blocks_perplexity_close_to_dequantized(gguf_pair: tuple[LLM, LLM])
     assert list(a)[:5] == list(b)[:5]  # " Paris.\n\nThe" (they part at the 6th token)
 
 
+@needs_kernels
+def test_fused_decode_pass_on_the_files_blocks_gives_the_layers_bits() -> None:
+    """The default model's Q4_1 layers through the fused decode pass (csrc/decode_stack.cpp): the
+    same greedy tokens and logprob values as layer by layer, for one stream and for three."""
+    llm = LLM(quantization="gguf", dtype="float32", kv_cache_memory="256MiB", enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    assert model.stack is not None and set(model.stack.kinds) == {0}  # every matmul on the blocks
+    prompts = [[(41 * j) % 30_000 + 200 for j in range(40 + 25 * i)] for i in range(3)]
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=1)
+
+    def run(batch: list[list[int]]) -> list:
+        outs = llm.generate(batch, sp, use_tqdm=False)
+        return [
+            (
+                o.outputs[0].token_ids,
+                [sorted((t, p.logprob) for t, p in d.items()) for d in o.outputs[0].logprobs or []],
+            )
+            for o in outs
+        ]
+
+    fused = run(prompts[:1]), run(prompts)
+    stack, model.stack = model.stack, None
+    try:
+        assert (run(prompts[:1]), run(prompts)) == fused
+    finally:
+        model.stack = stack
+
+
 def test_without_kernels_the_blocks_are_dequantized_once() -> None:
     """FORKLLM_KERNELS=0 / enable_cpu_kernels=False: the same model through plain PyTorch, token
     for token what the dequantized load computes."""

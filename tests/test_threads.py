@@ -76,6 +76,9 @@ class DenseContext:
         self.prefix = prefix
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = [None] * num_layers  # type: ignore[list-item]
 
+    def paged_rows(self):
+        return None  # dense keys: never the fused paged pass
+
     def attend(self, layer, q, k, v):
         if self.prefix is not None:
             pk, pv = self.prefix[layer]

@@ -18,6 +18,9 @@ class CpuKernelAttention(TorchAttention):
         super().__init__(block_size, scale, torch.device("cpu"), write_kv=ops.kv_write_)
         self.ops = ops
 
+    def rows_on_kernel(self) -> bool:
+        return True
+
     def decode_rows(
         self, cache: torch.Tensor, q: torch.Tensor, meta: AttentionMetadata, want_lse: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

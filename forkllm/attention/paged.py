@@ -26,6 +26,7 @@ from forkllm.attention.metadata import (
     PrefillSpan,
     metadata_to,
 )
+from forkllm.kernels import PagedDecodeRows
 
 KvWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 __all__ = ["AttentionMetadata", "AttentionStep", "PagedAttention", "PrefillSpan", "TorchAttention"]
@@ -119,6 +120,11 @@ class TorchAttention:
         """What attends decode rows one by one (a shared-prefix backend delegates)."""
         return self
 
+    def rows_on_kernel(self) -> bool:
+        """Whether a decode row that is in no shared-prefix group and has no key segments attends
+        through the C++ paged kernel, its keys written by the C++ cache write (attention/cpu.py)."""
+        return False
+
     def decode_segments(self, cache: torch.Tensor, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Decode queries q [num_decode, hq, d] over their key segments: each segment row's
         (out, lse), merged per query (softmax over a union = the lse-weighted mix of its parts)."""
@@ -201,6 +207,29 @@ class AttentionStep:
         self.backend = backend
         self.kv_caches = kv_caches
         self.meta = meta
+
+    def paged_rows(self) -> PagedDecodeRows | None:
+        """This step as plain paged decode rows, when that is all it is (else None): then the
+        model may run every layer's cache write and attention inside one kernel call."""
+        meta, backend = self.meta, self.backend
+        if (
+            meta.num_decode == 0
+            or meta.prefills
+            or meta.shared is not None
+            or meta.segment_query is not None
+            or not backend.rows_on_kernel()
+        ):
+            return None
+        assert meta.decode_tables is not None and meta.decode_ctx_lens is not None
+        return PagedDecodeRows(
+            self.kv_caches,
+            meta.slot_mapping,
+            meta.decode_tables,
+            meta.decode_starts,
+            meta.decode_ctx_lens,
+            backend.block_size,
+            backend.scale,
+        )
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta, backend = self.meta, self.backend

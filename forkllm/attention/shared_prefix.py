@@ -63,6 +63,9 @@ class SharedPrefixAttention(TorchAttention):
     def row_backend(self) -> TorchAttention:
         return self.rows
 
+    def rows_on_kernel(self) -> bool:
+        return self.rows.rows_on_kernel()
+
     def _decode_metadata(
         self, meta: AttentionMetadata, block_tables: Sequence[list[int]], ctx_lens: list[int]
     ) -> list[list[int]]:

@@ -39,6 +39,7 @@ logger = logging.getLogger("forkllm")
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (
     "bindings.cpp",
+    "decode_stack.cpp",
     "paged_attention.cpp",
     "shared_prefix.cpp",
     "sampler.cpp",
@@ -139,6 +140,47 @@ class KernelOps(Protocol):
         self, x: torch.Tensor, w: torch.Tensor, qtype: int, N: int, bias: torch.Tensor | None, float_out: bool
     ) -> torch.Tensor: ...
     def quant_linear_vnni(self) -> bool: ...
+    def decode_stack(
+        self,
+        x: torch.Tensor,
+        norms: list[torch.Tensor],
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor],
+        kinds: list[int],
+        qtypes: list[int],
+        ns: list[int],
+        caches: list[torch.Tensor],
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        tables: torch.Tensor,
+        starts: torch.Tensor | None,
+        ctx_lens: torch.Tensor,
+        num_layers: int,
+        hq: int,
+        hkv: int,
+        d: int,
+        block_size: int,
+        scale: float,
+        eps: float,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class PagedDecodeRows:
+    """A decode-only step whose rows each attend their own pages through the C++ paged kernel (no
+    prefill chunk, shared-prefix group or key segment this step): what `KernelOps.decode_stack`, a
+    pass over all layers in one call (models/llama.py), needs of the step's attention (made by
+    attention/paged.py)."""
+
+    kv_caches: list[torch.Tensor]  # one [2, Hkv, slots, D] per layer
+    slot_mapping: torch.Tensor  # [T] where each row's key and value are written
+    tables: torch.Tensor  # [T, pages] int64
+    starts: torch.Tensor | None  # [T] first key each row attends; None: 0
+    ctx_lens: torch.Tensor  # [T] keys each row sees
+    block_size: int
+    scale: float
 
 
 class HeadShape(Protocol):

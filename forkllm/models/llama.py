@@ -8,13 +8,22 @@ q/k/v and gate/up projections are fused into one matmul each: fewer, larger ops 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forkllm.kernels import KernelOps, Kernels, pack_gate_up, pack_weight, unpack_gate_up, unpack_weight
+from forkllm.kernels import (
+    KernelOps,
+    Kernels,
+    PagedDecodeRows,
+    pack_gate_up,
+    pack_weight,
+    unpack_gate_up,
+    unpack_weight,
+)
 from forkllm.models.config import ModelConfig
 from forkllm.models.quant import QuantLinear
 from forkllm.models.rope import RotaryApplier, RotaryEmbedding
@@ -25,6 +34,10 @@ class AttentionContext(Protocol):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (already rotated) -> attention output [T, Hq, D]."""
+        ...
+
+    def paged_rows(self) -> PagedDecodeRows | None:
+        """The step as plain paged decode rows on the C++ kernel, or None (attention/paged.py)."""
         ...
 
 
@@ -156,6 +169,69 @@ class RMSNorm(nn.Module):
         return x, self.forward(x)
 
 
+# How csrc/decode_stack.cpp multiplies a layer's weight (its `Kind`)
+QUANT, PACKED, GEMV, PACKED_SILU = 0, 1, 2, 3
+
+
+@dataclass
+class DecodeStack:
+    """Every layer's weights as csrc/decode_stack.cpp takes them: what `Linear`, `GateUpLinear`,
+    `QuantLinear` and `RMSNorm` would call, so the fused pass computes the same bits."""
+
+    norms: list[torch.Tensor] = field(default_factory=list)  # input, post-attention per layer; final
+    weights: list[torch.Tensor] = field(default_factory=list)  # qkv, o, gate/up, down per layer
+    biases: list[torch.Tensor] = field(default_factory=list)  # empty: none
+    kinds: list[int] = field(default_factory=list)
+    qtypes: list[int] = field(default_factory=list)
+    ns: list[int] = field(default_factory=list)
+    gemv: bool = False  # some weight goes through the GEMV: its rows limit applies (Linear.forward)
+
+    def add(self, m: nn.Module) -> bool:
+        """Appends linear `m` if the fused pass can run it as its module would (else False)."""
+        if isinstance(m, QuantLinear):
+            one = m._one
+            if m.ops is None or one is None:
+                return False
+            w, kind, qtype, n, bias = one[0], QUANT, one[1], one[2], m.bias
+        elif isinstance(m, Linear):
+            if m.ops is None:
+                return False
+            if isinstance(m, GateUpLinear) and m.interleaved:
+                assert m.packed is not None
+                w, kind, qtype, n, bias = m.packed, PACKED_SILU, 0, m.out_features // 2, None
+            elif m.packed is not None:
+                w, kind, qtype, n, bias = m.packed, PACKED, 0, m.out_features, m.bias
+            else:
+                w, kind, qtype, n, bias = m.weight, GEMV, 0, m.out_features, m.bias
+                self.gemv = True
+        else:
+            return False
+        self.weights.append(w)
+        self.biases.append(bias if bias is not None else w.new_empty(0))
+        self.kinds.append(kind)
+        self.qtypes.append(qtype)
+        self.ns.append(n)
+        return True
+
+
+def decode_stack(layers: list[DecoderLayer], final_norm: RMSNorm, dtype: torch.dtype) -> DecodeStack | None:
+    """The layers' weights for the fused decode pass, or None where a layer has something it does
+    not run (q/k norms, a GGUF q/k/v split in several types, int8 weights, no kernels)."""
+    stack = DecodeStack()
+    for layer in layers:
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if layer.q_norm is not None or any(n.ops is None or n.weight.dtype != dtype for n in norms):
+            return None
+        stack.norms.extend(n.weight for n in norms)
+        for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            if not stack.add(m):
+                return None
+    if final_norm.weight.dtype != dtype:
+        return None
+    stack.norms.append(final_norm.weight)
+    return stack
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -222,6 +298,38 @@ class LlamaForCausalLM(nn.Module):
         layers (self-speculation drafts from an early exit; their KV is what the full model
         writes for the same tokens)."""
         x = self.embed_tokens(input_ids)
+        stack, ops = self.stack, self.ops
+        if (
+            stack is not None
+            and ops is not None
+            and (x.shape[0] <= SMALL_BATCH_ROWS or not stack.gemv or self.invariant)
+        ):
+            rows = attn.paged_rows()
+            if rows is not None:  # a decode-only step on the paged kernel: every layer in one call
+                cfg = self.config
+                return ops.decode_stack(
+                    x,
+                    stack.norms,
+                    stack.weights,
+                    stack.biases,
+                    stack.kinds,
+                    stack.qtypes,
+                    stack.ns,
+                    rows.kv_caches,
+                    positions,
+                    *self.rotary.tables_f32,
+                    rows.slot_mapping,
+                    rows.tables,
+                    rows.starts,
+                    rows.ctx_lens,
+                    cfg.num_layers if num_layers is None else num_layers,
+                    cfg.num_heads,
+                    cfg.num_kv_heads,
+                    cfg.head_dim,
+                    rows.block_size,
+                    rows.scale,
+                    self.norm.eps,
+                )
         rope = RotaryApplier(self.rotary, positions, x.dtype, self.ops)
         delta: torch.Tensor | None = None
         # a plain list: slicing the ModuleList would build a new ModuleList (30 add_module calls)
@@ -249,9 +357,16 @@ class LlamaForCausalLM(nn.Module):
         # Tied embeddings: the table stays row-major for lookups, the logits get a packed copy.
         tied = self.lm_head is None and self.quant_logits is None and packs(kernels, self.embed_tokens.weight)
         self.packed_logits = pack_weight(self.embed_tokens.weight.detach()) if tied else None
+        self.stack = None
+        if kernels.ops is not None and self.fused_decode:
+            self.stack = decode_stack(self._layer_list, self.norm, dtype)
 
     ops: KernelOps | None = None
     packed_logits: torch.Tensor | None = None  # set only together with ops
+    # Decode-only steps on the paged kernel run all layers in one C++ call (csrc/decode_stack.cpp,
+    # the same kernels in the same order); False: always layer by layer in Python.
+    fused_decode = True
+    stack: DecodeStack | None = None  # set by use_cpu_kernels where every layer is eligible
     invariant = False  # Kernels.batch_invariant
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

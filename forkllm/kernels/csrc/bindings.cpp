@@ -32,6 +32,14 @@ torch::Tensor packed_silu_linear(torch::Tensor x, torch::Tensor P, int64_t I);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias,
                             bool float_out);
 
+torch::Tensor decode_stack(torch::Tensor x, std::vector<torch::Tensor> norms, std::vector<torch::Tensor> weights,
+                           std::vector<torch::Tensor> biases, std::vector<int64_t> kinds,
+                           std::vector<int64_t> qtypes, std::vector<int64_t> ns, std::vector<torch::Tensor> caches,
+                           torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
+                           torch::Tensor tables, c10::optional<torch::Tensor> starts, torch::Tensor ctx_lens,
+                           int64_t num_layers, int64_t hq, int64_t hkv, int64_t d, int64_t block_size, double scale,
+                           double eps);
+
 void apply_token_bitmask_(torch::Tensor logits, torch::Tensor bitmask, c10::optional<torch::Tensor> rows);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -57,5 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear_supported", &packed_linear_supported, "whether packed_linear is compiled in (AVX512-BF16, no AMX)");
   m.def("packed_f32_supported", &packed_f32_supported, "whether packed_linear takes float32 (AVX2 + FMA, no AVX-512)");
   m.def("quant_linear", &quant_linear, "x @ W.T on GGUF Q4_0 / Q4_1 / Q8_0 weight blocks, repacked (int8 activations)");
+  m.def("decode_stack", &decode_stack,
+        "a decode-only step's decoder layers and final norm in one call (the layers' kernels, GIL released)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("quant_linear_vnni", &quant_linear_vnni, "whether quant_linear runs the AVX512-VNNI kernel (else scalar C++)");
 }
