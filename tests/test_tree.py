@@ -113,6 +113,47 @@ def test_eviction_is_leaf_first_lru():
     assert not cache.contains(a[1]) and not cache.contains(a[2])
 
 
+@pytest.mark.parametrize(("eviction", "evicted"), [("lru", "t0 s1"), ("lfu", "t0 u0")])
+def test_lfu_eviction_keeps_the_pages_requests_reuse(eviction, evicted):
+    """A "system prompt" s0 -> s1 matched three times, one request's own page t0 under it, then an
+    unrelated page u0, all idle. Two pages must go: LRU takes t0, then s1 (matched longest ago);
+    LFU takes the two pages nobody reused, t0 then u0, and keeps the system prompt whole."""
+    cache = PrefixCache(block_size=2, eviction=eviction)
+    pool = BlockPool(8, cache)
+    s0, s1, t0, u0 = pool.allocate(4)
+    n0 = cache.insert(None, (1, 1), s0)
+    n1 = cache.insert(n0, (2, 2), s1)
+    for _ in range(3):
+        assert [n.block_id for n in cache.match([1, 1, 2, 2], 2)] == [s0, s1]
+    cache.match([9, 9], 1)  # a miss: the clock ticks
+    cache.insert(n1, (3, 3), t0)
+    cache.match([9, 9], 1)
+    cache.insert(None, (4, 4), u0)
+    pool.decref([s0, s1, t0, u0])
+    assert pool.allocate(3 + 2)  # 3 never used + 2 evicted
+    pages = {"s0": s0, "s1": s1, "t0": t0, "u0": u0}
+    assert {k for k, b in pages.items() if not cache.contains(b)} == set(evicted.split())
+
+
+def test_unknown_eviction_policy_is_named():
+    from forkllm.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="prefix_cache_eviction must be 'lru' or 'lfu'; got 'fifo'"):
+        EngineConfig(prefix_cache_eviction="fifo")
+    with pytest.raises(ValueError, match="prefix_cache_eviction must be one of"):
+        PrefixCache(16, eviction="mru")
+
+
+def test_engine_with_lfu_eviction_serves_from_its_cache():
+    """The flag reaches the engine's cache: a repeated prompt is a hit, tokens unchanged."""
+    prompt = [[(17 * j) % 30_000 + 100 for j in range(64)]]
+    lru, lfu = tiny_llm(), tiny_llm(prefix_cache_eviction="lfu")
+    assert lfu.engine.kv.cache is not None and lfu.engine.kv.cache.lfu
+    ref = _ids(lru, prompt)
+    assert _ids(lfu, prompt) == ref and _ids(lfu, prompt) == ref
+    assert lfu.engine.metrics()["prefix_cache_hit_rate"] > 0.4
+
+
 # ---- fork, prune, n --------------------------------------------------------------------------
 def test_n_samples_prefill_once_and_share_pages():
     llm = tiny_llm(kv_cache_memory="256MiB", enable_prefix_caching=False)

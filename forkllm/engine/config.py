@@ -100,6 +100,13 @@ class EngineConfig:
         "while newer ones have work (default: the long-prefill threshold; 0: off)",
     )
     enable_prefix_caching: bool = _flag(True, "reuse the KV pages of prompt prefixes seen before")
+    prefix_cache_eviction: str = _flag(
+        "lru",
+        "which idle cached pages go first when the pool needs room: 'lru' the least recently used; "
+        "'lfu' the least reused, then the least recently used (keeps system prompts many requests "
+        "share over each request's own text; suits a replica behind the prefix router)",
+        choices=["lru", "lfu"],
+    )
     enable_shared_prefix_attention: bool = _flag(
         True, "decode rows that share leading pages read them once per step (forks, shared prompts)"
     )
@@ -157,6 +164,10 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}"
+            )
+        if self.prefix_cache_eviction not in ("lru", "lfu"):
+            raise ValueError(
+                f"prefix_cache_eviction must be 'lru' or 'lfu'; got {self.prefix_cache_eviction!r}"
             )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")

@@ -87,7 +87,12 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = loaded.tokenizer
         self.load_info = loaded
         self.kv_spec = size_kv_cache(config, mcfg, place)
-        self.kv = KVCacheManager(self.kv_spec.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            self.kv_spec.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            config.prefix_cache_eviction,
+        )
         kernels = Kernels.resolve(config.enable_cpu_kernels, self.device, self.dtype, mcfg)
         if config.deterministic:
             if not kernels.paged_decode:

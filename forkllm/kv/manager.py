@@ -40,9 +40,11 @@ class PageCopy:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, eviction: str = "lru"
+    ) -> None:
         self.block_size = block_size
-        self.cache = PrefixCache(block_size) if enable_prefix_caching else None
+        self.cache = PrefixCache(block_size, eviction) if enable_prefix_caching else None
         self.pool = BlockPool(num_blocks, self.cache)
 
     def blocks_for(self, num_tokens: int) -> int:

@@ -7,6 +7,12 @@ pool refcount > 0; a cached page nobody uses (refcount 0) stays resident and cou
 capacity until the pool needs it, when idle pages are evicted leaf-first, least recently used
 first. A used page's ancestors are always used too (a sequence holds its whole prefix), so every
 idle page can eventually be evicted leaf-first.
+
+With `eviction="lfu"` the idle leaves that were reused least go first (then the least recently
+used among them), as SGLang's `--radix-eviction-policy lfu`: a page computed once for one request's
+own question or output leaves before a system prompt's page that many requests matched, even when
+the system prompt was matched longer ago. That is the working set of a replica that prefix routing
+sends a share of the system prompts to.
 """
 
 from __future__ import annotations
@@ -23,15 +29,25 @@ class CacheNode:
     parent: CacheNode | None
     children: dict[tuple[int, ...], CacheNode] = field(default_factory=dict)
     last_access: int = 0
+    hits: int = 0  # times a sequence found this page cached (matched, or computed it again)
+
+
+EVICTION_POLICIES = ("lru", "lfu")
 
 
 class PrefixCache:
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, eviction: str = "lru") -> None:
+        if eviction not in EVICTION_POLICIES:
+            raise ValueError(
+                f"prefix_cache_eviction must be one of {list(EVICTION_POLICIES)}, got {eviction!r}"
+            )
         self.block_size = block_size
+        self.lfu = eviction == "lfu"
         self.root = CacheNode(-1, (), None)
         self._by_block: dict[int, CacheNode] = {}
         self._idle: set[int] = set()  # cached pages with refcount 0
-        self._heap: list[tuple[int, int, int]] = []  # (last_access, tiebreak, block) of idle leaves
+        # (hits under lfu else 0, last_access, tiebreak, block) of idle leaves
+        self._heap: list[tuple[int, int, int, int]] = []
         self._tiebreak = itertools.count()
         self._clock = 0
 
@@ -57,6 +73,7 @@ class PrefixCache:
             if child is None:
                 break
             child.last_access = self._clock
+            child.hits += 1
             out.append(child)
             node = child
         return out
@@ -69,6 +86,7 @@ class PrefixCache:
         existing = parent.children.get(key)
         if existing is not None:
             existing.last_access = self._clock
+            existing.hits += 1
             return existing
         node = CacheNode(block_id, key, parent, last_access=self._clock)
         parent.children[key] = node
@@ -87,14 +105,15 @@ class PrefixCache:
         self._idle.discard(block_id)
 
     def evict(self, n: int) -> list[int]:
-        """Drop up to n idle pages, leaves first, least recently used first; returns their ids."""
+        """Drop up to n idle pages, leaves first, least recently used first (lfu: least reused
+        first, then least recently used); returns their ids."""
         freed: list[int] = []
         while len(freed) < n and self._heap:
-            stamp, _, block = heapq.heappop(self._heap)
+            hits, stamp, _, block = heapq.heappop(self._heap)
             node = self._by_block.get(block)
             if node is None or block not in self._idle or node.children:
                 continue  # stale entry: evicted, in use again, or no longer a leaf
-            if node.last_access != stamp:  # touched since it was queued: requeue at its new age
+            if node.last_access != stamp or self._hits(node) != hits:  # touched since queued: requeue
                 self._push(node)
                 continue
             self._remove(node)
@@ -112,8 +131,11 @@ class PrefixCache:
     def evict_all_idle(self) -> list[int]:
         return self.evict(len(self._idle))
 
+    def _hits(self, node: CacheNode) -> int:
+        return node.hits if self.lfu else 0
+
     def _push(self, node: CacheNode) -> None:
-        heapq.heappush(self._heap, (node.last_access, next(self._tiebreak), node.block_id))
+        heapq.heappush(self._heap, (self._hits(node), node.last_access, next(self._tiebreak), node.block_id))
 
     def _remove(self, node: CacheNode) -> None:
         assert node.parent is not None
