@@ -5,7 +5,7 @@ from forkllm.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from forkllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from forkllm.structured import StructuredOutputsParams
 
-__version__ = "0.19.0"
+__version__ = "0.20.0"
 
 __all__ = [
     "LLM",

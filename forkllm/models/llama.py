@@ -189,7 +189,7 @@ class DecodeStack:
     def add(self, m: nn.Module) -> bool:
         """Appends linear `m` if the fused pass can run it as its module would (else False)."""
         if isinstance(m, QuantLinear):
-            one = m._one
+            one = m.one_part
             if m.ops is None or one is None:
                 return False
             w, kind, qtype, n, bias = one[0], QUANT, one[1], one[2], m.bias

@@ -173,6 +173,11 @@ class QuantLinear(nn.Module):
         return sum(p.nbytes for p in self.parts)
 
     @property
+    def one_part(self) -> tuple[torch.Tensor, int, int] | None:
+        """(repacked blocks, qtype, rows) when the kernels run on one part (the common case)."""
+        return self._one
+
+    @property
     def types(self) -> list[str]:
         return [TYPE_NAMES[p.qtype] for p in self.parts]
 
