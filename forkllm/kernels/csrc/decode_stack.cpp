@@ -4,27 +4,11 @@
 // layers make ~10 calls a layer for that (30 layers: ~1.3 ms of a 7 ms one-stream step on Zen 3);
 // here the same kernels run in the same order on the same inputs, so the results are the same
 // bits, and the GIL is released for the whole pass.
-#include "common.h"
-
-#include <vector>
-
-torch::Tensor add_rms_norm_(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor w, double eps);
-torch::Tensor silu_mul(torch::Tensor gate_up);
-void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
-void kv_write_(torch::Tensor cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v);
-torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t N,
-                           c10::optional<torch::Tensor> bias, bool float_out);
-torch::Tensor packed_silu_linear(torch::Tensor x, torch::Tensor P, int64_t I);
-torch::Tensor packed_linear(torch::Tensor x, torch::Tensor P, int64_t N, c10::optional<torch::Tensor> bias,
-                            bool float_out);
-std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor tables,
-                                        c10::optional<torch::Tensor> starts, torch::Tensor ctx_lens,
-                                        int64_t block_size, double scale, bool want_lse);
+#include "ops.h"
 
 namespace {
 
-// How a layer's weight is multiplied (models/llama.py `stack_linear` picks it): the GGUF block
+// How a layer's weight is multiplied (models/llama.py `DecodeStack.add` picks it): the GGUF block
 // kernel, the packed GEMM, the GEMV in slices of 8 rows (what `gemv_rows` does), or the packed
 // GEMM with silu(gate) * up fused (gate/up only; n is then the intermediate size).
 enum Kind : int64_t { QUANT = 0, PACKED = 1, GEMV = 2, PACKED_SILU = 3 };
