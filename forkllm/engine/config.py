@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from forkllm.kv.prefix_cache import EVICTION_POLICIES
 from forkllm.models.quant import QUANTIZATIONS
 
 DTYPES = {
@@ -105,7 +106,7 @@ class EngineConfig:
         "which idle cached pages go first when the pool needs room: 'lru' the least recently used; "
         "'lfu' the least reused, then the least recently used (keeps system prompts many requests "
         "share over each request's own text; suits a replica behind the prefix router)",
-        choices=["lru", "lfu"],
+        choices=list(EVICTION_POLICIES),
     )
     enable_shared_prefix_attention: bool = _flag(
         True, "decode rows that share leading pages read them once per step (forks, shared prompts)"
@@ -165,7 +166,7 @@ class EngineConfig:
             raise ValueError(
                 f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}"
             )
-        if self.prefix_cache_eviction not in ("lru", "lfu"):
+        if self.prefix_cache_eviction not in EVICTION_POLICIES:
             raise ValueError(
                 f"prefix_cache_eviction must be 'lru' or 'lfu'; got {self.prefix_cache_eviction!r}"
             )

@@ -357,16 +357,13 @@ class LlamaForCausalLM(nn.Module):
         # Tied embeddings: the table stays row-major for lookups, the logits get a packed copy.
         tied = self.lm_head is None and self.quant_logits is None and packs(kernels, self.embed_tokens.weight)
         self.packed_logits = pack_weight(self.embed_tokens.weight.detach()) if tied else None
-        self.stack = None
-        if kernels.ops is not None and self.fused_decode:
-            self.stack = decode_stack(self._layer_list, self.norm, dtype)
+        self.stack = None if kernels.ops is None else decode_stack(self._layer_list, self.norm, dtype)
 
     ops: KernelOps | None = None
     packed_logits: torch.Tensor | None = None  # set only together with ops
     # Decode-only steps on the paged kernel run all layers in one C++ call (csrc/decode_stack.cpp,
-    # the same kernels in the same order); False: always layer by layer in Python.
-    fused_decode = True
-    stack: DecodeStack | None = None  # set by use_cpu_kernels where every layer is eligible
+    # the same kernels in the same order); set by use_cpu_kernels where every layer is eligible
+    stack: DecodeStack | None = None
     invariant = False  # Kernels.batch_invariant
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
